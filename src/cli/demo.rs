@@ -1,0 +1,273 @@
+//! `cla-hub demo`: the README's main job. Starts an embedded hub on a loopback port in a temp dir,
+//! creates a passkey, registers a worker and saves it to a config file, runs that worker in-process, then
+//! drives a few jobs through the real admin API and prints what happens. Everything is removed at the end.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Overrides, Registration, save};
+use crate::error::{Error, Result};
+use crate::exit::ExitCode;
+use crate::hub::client::{AdminClient, ExecEvent};
+use crate::hub::{HubConfig, server};
+use crate::protocol::CommandLine;
+use crate::protocol::api::{JobSpec, Target, WorkerState};
+use crate::secret::Secret;
+use crate::worker::registration::{RegisterParams, register};
+use crate::worker::{RunOptions, run as run_worker};
+
+fn step(s: &str) {
+    println!("\n==> {s}");
+}
+
+/// Runs the demo.
+pub async fn run(verbose: u8) -> Result<ExitCode> {
+    crate::logging::init_from("warn", verbose);
+    let tmp = tempfile::Builder::new().prefix("cla-demo-").tempdir()?;
+    let data_dir = tmp.path().join("hub");
+    let shutdown = CancellationToken::new();
+
+    step(&format!(
+        "starting an embedded hub (data in {})",
+        data_dir.display()
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let hub_task = tokio::spawn(server::run(
+        listener,
+        HubConfig::new(data_dir.clone()),
+        shutdown.clone(),
+    ));
+    let hub_json = data_dir.join("hub.json");
+    wait_for("the hub to write hub.json", || async { hub_json.exists() }).await?;
+    let admin = AdminClient::locate(None, None, &data_dir)?;
+    println!("    hub listening on http://{addr}");
+
+    let result = drive(&admin, tmp.path(), &shutdown).await;
+
+    step("shutting down the worker and the hub, removing the temp dir");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), hub_task).await;
+    drop(tmp);
+    result?;
+    println!("    done. Next: README.md has the 5-minute tour with real processes.");
+    Ok(ExitCode::Success)
+}
+
+async fn drive(admin: &AdminClient, dir: &std::path::Path, shutdown: &CancellationToken) -> Result<()> {
+    step("$ cla-hub passkey create --project demo");
+    let key = admin.passkey_create("demo").await?;
+    println!(
+        "    {}…  (the whole passkey is shown once; the hub keeps only its hash)",
+        &key.passkey[..14]
+    );
+
+    let tags = vec!["demo".to_owned(), std::env::consts::OS.to_owned()];
+    step(&format!(
+        "$ cla-worker register --url {} --passkey … --id demo-worker --tags {} --save",
+        admin.url(),
+        tags.join(",")
+    ));
+    let params = RegisterParams {
+        url: admin.url().to_owned(),
+        passkey: Secret::new(key.passkey),
+        id: Some("demo-worker".into()),
+        tags: tags.clone(),
+        envs: vec!["DEV".into()],
+        token: None,
+    };
+    let reg = register(&params).await?;
+    let config_path = dir.join("cla-worker.yml");
+    save::save_registration(
+        &config_path,
+        &Registration {
+            id: reg.id.clone(),
+            token: Some(Secret::new(reg.token)),
+            url: Some(admin.url().to_owned()),
+            tags,
+            envs: vec!["DEV".into()],
+        },
+    )?;
+    println!(
+        "    registered {} in project(s) {}; token saved to {} (mode 0600)",
+        reg.id,
+        reg.projects.join(","),
+        config_path.display()
+    );
+
+    step("$ cla-worker run   (in-process here; a real install runs it as a service)");
+    let loaded = config::load(Some(&config_path), false, true)?;
+    let settings = config::resolve(
+        &loaded,
+        &Overrides {
+            capacity: Some(2),
+            ..Default::default()
+        },
+    )?;
+    tokio::spawn(run_worker(
+        settings,
+        RunOptions::default(),
+        shutdown.child_token(),
+    ));
+    wait_for("the worker to connect", || async {
+        admin.workers().await.is_ok_and(|ws| {
+            ws.iter()
+                .any(|w| w.id == "demo-worker" && w.state == WorkerState::Idle)
+        })
+    })
+    .await?;
+
+    step("$ cla-hub workers");
+    super::hub::workers(admin, false).await?;
+
+    let by_tag = |cmd: CommandLine, timeout: Option<f64>| JobSpec {
+        target: Target {
+            worker: None,
+            tags: vec!["demo".into()],
+            env: None,
+        },
+        command: cmd,
+        workdir: None,
+        env_vars: Default::default(),
+        timeout_secs: timeout,
+    };
+    let shell = |s: &str| CommandLine::Shell { cmd: s.to_owned() };
+    let runs = [
+        (
+            "a shell command, with the job's environment",
+            by_tag(
+                shell("echo \"hello from $CLA_WORKER_ID, job $CLA_JOB_ID\"; uname -sm"),
+                None,
+            ),
+        ),
+        (
+            "stdout and stderr stay apart; the exit code comes back",
+            by_tag(shell("echo to stdout; echo to stderr >&2; exit 3"), None),
+        ),
+        (
+            "argv form (no shell): the words arrive as they are",
+            by_tag(
+                CommandLine::Argv {
+                    argv: vec![
+                        "printf".into(),
+                        "%s|".into(),
+                        "a b".into(),
+                        "$HOME".into(),
+                        "*".into(),
+                    ],
+                },
+                None,
+            ),
+        ),
+        (
+            "output streams live, line by line",
+            by_tag(shell("for i in 1 2 3; do echo tick $i; sleep 0.3; done"), None),
+        ),
+        (
+            "a timeout kills the whole process tree (exit 124)",
+            by_tag(shell("sleep 60 & sleep 60"), Some(1.0)),
+        ),
+    ];
+    for (what, spec) in runs {
+        step(&format!(
+            "{what}\n$ cla-hub exec --tags demo{} -- {}",
+            spec.timeout_secs
+                .map(|t| format!(" --timeout {t}"))
+                .unwrap_or_default(),
+            quoted(&spec.command)
+        ));
+        let t0 = Instant::now();
+        let record = admin
+            .exec(&spec, CancellationToken::new(), |ev| match ev {
+                ExecEvent::Stdout(b) => print_prefixed("    out| ", &b),
+                ExecEvent::Stderr(b) => print_prefixed("    err| ", &b),
+                _ => {}
+            })
+            .await?;
+        let code = super::hub::exit_code(&record);
+        println!(
+            "    [{} on {}, exit {}, {} ms{}]",
+            record.state.as_str(),
+            record.worker.as_deref().unwrap_or("-"),
+            code.code(),
+            t0.elapsed().as_millis(),
+            record
+                .error
+                .as_deref()
+                .map(|e| format!(", {e}"))
+                .unwrap_or_default()
+        );
+    }
+
+    step("$ cla-hub exec --detach …  then  cla-hub job show ID --wait");
+    let job = admin
+        .submit(&by_tag(shell("sleep 0.2; echo detached work done"), None))
+        .await?;
+    println!("    queued {}", job.id);
+    let done = admin.wait(&job.id).await?;
+    println!(
+        "    {} → {}, stdout: {:?}",
+        done.id,
+        done.state.as_str(),
+        done.stdout.trim()
+    );
+
+    step("$ cla-hub jobs");
+    for j in admin.jobs(None).await? {
+        println!(
+            "    {}  {:<10} rc={:<4} {}",
+            j.id,
+            j.state.as_str(),
+            j.rc.map(|r| r.to_string()).unwrap_or("-".into()),
+            j.spec.command.display()
+        );
+    }
+    Ok(())
+}
+
+fn quoted(c: &CommandLine) -> String {
+    match c {
+        CommandLine::Shell { cmd } => format!("'{cmd}'"),
+        CommandLine::Argv { argv } => argv
+            .iter()
+            .map(|a| {
+                if a.contains([' ', '$', '*', '|', '%']) {
+                    format!("'{a}'")
+                } else {
+                    a.clone()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+fn print_prefixed(prefix: &str, bytes: &[u8]) {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = std::io::stdout().lock();
+    for line in text.split_inclusive('\n') {
+        let _ = write!(out, "{prefix}{line}");
+        if !line.ends_with('\n') {
+            let _ = writeln!(out);
+        }
+    }
+    let _ = out.flush();
+}
+
+/// Polls `check` every 50 ms for up to 15 s.
+async fn wait_for<F, Fut>(what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(Error::Other(format!("timed out waiting for {what}")))
+}

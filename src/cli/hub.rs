@@ -1,0 +1,453 @@
+//! `cla-hub` command line (DESIGN.md §2): `serve`, the admin commands, and `demo`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use super::list;
+use super::table::{or_dash, render};
+use crate::error::{Error, Result};
+use crate::exit::ExitCode;
+use crate::hub::client::{AdminClient, ExecEvent};
+use crate::hub::{HubConfig, default_data_dir, server};
+use crate::protocol::CommandLine;
+use crate::protocol::api::{JobRecord, JobSpec, JobState, Target};
+use crate::secret::Secret;
+
+/// cla-hub: the server cla-workers connect to, and its admin commands.
+#[derive(Debug, Parser)]
+#[command(name = "cla-hub", version, about, propagate_version = true)]
+pub struct Args {
+    /// Where the hub keeps its store and hub.json (default: the platform data dir, e.g. ~/.local/share/cla-hub).
+    #[arg(long, global = true, env = "CLA_HUB_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Talk to the hub at this URL (with the admin token in CLA_HUB_TOKEN) instead of reading DATA_DIR/hub.json.
+    #[arg(long, global = true, value_name = "URL")]
+    pub hub: Option<String>,
+    /// The admin token for --hub.
+    #[arg(
+        long,
+        global = true,
+        env = "CLA_HUB_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub token: Option<String>,
+    /// Print data as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the hub.
+    Serve(ServeArgs),
+    /// Manage project passkeys (what workers register with).
+    #[command(subcommand)]
+    Passkey(PasskeyCommand),
+    /// List registered workers and their state.
+    Workers,
+    /// Run a command on a worker and stream its output; exits with the command's exit code.
+    Exec(ExecArgs),
+    /// List jobs.
+    Jobs(JobsArgs),
+    /// Look at or cancel one job.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Start an embedded hub and a local worker, run a few commands, clean up.
+    Demo,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8780", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Seconds between pings; a worker silent for 3 of them is marked OFFLINE.
+    #[arg(long, default_value_t = 5, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PasskeyCommand {
+    /// Create a passkey for a project; prints it alone on stdout (it is shown only this once).
+    Create {
+        /// The project the passkey registers workers into.
+        #[arg(long)]
+        project: String,
+    },
+    /// List passkeys (by prefix; the hub keeps only their hashes).
+    List,
+    /// Revoke a passkey, given whole or by a unique prefix of at least 8 characters.
+    Revoke { passkey: String },
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ExecArgs {
+    /// Run on this worker.
+    #[arg(
+        long,
+        conflicts_with = "tags",
+        required_unless_present = "tags",
+        value_name = "ID"
+    )]
+    pub worker: Option<String>,
+    /// Run on a worker carrying all these tags (comma-separated).
+    #[arg(long, value_name = "A,B")]
+    pub tags: Vec<String>,
+    /// Only on a worker serving this environment.
+    #[arg(long, value_name = "ENV")]
+    pub env: Option<String>,
+    /// Kill the command's process tree after this many seconds (exit 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Directory on the worker to run in.
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Set an environment variable for the command (repeatable).
+    #[arg(long = "setenv", value_name = "KEY=VALUE")]
+    pub setenv: Vec<String>,
+    /// Queue the job and print its id instead of waiting.
+    #[arg(long)]
+    pub detach: bool,
+    /// The command: one string runs through the worker's shell, several words run as argv.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct JobsArgs {
+    /// Only jobs in this state (queued, running, succeeded, failed, ...).
+    #[arg(long)]
+    pub state: Option<JobState>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Show a job, with its captured output.
+    Show {
+        id: String,
+        /// Block until the job has ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel a job (a running one has its process tree killed).
+    Cancel { id: String },
+}
+
+/// Runs the command line.
+pub fn run(args: Args) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(execute(args))
+}
+
+async fn execute(args: Args) -> Result<ExitCode> {
+    if !matches!(args.command, Command::Demo) {
+        crate::logging::init(args.verbose);
+    }
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let client = || {
+        AdminClient::locate(
+            args.hub.as_deref(),
+            args.token.clone().map(Secret::from),
+            &data_dir,
+        )
+    };
+    let json = args.json;
+    match args.command {
+        Command::Serve(a) => serve(a, data_dir.clone()).await,
+        Command::Passkey(p) => passkey(&client()?, p, json).await,
+        Command::Workers => workers(&client()?, json).await,
+        Command::Exec(a) => exec(&client()?, a, json).await,
+        Command::Jobs(a) => jobs(&client()?, a, json).await,
+        Command::Job(j) => job(&client()?, j, json).await,
+        Command::Demo => super::demo::run(args.verbose).await,
+    }
+}
+
+async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", a.listen)))?;
+    let mut cfg = HubConfig::new(data_dir);
+    cfg.heartbeat = Duration::from_secs(a.heartbeat);
+    server::run(listener, cfg, crate::shutdown::on_signals()).await?;
+    Ok(ExitCode::Success)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
+}
+
+async fn passkey(c: &AdminClient, cmd: PasskeyCommand, json: bool) -> Result<ExitCode> {
+    match cmd {
+        PasskeyCommand::Create { project } => {
+            let k = c.passkey_create(&project).await?;
+            if json {
+                print_json(&k);
+            } else {
+                println!("{}", k.passkey);
+            }
+        }
+        PasskeyCommand::List => {
+            let keys = c.passkeys().await?;
+            if json {
+                print_json(&keys);
+            } else {
+                let rows: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            format!("{}…", k.prefix),
+                            k.project.clone(),
+                            k.created.clone(),
+                            if k.revoked { "revoked" } else { "active" }.into(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", render(&["PASSKEY", "PROJECT", "CREATED", "STATUS"], &rows));
+            }
+        }
+        PasskeyCommand::Revoke { passkey } => {
+            let k = c.passkey_revoke(&passkey).await?;
+            if json {
+                print_json(&k);
+            } else {
+                println!("revoked passkey {}… of project {}", k.prefix, k.project);
+            }
+        }
+    }
+    Ok(ExitCode::Success)
+}
+
+/// Prints the workers table (also used by the demo).
+pub(crate) async fn workers(c: &AdminClient, json: bool) -> Result<ExitCode> {
+    let ws = c.workers().await?;
+    if json {
+        print_json(&ws);
+        return Ok(ExitCode::Success);
+    }
+    let rows: Vec<_> = ws
+        .iter()
+        .map(|w| {
+            vec![
+                w.id.clone(),
+                w.state.label().to_owned(),
+                format!("{}/{}", w.running, w.capacity),
+                or_dash(w.tags.join(",")),
+                or_dash(w.envs.join(",")),
+                or_dash(w.host.clone().unwrap_or_default()),
+                or_dash(w.version.clone().unwrap_or_default()),
+                or_dash(w.last_seen.clone().unwrap_or_default()),
+                w.projects.join(","),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                "ID",
+                "STATE",
+                "RUNNING",
+                "TAGS",
+                "ENVS",
+                "HOST",
+                "VERSION",
+                "LAST SEEN",
+                "PROJECTS"
+            ],
+            &rows
+        )
+    );
+    Ok(ExitCode::Success)
+}
+
+/// Builds the job spec of `exec` arguments.
+fn spec_of(a: &ExecArgs) -> Result<JobSpec> {
+    let mut env_vars = BTreeMap::new();
+    for kv in &a.setenv {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Error::Usage(format!("--setenv `{kv}`: use KEY=VALUE")))?;
+        env_vars.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(JobSpec {
+        target: Target {
+            worker: a.worker.clone(),
+            tags: list(&a.tags, &[]),
+            env: a.env.clone(),
+        },
+        command: CommandLine::from_words(a.cmd.clone()),
+        workdir: a.workdir.clone(),
+        env_vars,
+        timeout_secs: a.timeout,
+    })
+}
+
+async fn exec(c: &AdminClient, a: ExecArgs, json: bool) -> Result<ExitCode> {
+    let spec = spec_of(&a)?;
+    if a.detach {
+        let r = c.submit(&spec).await?;
+        println!("{}", r.id);
+        return Ok(ExitCode::Success);
+    }
+    // First Ctrl-C: ask the hub to cancel (the worker kills the tree) and wait for the end.
+    // Second Ctrl-C: stop waiting.
+    let cancel = CancellationToken::new();
+    let give_up = CancellationToken::new();
+    let (c1, g1) = (cancel.clone(), give_up.clone());
+    let signals = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("cla-hub: cancelling the job (Ctrl-C again to stop waiting)");
+            c1.cancel();
+        }
+        if tokio::signal::ctrl_c().await.is_ok() {
+            g1.cancel();
+        }
+    });
+    let streaming = c.exec(&spec, cancel, |ev| match ev {
+        ExecEvent::Stdout(b) => {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(&b);
+            let _ = o.flush();
+        }
+        ExecEvent::Stderr(b) => {
+            let mut e = std::io::stderr().lock();
+            let _ = e.write_all(&b);
+            let _ = e.flush();
+        }
+        ExecEvent::Created(id) => tracing::debug!(job = %id, "job created"),
+        ExecEvent::Started { worker, .. } => tracing::debug!(%worker, "job started"),
+    });
+    let record = tokio::select! {
+        r = streaming => r?,
+        _ = give_up.cancelled() => return Ok(ExitCode::Interrupted),
+    };
+    signals.abort();
+    if json {
+        print_json(&record);
+    }
+    Ok(exit_of(&record))
+}
+
+/// The exit code a job's record maps to (DESIGN.md §2): the remote status, 124 timed out, 130 cancelled,
+/// 255 could not run or lost.
+pub(crate) fn exit_code(r: &JobRecord) -> ExitCode {
+    match (r.state, r.rc) {
+        (JobState::Succeeded, _) => ExitCode::Success,
+        (JobState::Failed, Some(rc)) => ExitCode::Remote(rc.clamp(0, 255) as u8),
+        (JobState::TimedOut, _) => ExitCode::TimedOut,
+        (JobState::Cancelled, _) => ExitCode::Interrupted,
+        _ => ExitCode::CouldNotRun,
+    }
+}
+
+/// [`exit_code`], with a line on stderr when the job did not end with an exit status of its own.
+pub(crate) fn exit_of(r: &JobRecord) -> ExitCode {
+    let why = r.error.as_deref().unwrap_or("");
+    let code = exit_code(r);
+    match code {
+        ExitCode::Success | ExitCode::Remote(_) => {}
+        ExitCode::TimedOut => eprintln!("cla-hub: job {} {why}: its process tree was killed", r.id),
+        ExitCode::Interrupted => eprintln!("cla-hub: job {} cancelled", r.id),
+        _ => eprintln!("cla-hub: job {} {}: {why}", r.id, r.state.as_str()),
+    }
+    code
+}
+
+async fn jobs(c: &AdminClient, a: JobsArgs, json: bool) -> Result<ExitCode> {
+    let js = c.jobs(a.state).await?;
+    if json {
+        print_json(&js);
+        return Ok(ExitCode::Success);
+    }
+    let rows: Vec<_> = js
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.state.as_str().to_owned(),
+                or_dash(j.worker.clone().unwrap_or_default()),
+                j.rc.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                j.created.clone(),
+                j.spec.command.display(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(&["ID", "STATE", "WORKER", "RC", "CREATED", "COMMAND"], &rows)
+    );
+    Ok(ExitCode::Success)
+}
+
+async fn job(c: &AdminClient, cmd: JobCommand, json: bool) -> Result<ExitCode> {
+    match cmd {
+        JobCommand::Show { id, wait } => {
+            let r = if wait {
+                c.wait(&id).await?
+            } else {
+                c.job(&id).await?
+            };
+            if json {
+                print_json(&r);
+            } else {
+                println!("job      {}", r.id);
+                println!("state    {}", r.state.as_str());
+                println!("worker   {}", r.worker.as_deref().unwrap_or("-"));
+                println!("command  {}", r.spec.command.display());
+                println!(
+                    "rc       {}",
+                    r.rc.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+                );
+                println!("created  {}", r.created);
+                println!("started  {}", r.started.as_deref().unwrap_or("-"));
+                println!("ended    {}", r.ended.as_deref().unwrap_or("-"));
+                if let Some(e) = &r.error {
+                    println!("error    {e}");
+                }
+                for (name, text, cut) in [
+                    ("stdout", &r.stdout, r.stdout_truncated),
+                    ("stderr", &r.stderr, r.stderr_truncated),
+                ] {
+                    if !text.is_empty() {
+                        println!("--- {name}{}", if cut { " (truncated)" } else { "" });
+                        print!("{text}");
+                        if !text.ends_with('\n') {
+                            println!();
+                        }
+                    }
+                }
+            }
+            Ok(if wait { exit_code(&r) } else { ExitCode::Success })
+        }
+        JobCommand::Cancel { id } => {
+            let r = c.cancel(&id).await?;
+            if json {
+                print_json(&r);
+            } else if r.state.is_terminal() {
+                println!("job {} {}", r.id, r.state.as_str());
+            } else {
+                println!(
+                    "cancel requested for job {} ({} on {})",
+                    r.id,
+                    r.state.as_str(),
+                    r.worker.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(ExitCode::Success)
+        }
+    }
+}

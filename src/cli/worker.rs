@@ -1,0 +1,278 @@
+//! `cla-worker` command line (DESIGN.md §2).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+
+use super::list;
+use crate::config::{self, Overrides, Registration, save};
+use crate::error::{Error, Result};
+use crate::exit::ExitCode;
+use crate::secret::Secret;
+use crate::worker::registration::{self, RegisterParams};
+use crate::worker::{self as agent, RunOptions};
+
+/// cla-worker: a pull agent that connects out to a cla-hub and runs what it is sent.
+#[derive(Debug, Parser)]
+#[command(name = "cla-worker", version, about, propagate_version = true)]
+pub struct Args {
+    /// Config file (default: ./cla-worker.yml, then $HOME/cla-worker.yml, then /etc/cla-worker.yml).
+    #[arg(short, long, global = true, env = "CLA_WORKER_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Treat config warnings that concern secrets (a token file readable by others) as errors.
+    #[arg(long, global = true)]
+    pub strict: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register with a hub using a project passkey; prints the worker id and its token.
+    Register(RegisterArgs),
+    /// Remove this worker's registration from the hub and from the config file.
+    Unregister(UnregisterArgs),
+    /// Connect to the hub and run what it sends, in the foreground.
+    Run(RunArgs),
+}
+
+/// Tags and envs, as lists or repeated flags.
+#[derive(Debug, Clone, Default, ClapArgs)]
+pub struct Labels {
+    /// Capability tags, comma-separated (the hub sends a job only to workers carrying all its tags).
+    #[arg(long, value_name = "A,B")]
+    pub tags: Vec<String>,
+    /// One tag (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tag: Vec<String>,
+    /// Environments this worker serves (QA, PROD, ...), comma-separated.
+    #[arg(long, value_name = "E,F")]
+    pub envs: Vec<String>,
+    /// One environment (repeatable).
+    #[arg(long = "env", value_name = "ENV")]
+    pub env: Vec<String>,
+}
+
+impl Labels {
+    fn tags(&self) -> Vec<String> {
+        list(&self.tags, &self.tag)
+    }
+    fn envs(&self) -> Vec<String> {
+        list(&self.envs, &self.env)
+    }
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct RegisterArgs {
+    /// The hub's URL, e.g. http://hub.example.com:8780.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The project passkey from `cla-hub passkey create`.
+    #[arg(long, env = "CLA_WORKER_PASSKEY", hide_env_values = true)]
+    pub passkey: Option<String>,
+    /// The worker id to register (default: user@hostname, made unique by the hub).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// This worker's current token, to add an already registered id to another project.
+    #[arg(long, env = "CLA_WORKER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub labels: Labels,
+    /// Save the registration into the config file (default: the file that would be loaded, else
+    /// ./cla-worker.yml), created with mode 0600 and written atomically.
+    #[arg(long, value_name = "PATH", num_args = 0..=1)]
+    pub save: Option<Option<PathBuf>>,
+    /// Print {"id","token","projects"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct UnregisterArgs {
+    /// The worker id (default: from the config).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The worker's token (default: from the config).
+    #[arg(long, env = "CLA_WORKER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The hub's URL (default: from the config).
+    #[arg(long)]
+    pub url: Option<String>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct RunArgs {
+    /// Which registration to run (needed when the config holds several).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The worker's token (default: from the config).
+    #[arg(long, env = "CLA_WORKER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The hub's URL (default: from the config).
+    #[arg(long)]
+    pub url: Option<String>,
+    #[command(flatten)]
+    pub labels: Labels,
+    /// How many jobs may run at once (default 1).
+    #[arg(long)]
+    pub capacity: Option<u32>,
+    /// Directory jobs run in unless they name one (default: where the worker was started).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// On SIGINT/SIGTERM, seconds running jobs get to finish before they are killed.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub drain_timeout: u64,
+}
+
+/// Runs the command line.
+pub fn run(args: Args) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(execute(args))
+}
+
+async fn execute(args: Args) -> Result<ExitCode> {
+    let allow_missing = matches!(&args.command, Command::Register(r) if r.save.is_some());
+    let loaded = config::load(args.config.as_deref(), allow_missing, args.strict)?;
+    crate::logging::init(args.verbose.max(loaded.file.verbose));
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    match args.command {
+        Command::Register(a) => register(a, &loaded).await,
+        Command::Unregister(a) => unregister(a, &loaded).await,
+        Command::Run(a) => run_worker(a, &loaded).await,
+    }
+}
+
+async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<ExitCode> {
+    let f = &loaded.file;
+    let url = a
+        .url
+        .or_else(|| f.url.clone())
+        .ok_or_else(|| Error::Usage("register needs --url (or `url:` in the config)".into()))?;
+    let passkey = a
+        .passkey
+        .map(Secret::from)
+        .or_else(|| f.passkey.clone())
+        .ok_or_else(|| Error::Usage("register needs --passkey (from `cla-hub passkey create`)".into()))?;
+    let mut tags = a.labels.tags();
+    if tags.is_empty() {
+        tags = f.tags.clone();
+    }
+    let mut envs = a.labels.envs();
+    if envs.is_empty() {
+        envs = f.envs.clone();
+    }
+    let url = url.trim_end_matches('/').to_owned();
+    let params = RegisterParams {
+        url: url.clone(),
+        passkey,
+        id: a.id,
+        tags: tags.clone(),
+        envs: envs.clone(),
+        token: a.token.map(Secret::from),
+    };
+    let resp = registration::register(&params).await?;
+    let saved = match &a.save {
+        None => None,
+        Some(explicit) => {
+            let path = explicit
+                .clone()
+                .or_else(|| loaded.path.clone())
+                .unwrap_or_else(|| PathBuf::from(config::FILE_NAME));
+            let reg = Registration {
+                id: resp.id.clone(),
+                token: Some(Secret::new(resp.token.clone())),
+                url: Some(url.clone()),
+                tags,
+                envs,
+            };
+            save::save_registration(&path, &reg)?;
+            Some(path)
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&resp).expect("serializes"));
+        return Ok(ExitCode::Success);
+    }
+    println!("registered worker {}", resp.id);
+    println!("  token:    {}", resp.token);
+    println!("  projects: {}", resp.projects.join(", "));
+    match &saved {
+        Some(path) => {
+            println!("saved to {} (mode 0600)", path.display());
+            let config_flag = if config::locate(None, false).ok().flatten().as_deref() == Some(path.as_path())
+            {
+                String::new()
+            } else {
+                format!(" -c {}", path.display())
+            };
+            println!("run it with:\n  cla-worker{config_flag} run --id {}", resp.id);
+            println!(
+                "unregister with:\n  cla-worker{config_flag} unregister --id {}",
+                resp.id
+            );
+        }
+        None => {
+            println!("run it with (or register with --save to keep the token in the config file):");
+            println!(
+                "  cla-worker run --url {url} --id {} --token {}",
+                resp.id, resp.token
+            );
+            println!(
+                "unregister with:\n  cla-worker unregister --url {url} --id {} --token {}",
+                resp.id, resp.token
+            );
+        }
+    }
+    Ok(ExitCode::Success)
+}
+
+async fn unregister(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<ExitCode> {
+    let cli = Overrides {
+        url: a.url,
+        id: a.id,
+        token: a.token.map(Secret::from),
+        ..Default::default()
+    };
+    let s = config::resolve(loaded, &cli)?;
+    let resp = registration::unregister(&s.url, &s.id, &s.token).await?;
+    println!(
+        "worker registration removed: {} (projects: {})",
+        resp.id,
+        resp.projects.join(", ")
+    );
+    if let Some(path) = &s.source
+        && save::remove_registration(path, &s.id)?
+    {
+        println!("removed from {}", path.display());
+    }
+    Ok(ExitCode::Success)
+}
+
+async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig) -> Result<ExitCode> {
+    let cli = Overrides {
+        url: a.url,
+        id: a.id,
+        token: a.token.map(Secret::from),
+        tags: a.labels.tags(),
+        envs: a.labels.envs(),
+        capacity: a.capacity,
+        workdir: a.workdir,
+    };
+    let settings = config::resolve(loaded, &cli)?;
+    let shutdown = crate::shutdown::on_signals();
+    let opts = RunOptions {
+        drain_timeout: Duration::from_secs(a.drain_timeout),
+    };
+    agent::run(settings, opts, shutdown).await?;
+    tracing::info!("shutdown completed");
+    Ok(ExitCode::Success)
+}

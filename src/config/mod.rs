@@ -1,0 +1,242 @@
+//! The worker's YAML config (DESIGN.md §3, `docs/config.md`): where it is found, how it is parsed and
+//! checked, and how command-line values override it to give one resolved [`WorkerSettings`].
+//!
+//! Search order: `--config` (or `CLA_WORKER_CONFIG`), `./cla-worker.yml`, `$HOME/cla-worker.yml`,
+//! `/etc/cla-worker.yml`; the first file found is the only one loaded. Command-line values beat file
+//! values. `--save` edits are in [`save`]. Nothing here sees clap.
+
+mod file;
+pub mod save;
+
+use std::path::{Path, PathBuf};
+
+pub use file::{ConfigFile, Policy, PolicyPaths, Registration, TlsConfig};
+
+use crate::secret::Secret;
+
+/// File name looked for in the current directory, the home directory and `/etc`.
+pub const FILE_NAME: &str = "cla-worker.yml";
+
+/// Problems with config files and the values resolved from them.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} not found (given with --config or CLA_WORKER_CONFIG)")]
+    NotFound(PathBuf),
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// A YAML or type error, located.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error(
+        "{path} holds a token and is readable by other users (mode {mode:o}); run `chmod 600 {path}` (this is an error because of --strict)"
+    )]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error("{0}")]
+    Missing(String),
+}
+
+/// A config file as loaded, with the warnings found while loading it.
+#[derive(Debug, Default)]
+pub struct LoadedConfig {
+    /// Where it came from; `None` when no file was found (all defaults).
+    pub path: Option<PathBuf>,
+    pub file: ConfigFile,
+    /// One line each: unknown keys, loose permissions.
+    pub warnings: Vec<String>,
+}
+
+/// The places searched when no explicit path is given, in order.
+pub fn search_paths() -> Vec<PathBuf> {
+    let mut paths = vec![PathBuf::from(FILE_NAME)];
+    if let Some(home) = directories::BaseDirs::new().map(|d| d.home_dir().to_path_buf()) {
+        paths.push(home.join(FILE_NAME));
+    }
+    #[cfg(unix)]
+    paths.push(PathBuf::from("/etc").join(FILE_NAME));
+    paths
+}
+
+/// Finds the config file: `explicit` if given (it must exist unless `allow_missing`), else the first of
+/// [`search_paths`] that exists.
+pub fn locate(explicit: Option<&Path>, allow_missing: bool) -> Result<Option<PathBuf>, ConfigError> {
+    if let Some(p) = explicit {
+        return if p.exists() || allow_missing {
+            Ok(Some(p.to_path_buf()))
+        } else {
+            Err(ConfigError::NotFound(p.to_path_buf()))
+        };
+    }
+    Ok(search_paths().into_iter().find(|p| p.is_file()))
+}
+
+/// Locates and loads the config. `strict` turns the loose-permissions warning into an error.
+/// With `allow_missing`, an explicit path that does not exist yet loads as empty (for `register --save`).
+pub fn load(explicit: Option<&Path>, allow_missing: bool, strict: bool) -> Result<LoadedConfig, ConfigError> {
+    let Some(path) = locate(explicit, allow_missing)? else {
+        return Ok(LoadedConfig::default());
+    };
+    if !path.exists() {
+        return Ok(LoadedConfig {
+            path: Some(path),
+            ..Default::default()
+        });
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let (file, mut warnings) = file::parse(&path, &text)?;
+    if let Some(mode) = loose_mode(&path)
+        && file.holds_token()
+    {
+        if strict {
+            return Err(ConfigError::Permissions { path, mode });
+        }
+        warnings.push(format!(
+            "{} holds a token and is readable by other users (mode {mode:o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(LoadedConfig {
+        path: Some(path),
+        file,
+        warnings,
+    })
+}
+
+/// The file's permission bits when group or others may read it (Unix); `None` otherwise.
+fn loose_mode(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Values given on the command line; `None`/empty means "not given" and never clobbers the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub url: Option<String>,
+    pub id: Option<String>,
+    pub token: Option<Secret>,
+    pub tags: Vec<String>,
+    pub envs: Vec<String>,
+    pub capacity: Option<u32>,
+    pub workdir: Option<PathBuf>,
+}
+
+/// Everything a running worker needs, resolved from file + flags.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub url: String,
+    pub id: String,
+    pub token: Secret,
+    pub tags: Vec<String>,
+    pub envs: Vec<String>,
+    pub capacity: u32,
+    pub workdir: Option<PathBuf>,
+    pub policy: Policy,
+    /// The config file the registration was found in, if any.
+    pub source: Option<PathBuf>,
+}
+
+/// Merges a loaded file with command-line values into [`WorkerSettings`].
+///
+/// Registration rules (as the original worker): an id takes the token, url, tags and envs it was not
+/// given from the registration with that id; with no id and exactly one registration, that one is
+/// used; with several, `--id` must pick one.
+pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings, ConfigError> {
+    let f = &loaded.file;
+    let where_ = || {
+        loaded
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "no config file".into())
+    };
+    let mut id = cli.id.clone().or_else(|| f.id.clone());
+    let mut token = cli.token.clone().or_else(|| f.token.clone());
+    let mut url = cli.url.clone().or_else(|| f.url.clone());
+    let mut tags = (!cli.tags.is_empty()).then(|| cli.tags.clone());
+    let mut envs = (!cli.envs.is_empty()).then(|| cli.envs.clone());
+
+    let registration = match (&id, &token) {
+        (Some(id), _) => f.registrations.iter().find(|r| &r.id == id),
+        (None, None) => match f.registrations.as_slice() {
+            [one] => Some(one),
+            [] => None,
+            several => {
+                let ids: Vec<&str> = several.iter().map(|r| r.id.as_str()).collect();
+                return Err(ConfigError::Missing(format!(
+                    "{} has {} registrations ({}): pick one with --id",
+                    where_(),
+                    ids.len(),
+                    ids.join(", ")
+                )));
+            }
+        },
+        _ => None,
+    };
+    if let Some(r) = registration {
+        id.get_or_insert_with(|| r.id.clone());
+        token = token.or_else(|| r.token.clone());
+        if url.is_none() {
+            url = r.url.clone();
+        }
+        if tags.is_none() && !r.tags.is_empty() {
+            tags = Some(r.tags.clone());
+        }
+        if envs.is_none() && !r.envs.is_empty() {
+            envs = Some(r.envs.clone());
+        }
+    }
+    let id = id.ok_or_else(|| {
+        ConfigError::Missing(format!(
+            "no worker id: pass --id, or register first with `cla-worker register --save` ({})",
+            where_()
+        ))
+    })?;
+    let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
+        ConfigError::Missing(format!(
+            "no token for worker {id}: pass --token, or register with `cla-worker register --save` ({})",
+            where_()
+        ))
+    })?;
+    let url = url.ok_or_else(|| {
+        ConfigError::Missing(format!(
+            "no hub url for worker {id}: pass --url or set `url` in the config file"
+        ))
+    })?;
+    let capacity = cli.capacity.or(f.capacity).unwrap_or(1);
+    if capacity == 0 {
+        return Err(ConfigError::Missing("capacity must be at least 1".into()));
+    }
+    Ok(WorkerSettings {
+        url: url.trim_end_matches('/').to_owned(),
+        id,
+        token,
+        tags: tags.unwrap_or_else(|| f.tags.clone()),
+        envs: envs.unwrap_or_else(|| f.envs.clone()),
+        capacity,
+        workdir: cli.workdir.clone().or_else(|| f.workdir.clone()),
+        policy: f.policy.clone().unwrap_or_default(),
+        source: loaded.path.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,215 @@
+//! Worker-facing endpoints: registration with a passkey, unregistration with the worker's own
+//! credentials, and the WebSocket upgrade at `/ws/v1`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+
+use super::Hub;
+use super::jobs::ApiFail;
+use super::server::{bearer, parse_body, upgrade};
+use super::session::{self, Auth};
+use super::store::WorkerRecord;
+use crate::protocol::WORKER_ID_HEADER;
+use crate::protocol::api::{RegisterRequest, RegisterResponse, UnregisterResponse};
+use crate::token;
+use crate::util::now_rfc3339;
+
+/// Longest worker id accepted.
+const MAX_ID_LEN: usize = 128;
+
+/// Checks a worker id: letters, digits and `- _ . @`, 1 to 128 characters (safe in headers, paths, logs).
+pub fn check_worker_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(format!("worker id must be 1 to {MAX_ID_LEN} characters"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-_.@".contains(*c)))
+    {
+        return Err(format!(
+            "worker id `{id}` contains `{c}`: use letters, digits and - _ . @"
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /api/v1/register`.
+pub(crate) async fn register(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<RegisterResponse>, ApiFail> {
+    let req: RegisterRequest = parse_body(&body)?;
+    let unauthorized = |m: &str| ApiFail::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let passkey_hash = token::hash(req.passkey.trim());
+    let passkey = hub
+        .store
+        .passkey(&passkey_hash)?
+        .ok_or_else(|| unauthorized("invalid passkey"))?;
+    if passkey.revoked {
+        return Err(unauthorized(
+            "this passkey was revoked: ask the hub admin for a new one",
+        ));
+    }
+    let project = passkey.project;
+    let id = match &req.id {
+        Some(id) => {
+            check_worker_id(id).map_err(|m| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m))?;
+            id.clone()
+        }
+        None => generate_id(&hub, &req, &project)?,
+    };
+    let (record, token) = match hub.store.worker(&id)? {
+        Some(mut existing) => {
+            if existing.projects.contains(&project) {
+                return Err(ApiFail::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
+                        "worker id {id} is already registered in project {project}: pick another --id, \
+                         or run `cla-worker unregister --id {id}` first"
+                    ),
+                ));
+            }
+            // Another project's worker joins this one: only with proof that the caller owns it.
+            match bearer(&headers) {
+                Some(t) if token::verify(t, &existing.token_hash) => {
+                    existing.projects.push(project.clone());
+                    (existing, t.to_owned())
+                }
+                _ => {
+                    return Err(ApiFail::new(
+                        StatusCode::CONFLICT,
+                        "conflict",
+                        format!(
+                            "worker id {id} exists in another project: pass its token with --token to add it to {project}"
+                        ),
+                    ));
+                }
+            }
+        }
+        None => {
+            let t = token::generate(token::WORKER_TOKEN_PREFIX).expose().to_owned();
+            let rec = WorkerRecord {
+                id: id.clone(),
+                token_hash: token::hash(&t),
+                projects: vec![project.clone()],
+                tags: req.tags.clone(),
+                envs: req.envs.clone(),
+                host: req.host.clone(),
+                version: req.version.clone(),
+                capacity: 1,
+                registered: now_rfc3339(),
+                last_seen: None,
+            };
+            (rec, t)
+        }
+    };
+    hub.store.put_worker(&record)?;
+    tracing::info!(worker = %id, project = %project, "worker registered");
+    Ok(Json(RegisterResponse {
+        id,
+        token,
+        projects: record.projects,
+    }))
+}
+
+/// `user@host`, or `user@host-2`, `-3`, ... when taken: stable and readable, like the original's default.
+fn generate_id(hub: &Hub, req: &RegisterRequest, project: &str) -> Result<String, ApiFail> {
+    let clean = |s: &str| {
+        s.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+            .collect::<String>()
+    };
+    let user = req
+        .user
+        .as_deref()
+        .map(clean)
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    let host = req
+        .host
+        .as_deref()
+        .map(clean)
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let base: String = format!("{user}@{host}").chars().take(MAX_ID_LEN - 6).collect();
+    for n in 1..1000 {
+        let id = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
+        if hub.store.worker(&id)?.is_none() {
+            return Ok(id);
+        }
+    }
+    Err(ApiFail::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        format!("no free worker id like {base} in {project}: pass --id"),
+    ))
+}
+
+/// The worker a request's `Authorization` + `X-Cla-Worker-Id` headers prove, or why not.
+fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<WorkerRecord, String> {
+    let id = headers
+        .get(WORKER_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("missing X-Cla-Worker-Id header")?;
+    let presented = bearer(headers).ok_or("missing bearer token")?;
+    let revoked = || format!("worker {id} is not registered on this hub (unregistered, or wrong token)");
+    match hub.store.worker(id) {
+        Ok(Some(rec)) if token::verify(presented, &rec.token_hash) => Ok(rec),
+        Ok(_) => Err(revoked()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `POST /api/v1/unregister`: forget the worker and close its session.
+pub(crate) async fn unregister(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+) -> Result<Json<UnregisterResponse>, ApiFail> {
+    let rec = authenticate(&hub, &headers)
+        .map_err(|m| ApiFail::new(StatusCode::UNAUTHORIZED, "unauthorized", m))?;
+    hub.store.remove_worker(&rec.id)?;
+    if let Some(s) = hub.state().sessions.get(&rec.id) {
+        s.close.cancel();
+    }
+    tracing::info!(worker = %rec.id, "worker unregistered");
+    Ok(Json(UnregisterResponse {
+        id: rec.id,
+        projects: rec.projects,
+    }))
+}
+
+/// `GET /ws/v1`: the worker's WebSocket. Credentials are checked now; a failure is reported on the
+/// socket as `reject`, after the worker's `hello`, so the worker learns why.
+pub(crate) async fn worker_socket(State(hub): State<Arc<Hub>>, req: Request) -> Result<Response, ApiFail> {
+    let auth = match authenticate(&hub, req.headers()) {
+        Ok(rec) => Auth::Ok(Box::new(rec)),
+        Err(why) => Auth::Denied(why),
+    };
+    upgrade(req, move |conn| session::run(hub, conn, auth))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_worker_id;
+
+    #[test]
+    fn worker_ids() {
+        for ok in ["w1", "builder@ci-node-3", "a.b_c-d"] {
+            assert!(check_worker_id(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "a?b", "é", &"x".repeat(129)] {
+            assert!(check_worker_id(bad).is_err(), "{bad}");
+        }
+    }
+}

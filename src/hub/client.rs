@@ -1,0 +1,227 @@
+//! [`AdminClient`]: what `cla-hub` admin commands (and the demo) use to talk to a running hub — the
+//! HTTP admin API plus the exec stream. Found through `--hub URL` + `CLA_HUB_TOKEN`, or `DATA_DIR/hub.json`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::Method;
+use tokio_util::sync::CancellationToken;
+
+use super::HubFile;
+use crate::error::{Error, Result};
+use crate::http::HttpClient;
+use crate::protocol::api::{
+    AdminEvent, AdminRequest, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
+    PasskeyView, STDERR_STREAM, STDOUT_STREAM, WorkerView,
+};
+use crate::protocol::connection::Incoming;
+use crate::protocol::{Connection, Frame, ProtocolError, decode_text};
+use crate::secret::Secret;
+
+/// What an exec stream reports as it goes.
+#[derive(Debug)]
+pub enum ExecEvent {
+    Created(String),
+    Started { job: String, worker: String },
+    Stdout(Bytes),
+    Stderr(Bytes),
+}
+
+/// A client for one hub's admin API.
+#[derive(Clone)]
+pub struct AdminClient {
+    http: HttpClient,
+    token: Secret,
+}
+
+impl AdminClient {
+    /// A client for `url` with `token`.
+    pub fn new(url: &str, token: Secret) -> Result<AdminClient> {
+        Ok(AdminClient {
+            http: HttpClient::new(url)?,
+            token,
+        })
+    }
+
+    /// A client from `--hub`/`CLA_HUB_TOKEN` if given, else from `DATA_DIR/hub.json`.
+    pub fn locate(hub: Option<&str>, token: Option<Secret>, data_dir: &Path) -> Result<AdminClient> {
+        if let Some(url) = hub {
+            let token =
+                token.ok_or_else(|| Error::Usage("--hub needs the admin token in CLA_HUB_TOKEN".into()))?;
+            return AdminClient::new(url, token);
+        }
+        let path = data_dir.join("hub.json");
+        let bytes = std::fs::read(&path).map_err(|e| {
+            Error::Other(format!(
+                "cannot read {}: {e}; start the hub with `cla-hub serve` (same --data-dir), or pass --hub URL with CLA_HUB_TOKEN",
+                path.display()
+            ))
+        })?;
+        let file: HubFile = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Other(format!("{} is not a hub.json file: {e}", path.display())))?;
+        AdminClient::new(&file.url, token.unwrap_or_else(|| Secret::new(file.admin_token)))
+    }
+
+    /// The hub's base URL.
+    pub fn url(&self) -> &str {
+        self.http.base()
+    }
+
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token.expose())
+    }
+
+    async fn get<R: serde::de::DeserializeOwned>(&self, path: &str) -> Result<R> {
+        Ok(self.http.get(path, &[("authorization", &self.auth())]).await?)
+    }
+
+    async fn post<B: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R> {
+        Ok(self
+            .http
+            .post(path, &[("authorization", &self.auth())], body)
+            .await?)
+    }
+
+    pub async fn workers(&self) -> Result<Vec<WorkerView>> {
+        self.get("/api/v1/admin/workers").await
+    }
+
+    pub async fn passkey_create(&self, project: &str) -> Result<PasskeyCreated> {
+        self.post(
+            "/api/v1/admin/passkeys",
+            &PasskeyCreate {
+                project: project.to_owned(),
+            },
+        )
+        .await
+    }
+
+    pub async fn passkeys(&self) -> Result<Vec<PasskeyView>> {
+        self.get("/api/v1/admin/passkeys").await
+    }
+
+    pub async fn passkey_revoke(&self, passkey: &str) -> Result<PasskeyView> {
+        self.post(
+            "/api/v1/admin/passkeys/revoke",
+            &PasskeyRevoke {
+                passkey: passkey.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// Queues a job and returns at once.
+    pub async fn submit(&self, spec: &JobSpec) -> Result<JobRecord> {
+        self.post("/api/v1/admin/jobs", spec).await
+    }
+
+    pub async fn jobs(&self, state: Option<JobState>) -> Result<Vec<JobRecord>> {
+        match state {
+            Some(s) => {
+                self.get(&format!("/api/v1/admin/jobs?state={}", s.as_str()))
+                    .await
+            }
+            None => self.get("/api/v1/admin/jobs").await,
+        }
+    }
+
+    pub async fn job(&self, id: &str) -> Result<JobRecord> {
+        self.get(&format!("/api/v1/admin/jobs/{}", path_segment(id)?))
+            .await
+    }
+
+    /// Blocks until the job has ended (in long polls of up to a minute each).
+    pub async fn wait(&self, id: &str) -> Result<JobRecord> {
+        let path = format!("/api/v1/admin/jobs/{}?wait=55", path_segment(id)?);
+        loop {
+            let r: JobRecord = self
+                .http
+                .request(
+                    Method::GET,
+                    &path,
+                    &[("authorization", &self.auth())],
+                    None::<&()>,
+                    Duration::from_secs(70),
+                )
+                .await?;
+            if r.state.is_terminal() {
+                return Ok(r);
+            }
+        }
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<JobRecord> {
+        self.post(&format!("/api/v1/admin/jobs/{}/cancel", path_segment(id)?), &())
+            .await
+    }
+
+    /// Creates a job and streams it: `on_event` sees its id, its start and every output chunk as it
+    /// arrives; the ended job is returned. When `cancel` fires, the hub is asked to cancel the job and the
+    /// stream goes on until the job has really ended.
+    pub async fn exec(
+        &self,
+        spec: &JobSpec,
+        cancel: CancellationToken,
+        mut on_event: impl FnMut(ExecEvent),
+    ) -> Result<JobRecord> {
+        let url = format!("{}/api/v1/admin/exec", self.url());
+        let conn = Connection::connect(&url, &[("authorization", &self.auth())]).await?;
+        let (mut writer, mut reader) = conn.split();
+        writer.send(&AdminRequest::Exec(spec.clone())).await?;
+        let mut cancel_sent = false;
+        loop {
+            let incoming = tokio::select! {
+                _ = cancel.cancelled(), if !cancel_sent => {
+                    cancel_sent = true;
+                    writer.send(&AdminRequest::Cancel).await?;
+                    continue;
+                }
+                r = reader.read() => r?,
+            };
+            match incoming {
+                None => {
+                    return Err(ProtocolError::Transport(
+                        "the hub closed the exec stream before the job ended".into(),
+                    )
+                    .into());
+                }
+                Some(Incoming::Alive) => {}
+                Some(Incoming::Frame(Frame::Binary { stream, data })) => match stream {
+                    STDOUT_STREAM => on_event(ExecEvent::Stdout(data)),
+                    STDERR_STREAM => on_event(ExecEvent::Stderr(data)),
+                    _ => {}
+                },
+                Some(Incoming::Frame(Frame::Text(t))) => match decode_text::<AdminEvent>(&t)? {
+                    AdminEvent::Created { job } => on_event(ExecEvent::Created(job)),
+                    AdminEvent::Started { job, worker } => on_event(ExecEvent::Started { job, worker }),
+                    AdminEvent::Ended(record) => {
+                        writer.close().await;
+                        return Ok(*record);
+                    }
+                    AdminEvent::Error(e) => return Err(Error::Other(e.error)),
+                },
+            }
+        }
+    }
+}
+
+/// A job id as a URL path segment: ids are hex, so anything else is refused rather than escaped.
+fn path_segment(id: &str) -> Result<&str> {
+    if !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(id)
+    } else {
+        Err(Error::Usage(format!(
+            "`{id}` is not a job id (see `cla-hub jobs`)"
+        )))
+    }
+}

@@ -1,0 +1,589 @@
+//! The job lifecycle on the hub (DESIGN.md §5): `queued → offered → accepted → running → succeeded |
+//! failed | cancelled | timed_out | lost`.
+//!
+//! A job is persisted when created and at each state change, before the change is acted on (a job is
+//! stored as `offered` before the worker is sent it). Live jobs sit in memory with their subscribers (exec
+//! streams) and waiters (`job show --wait`); ended jobs live only in the store. Queued jobs wait FIFO for a
+//! connected matching worker with a free slot.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Hub, Outbound, Session, State};
+use crate::protocol::api::{ApiError, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, Target};
+use crate::protocol::{CommandLine, ExecRequest, Hello, HubMessage, JobResult, Outcome};
+use crate::util::now_rfc3339;
+
+/// An error answer of the API: status plus the one-line [`ApiError`].
+#[derive(Debug, Clone)]
+pub struct ApiFail(pub StatusCode, pub ApiError);
+
+impl ApiFail {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        ApiFail(
+            status,
+            ApiError {
+                code: code.to_owned(),
+                error: message.into(),
+                retry_after: None,
+            },
+        )
+    }
+}
+
+impl From<crate::hub::store::StoreError> for ApiFail {
+    fn from(e: crate::hub::store::StoreError) -> Self {
+        tracing::error!("{e}");
+        ApiFail::new(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string())
+    }
+}
+
+/// What subscribers of a job (exec streams) receive, in order.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    Started {
+        worker: String,
+    },
+    /// Bytes on [`STDOUT_STREAM`] or [`STDERR_STREAM`].
+    Output {
+        stream: u64,
+        data: Bytes,
+    },
+    Ended(Box<JobRecord>),
+}
+
+/// A job that has not ended.
+pub(crate) struct LiveJob {
+    record: JobRecord,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    subscribers: Vec<mpsc::Sender<JobEvent>>,
+    waiters: Vec<oneshot::Sender<JobRecord>>,
+    /// Sessions that refused this job; it is not offered to them again.
+    refused_by: HashSet<String>,
+}
+
+impl LiveJob {
+    fn snapshot(&self) -> JobRecord {
+        let mut r = self.record.clone();
+        r.stdout = String::from_utf8_lossy(&self.stdout).into_owned();
+        r.stderr = String::from_utf8_lossy(&self.stderr).into_owned();
+        r
+    }
+}
+
+/// A job that just ended: what must still be written and told, outside the state lock.
+struct Ended {
+    record: JobRecord,
+    subscribers: Vec<mpsc::Sender<JobEvent>>,
+    waiters: Vec<oneshot::Sender<JobRecord>>,
+}
+
+/// The answer to `job show --wait`.
+pub enum Wait {
+    Done(Box<JobRecord>),
+    Pending(oneshot::Receiver<JobRecord>),
+}
+
+/// A new job id: creation time in hex milliseconds (so ids sort by age) plus 24 random bits.
+fn new_job_id() -> String {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{ms:011x}{}", crate::token::random_hex(3))
+}
+
+/// True when the worker described by `hello` may run a job for `target`.
+pub(crate) fn matches(target: &Target, worker_id: &str, hello: &Hello) -> bool {
+    target.worker.as_deref().is_none_or(|w| w == worker_id)
+        && target.tags.iter().all(|t| hello.tags.contains(t))
+        && target.env.as_ref().is_none_or(|e| hello.envs.contains(e))
+}
+
+fn validate(spec: &JobSpec) -> Result<(), ApiFail> {
+    let bad = |m: String| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m);
+    match &spec.command {
+        CommandLine::Shell { cmd } if cmd.trim().is_empty() => return Err(bad("empty command".into())),
+        CommandLine::Argv { argv } if argv.first().is_none_or(|a| a.is_empty()) => {
+            return Err(bad("empty command: argv[0] is missing".into()));
+        }
+        _ => {}
+    }
+    for k in spec.env_vars.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(bad(format!("invalid environment variable name `{k}`")));
+        }
+    }
+    if let Some(t) = spec.timeout_secs
+        && !(t > 0.0 && t.is_finite())
+    {
+        return Err(bad(format!(
+            "timeout must be a positive number of seconds, not {t}"
+        )));
+    }
+    Ok(())
+}
+
+impl Hub {
+    /// Creates a job and queues it; `subscriber` (an exec stream) is attached before the job can start,
+    /// so it misses nothing. Fails at once when no connected worker matches the target at all.
+    pub async fn create_job(
+        self: &Arc<Self>,
+        spec: JobSpec,
+        subscriber: Option<mpsc::Sender<JobEvent>>,
+    ) -> Result<JobRecord, ApiFail> {
+        validate(&spec)?;
+        let record = {
+            let st = self.state();
+            if !st
+                .sessions
+                .values()
+                .any(|s| matches(&spec.target, &s.id, &s.hello))
+            {
+                drop(st);
+                return Err(self.no_worker(&spec.target));
+            }
+            JobRecord {
+                id: new_job_id(),
+                state: JobState::Queued,
+                spec,
+                worker: None,
+                rc: None,
+                signal: None,
+                stdout: String::new(),
+                stderr: String::new(),
+                stdout_truncated: false,
+                stderr_truncated: false,
+                created: now_rfc3339(),
+                started: None,
+                ended: None,
+                error: None,
+            }
+        };
+        self.store.put_job(&record)?;
+        {
+            let mut st = self.state();
+            st.jobs.insert(
+                record.id.clone(),
+                LiveJob {
+                    record: record.clone(),
+                    stdout: Vec::new(),
+                    stderr: Vec::new(),
+                    subscribers: subscriber.into_iter().collect(),
+                    waiters: Vec::new(),
+                    refused_by: HashSet::new(),
+                },
+            );
+            st.queue.push_back(record.id.clone());
+        }
+        tracing::info!(job = %record.id, target = %record.spec.target.describe(), cmd = %record.spec.command.display(), "job queued");
+        self.dispatch().await;
+        Ok(record)
+    }
+
+    fn no_worker(&self, target: &Target) -> ApiFail {
+        let registered = self.store.workers().map(|w| w.len()).unwrap_or(0);
+        let connected = self.state().sessions.len();
+        ApiFail::new(
+            StatusCode::CONFLICT,
+            "no_worker",
+            format!(
+                "no connected worker matches {} ({registered} registered, {connected} connected): \
+                 check `cla-hub workers` and the worker's --tags/--envs",
+                target.describe()
+            ),
+        )
+    }
+
+    /// Offers queued jobs, oldest first, to matching workers with a free slot (least loaded first).
+    pub(crate) async fn dispatch(&self) {
+        let mut offers = Vec::new();
+        {
+            let mut guard = self.state();
+            let State {
+                sessions,
+                jobs,
+                queue,
+            } = &mut *guard;
+            let mut waiting = std::collections::VecDeque::new();
+            while let Some(job_id) = queue.pop_front() {
+                let Some(job) = jobs.get_mut(&job_id) else {
+                    continue;
+                };
+                if job.record.state != JobState::Queued {
+                    continue;
+                }
+                let pick = sessions
+                    .values_mut()
+                    .filter(|s| {
+                        !s.draining
+                            && (s.running.len() as u32) < s.hello.capacity
+                            && !job.refused_by.contains(&s.session)
+                            && matches(&job.record.spec.target, &s.id, &s.hello)
+                    })
+                    .min_by_key(|s| s.running.len());
+                let Some(session) = pick else {
+                    waiting.push_back(job_id);
+                    continue;
+                };
+                let req = offer(session, job);
+                offers.push((session.tx.clone(), job.snapshot(), req));
+            }
+            *queue = waiting;
+        }
+        for (tx, record, req) in offers {
+            if let Err(e) = self.store.put_job(&record) {
+                tracing::error!(job = %record.id, "{e}");
+            }
+            tracing::info!(job = %record.id, worker = record.worker.as_deref().unwrap_or(""), "job offered");
+            // A closed channel means the session is ending; its cleanup re-queues offered jobs.
+            let _ = tx.send(Outbound::Message(HubMessage::Exec(req))).await;
+        }
+    }
+
+    /// The worker took the job.
+    pub(crate) fn job_accepted(&self, worker: &str, job: &str) {
+        let record = {
+            let mut st = self.state();
+            match st.jobs.get_mut(job) {
+                Some(j)
+                    if j.record.worker.as_deref() == Some(worker) && j.record.state == JobState::Offered =>
+                {
+                    j.record.state = JobState::Accepted;
+                    j.snapshot()
+                }
+                _ => return,
+            }
+        };
+        self.persist(&record);
+    }
+
+    /// The worker refused the job: it goes back to the front of the queue, not to be offered there again.
+    pub(crate) async fn job_refused(&self, worker: &str, job: &str, reason: &str) {
+        {
+            let mut guard = self.state();
+            let State {
+                sessions,
+                jobs,
+                queue,
+            } = &mut *guard;
+            let Some(j) = jobs.get_mut(job) else { return };
+            if j.record.worker.as_deref() != Some(worker) {
+                return;
+            }
+            if let Some(s) = sessions.get_mut(worker) {
+                release(s, job);
+                j.refused_by.insert(s.session.clone());
+            }
+            j.record.state = JobState::Queued;
+            j.record.worker = None;
+            queue.push_front(job.to_owned());
+        }
+        tracing::info!(job, worker, reason, "job refused, re-queued");
+        self.dispatch().await;
+    }
+
+    /// The job's process is running.
+    pub(crate) async fn job_started(&self, worker: &str, job: &str) {
+        let (record, subs) = {
+            let mut st = self.state();
+            match st.jobs.get_mut(job) {
+                Some(j) if j.record.worker.as_deref() == Some(worker) => {
+                    j.record.state = JobState::Running;
+                    j.record.started = Some(now_rfc3339());
+                    (j.snapshot(), j.subscribers.clone())
+                }
+                _ => return,
+            }
+        };
+        self.persist(&record);
+        for s in subs {
+            let _ = s
+                .send(JobEvent::Started {
+                    worker: worker.to_owned(),
+                })
+                .await;
+        }
+    }
+
+    /// Output bytes for a stream of `worker`'s session.
+    pub(crate) async fn job_output(&self, worker: &str, stream: u64, data: Bytes) {
+        let cap = self.cfg.max_output_bytes;
+        let (which, subs) = {
+            let mut guard = self.state();
+            let State { sessions, jobs, .. } = &mut *guard;
+            let Some((job_id, which)) = sessions.get(worker).and_then(|s| s.streams.get(&stream)).cloned()
+            else {
+                tracing::debug!(worker, stream, "output for an unknown stream dropped");
+                return;
+            };
+            let Some(j) = jobs.get_mut(&job_id) else { return };
+            let (buf, truncated) = if which == STDOUT_STREAM {
+                (&mut j.stdout, &mut j.record.stdout_truncated)
+            } else {
+                (&mut j.stderr, &mut j.record.stderr_truncated)
+            };
+            let room = cap.saturating_sub(buf.len());
+            buf.extend_from_slice(&data[..room.min(data.len())]);
+            if data.len() > room {
+                *truncated = true;
+            }
+            j.subscribers.retain(|s| !s.is_closed());
+            (which, j.subscribers.clone())
+        };
+        for s in subs {
+            let _ = s
+                .send(JobEvent::Output {
+                    stream: which,
+                    data: data.clone(),
+                })
+                .await;
+        }
+    }
+
+    /// The job ended on the worker.
+    pub(crate) async fn job_finished(&self, worker: &str, result: JobResult) {
+        let ended = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            if st
+                .jobs
+                .get(&result.job)
+                .is_none_or(|j| j.record.worker.as_deref() != Some(worker))
+            {
+                return;
+            }
+            if let Some(s) = st.sessions.get_mut(worker) {
+                release(s, &result.job);
+            }
+            end_job(st, &result.job, |r| {
+                r.state = match result.outcome {
+                    Outcome::Succeeded => JobState::Succeeded,
+                    Outcome::Failed | Outcome::Error => JobState::Failed,
+                    Outcome::TimedOut => JobState::TimedOut,
+                    Outcome::Cancelled => JobState::Cancelled,
+                };
+                r.rc = result.rc;
+                r.signal = result.signal;
+                r.error = result.error.clone();
+            })
+        };
+        if let Some(e) = ended {
+            self.deliver(e).await;
+        }
+        self.dispatch().await;
+    }
+
+    /// A worker's session ended: offered jobs go back to the queue, accepted and running ones are lost.
+    pub(crate) async fn session_ended(&self, worker: &str, session: &str) {
+        let mut lost = Vec::new();
+        let mut requeued = false;
+        {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            if st.sessions.get(worker).is_none_or(|s| s.session != session) {
+                return;
+            }
+            let s = st.sessions.remove(worker).expect("checked above");
+            for job_id in s.running {
+                let Some(j) = st.jobs.get_mut(&job_id) else {
+                    continue;
+                };
+                if j.record.state == JobState::Offered {
+                    j.record.state = JobState::Queued;
+                    j.record.worker = None;
+                    st.queue.push_front(job_id);
+                    requeued = true;
+                } else if let Some(e) = end_job(st, &job_id, |r| {
+                    r.error = Some(format!(
+                        "worker {worker} disconnected while the job was {}",
+                        r.state.as_str()
+                    ));
+                    r.state = JobState::Lost;
+                }) {
+                    lost.push(e);
+                }
+            }
+        }
+        for e in lost {
+            tracing::warn!(job = %e.record.id, worker, "job lost: worker disconnected");
+            self.deliver(e).await;
+        }
+        if requeued {
+            self.dispatch().await;
+        }
+    }
+
+    /// Cancels a job: a queued one ends at once, a started one is killed by its worker (tree and all).
+    pub async fn cancel_job(&self, id: &str) -> Result<JobRecord, ApiFail> {
+        enum Action {
+            Ended(Box<Ended>),
+            Tell(mpsc::Sender<Outbound>, Box<JobRecord>),
+        }
+        let action = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            match st.jobs.get(id).map(|j| (j.record.state, j.record.worker.clone())) {
+                None => None,
+                Some((JobState::Queued, _)) => {
+                    st.queue.retain(|q| q != id);
+                    end_job(st, id, |r| {
+                        r.state = JobState::Cancelled;
+                        r.error = Some("cancelled before it started".into());
+                    })
+                    .map(|e| Action::Ended(Box::new(e)))
+                }
+                Some((_, worker)) => {
+                    let tx = worker.and_then(|w| st.sessions.get(&w)).map(|s| s.tx.clone());
+                    let snapshot = st.jobs[id].snapshot();
+                    tx.map(|tx| Action::Tell(tx, Box::new(snapshot)))
+                }
+            }
+        };
+        match action {
+            Some(Action::Ended(e)) => {
+                let record = e.record.clone();
+                self.deliver(*e).await;
+                Ok(record)
+            }
+            Some(Action::Tell(tx, record)) => {
+                tracing::info!(job = id, "cancel requested");
+                let msg = HubMessage::Cancel {
+                    job: id.to_owned(),
+                    reason: "cancelled by an admin".into(),
+                };
+                let _ = tx.send(Outbound::Message(msg)).await;
+                Ok(*record)
+            }
+            None => match self.store.job(id)? {
+                Some(r) => Err(ApiFail::new(
+                    StatusCode::CONFLICT,
+                    "ended",
+                    format!("job {id} has already ended ({})", r.state.as_str()),
+                )),
+                None => Err(unknown_job(id)),
+            },
+        }
+    }
+
+    /// The current record of a job (live or ended).
+    pub fn job(&self, id: &str) -> Result<JobRecord, ApiFail> {
+        if let Some(j) = self.state().jobs.get(id) {
+            return Ok(j.snapshot());
+        }
+        self.store.job(id)?.ok_or_else(|| unknown_job(id))
+    }
+
+    /// The record now if the job has ended, else a receiver for when it does.
+    pub fn wait_job(&self, id: &str) -> Result<Wait, ApiFail> {
+        if let Some(j) = self.state().jobs.get_mut(id) {
+            let (tx, rx) = oneshot::channel();
+            j.waiters.push(tx);
+            return Ok(Wait::Pending(rx));
+        }
+        self.store.job(id)?.map(|r| Wait::Done(Box::new(r))).ok_or_else(|| unknown_job(id))
+    }
+
+    /// Every job, oldest first, optionally only those in `state`; live jobs show their current output.
+    pub fn jobs(&self, state: Option<JobState>) -> Result<Vec<JobRecord>, ApiFail> {
+        let mut all = self.store.jobs()?;
+        {
+            let st = self.state();
+            for r in all.iter_mut() {
+                if let Some(j) = st.jobs.get(&r.id) {
+                    *r = j.snapshot();
+                }
+            }
+        }
+        all.retain(|r| state.is_none_or(|s| r.state == s));
+        Ok(all)
+    }
+
+    /// Marks jobs a previous hub process left unfinished as `lost` (called at start-up).
+    pub(crate) fn reap_orphans(&self) -> Result<usize, crate::hub::store::StoreError> {
+        let mut n = 0;
+        for mut r in self.store.jobs()?.into_iter().filter(|r| !r.state.is_terminal()) {
+            r.error = Some(format!(
+                "the hub restarted while the job was {}",
+                r.state.as_str()
+            ));
+            r.state = JobState::Lost;
+            r.ended = Some(now_rfc3339());
+            self.store.put_job(&r)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn persist(&self, record: &JobRecord) {
+        if let Err(e) = self.store.put_job(record) {
+            tracing::error!(job = %record.id, "{e}");
+        }
+    }
+
+    async fn deliver(&self, e: Ended) {
+        self.persist(&e.record);
+        tracing::info!(job = %e.record.id, state = e.record.state.as_str(), rc = ?e.record.rc, "job ended");
+        for w in e.waiters {
+            let _ = w.send(e.record.clone());
+        }
+        for s in e.subscribers {
+            let _ = s.send(JobEvent::Ended(Box::new(e.record.clone()))).await;
+        }
+    }
+}
+
+fn unknown_job(id: &str) -> ApiFail {
+    ApiFail::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no job {id}: see `cla-hub jobs`"),
+    )
+}
+
+/// Assigns `job` to `session`: stream ids, running slot, `offered` state. Returns the request to send.
+fn offer(session: &mut Session, job: &mut LiveJob) -> ExecRequest {
+    let (stdout, stderr) = (session.next_stream, session.next_stream + 1);
+    session.next_stream += 2;
+    let id = job.record.id.clone();
+    session.streams.insert(stdout, (id.clone(), STDOUT_STREAM));
+    session.streams.insert(stderr, (id.clone(), STDERR_STREAM));
+    session.running.insert(id.clone());
+    job.record.state = JobState::Offered;
+    job.record.worker = Some(session.id.clone());
+    let spec = &job.record.spec;
+    ExecRequest {
+        job: id,
+        command: spec.command.clone(),
+        workdir: spec.workdir.clone(),
+        env: spec.env_vars.clone(),
+        timeout_ms: spec.timeout_secs.map(|s| (s * 1000.0).round() as u64),
+        output_timeout_ms: None,
+        stdout,
+        stderr,
+    }
+}
+
+/// Frees the job's slot and stream ids on its session.
+fn release(session: &mut Session, job: &str) {
+    session.running.remove(job);
+    session.streams.retain(|_, (j, _)| j != job);
+}
+
+/// Removes a live job, applies the final changes and stamps `ended`.
+fn end_job(st: &mut State, id: &str, finish: impl FnOnce(&mut JobRecord)) -> Option<Ended> {
+    let mut j = st.jobs.remove(id)?;
+    finish(&mut j.record);
+    j.record.ended = Some(now_rfc3339());
+    Some(Ended {
+        record: j.snapshot(),
+        subscribers: j.subscribers,
+        waiters: j.waiters,
+    })
+}

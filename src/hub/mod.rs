@@ -1,0 +1,127 @@
+//! The hub: where workers connect, jobs are created and routed, and admins ask questions.
+//!
+//! - [`server`]: the HTTP + WebSocket listener (axum) and [`server::run`].
+//! - [`session`]: one task per connected worker (handshake, heartbeats, frames in and out).
+//! - [`jobs`]: the job lifecycle: create, dispatch to a matching worker, output, end, cancel, wait.
+//! - [`api`]: registration endpoints; [`admin`]: the admin API and the live exec stream.
+//! - [`store`]: the embedded store; [`client`]: the admin client the CLI (and the demo) use.
+//!
+//! The hub never binds ports or installs signal handlers itself: `server::run` gets a listener and a
+//! shutdown token.
+
+pub mod admin;
+pub mod api;
+pub mod client;
+pub mod jobs;
+pub mod server;
+pub mod session;
+pub mod store;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{Hello, HubMessage};
+use store::Store;
+
+/// Settings of a running hub.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub data_dir: PathBuf,
+    /// Ping interval; 3 silent intervals mark a worker OFFLINE.
+    pub heartbeat: Duration,
+    /// Output kept per job and stream for `job show` (the live stream is not cut).
+    pub max_output_bytes: usize,
+}
+
+impl HubConfig {
+    /// Defaults for a data dir: 5 s heartbeat, 1 MiB of output kept per stream.
+    pub fn new(data_dir: PathBuf) -> Self {
+        HubConfig {
+            data_dir,
+            heartbeat: Duration::from_secs(5),
+            max_output_bytes: 1 << 20,
+        }
+    }
+}
+
+/// `DATA_DIR/hub.json`: how local admin commands find and authenticate to the hub. Mode 0600.
+#[derive(Serialize, Deserialize)]
+pub struct HubFile {
+    pub url: String,
+    pub admin_token: String,
+}
+
+/// Default data dir: the platform's data dir for `cla-hub` (e.g. `~/.local/share/cla-hub`).
+pub fn default_data_dir() -> PathBuf {
+    directories::ProjectDirs::from("", "", "cla-hub")
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from(".cla-hub"))
+}
+
+/// Frames the session writer sends to its worker.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    Message(HubMessage),
+}
+
+/// A connected worker, as the hub tracks it.
+pub(crate) struct Session {
+    pub id: String,
+    pub session: String,
+    pub tx: mpsc::Sender<Outbound>,
+    pub hello: Hello,
+    pub connected_since: String,
+    pub running: HashSet<String>,
+    pub draining: bool,
+    /// Binary stream id → (job id, admin stream id: stdout or stderr).
+    pub streams: HashMap<u64, (String, u64)>,
+    pub next_stream: u64,
+    /// Cancelled to close this session (unregister, replacement, hub shutdown).
+    pub close: CancellationToken,
+}
+
+/// Everything that changes while the hub runs, under one lock (held briefly, never across an await).
+#[derive(Default)]
+pub(crate) struct State {
+    pub sessions: HashMap<String, Session>,
+    pub jobs: HashMap<String, jobs::LiveJob>,
+    pub queue: VecDeque<String>,
+}
+
+/// The hub's shared state.
+pub struct Hub {
+    pub(crate) store: Store,
+    pub(crate) cfg: HubConfig,
+    pub(crate) admin_hash: String,
+    pub(crate) shutdown: CancellationToken,
+    state: Mutex<State>,
+}
+
+impl Hub {
+    pub(crate) fn new(
+        store: Store,
+        cfg: HubConfig,
+        admin_hash: String,
+        shutdown: CancellationToken,
+    ) -> Arc<Hub> {
+        Arc::new(Hub {
+            store,
+            cfg,
+            admin_hash,
+            shutdown,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough data (no invariant spans two fields
+        // that a panic could split), so keep serving rather than poisoning every later request.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,268 @@
+//! One connected worker on the hub: handshake (`hello` → `welcome`/`reject`), heartbeats, and the frames
+//! of its jobs. Reading and writing run as two loops; everything else reaches the worker through the
+//! session's channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::store::WorkerRecord;
+use super::{Hub, Outbound, Session};
+use crate::protocol::connection::Incoming;
+use crate::protocol::{
+    Connection, ConnectionReader, ConnectionWriter, ErrorCode, Frame, Hello, HubMessage, Limits,
+    PROTOCOL_VERSION, ProtocolError, Reject, RejectCode, Welcome, WorkerMessage, decode_text,
+};
+use crate::util::now_rfc3339;
+
+/// How long a new connection may take to send `hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Heartbeats a peer may miss before its connection is considered dead.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// The result of checking the upgrade's credentials.
+pub(crate) enum Auth {
+    Ok(Box<WorkerRecord>),
+    Denied(String),
+}
+
+/// Runs a worker session to its end.
+pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
+    let (mut writer, mut reader) = conn.split();
+    let hello = match read_hello(&mut reader).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("worker connection dropped before hello: {e}");
+            writer.close().await;
+            return;
+        }
+    };
+    let record = match auth {
+        Auth::Ok(r) => *r,
+        Auth::Denied(why) => return reject(&mut writer, RejectCode::Unauthorized, why, None).await,
+    };
+    let id = record.id.clone();
+    if hello.version != PROTOCOL_VERSION {
+        let msg = format!(
+            "this hub speaks protocol v{PROTOCOL_VERSION}, the worker v{}: upgrade the older side",
+            hello.version
+        );
+        return reject(&mut writer, RejectCode::Version, msg, None).await;
+    }
+    let hb = hub.cfg.heartbeat;
+    let session = crate::token::random_hex(8);
+    let (tx, rx) = mpsc::channel(256);
+    let close = hub.shutdown.child_token();
+    let duplicate = {
+        let mut st = hub.state();
+        let duplicate = st.sessions.contains_key(&id);
+        if !duplicate {
+            st.sessions.insert(
+                id.clone(),
+                Session {
+                    id: id.clone(),
+                    session: session.clone(),
+                    tx,
+                    hello: hello.clone(),
+                    connected_since: now_rfc3339(),
+                    running: Default::default(),
+                    draining: false,
+                    streams: Default::default(),
+                    next_stream: 1,
+                    close: close.clone(),
+                },
+            );
+        }
+        duplicate
+    };
+    if duplicate {
+        let retry = (hb * MISSED_HEARTBEATS).as_secs().max(1);
+        let msg = format!("worker {id} is already connected (another process with the same id?)");
+        return reject(&mut writer, RejectCode::Duplicate, msg, Some(retry)).await;
+    }
+    remember(&hub, record, Some(&hello));
+    let welcome = Welcome {
+        session: session.clone(),
+        heartbeat_secs: hb.as_secs().max(1),
+        limits: Limits {
+            max_frame_bytes: crate::protocol::connection::MAX_MESSAGE_BYTES as u64,
+        },
+    };
+    if writer.send(&HubMessage::Welcome(welcome)).await.is_ok() {
+        tracing::info!(worker = %id, session = %session, host = %hello.host, tags = ?hello.tags, "worker connected");
+        hub.dispatch().await;
+        let writing = tokio::spawn(write_loop(writer, rx, hb, close.clone()));
+        read_loop(&hub, &id, &mut reader, hb, &close).await;
+        close.cancel();
+        let _ = writing.await;
+    }
+    hub.session_ended(&id, &session).await;
+    if let Ok(Some(rec)) = hub.store.worker(&id) {
+        remember(&hub, rec, None);
+    }
+    tracing::info!(worker = %id, session = %session, "worker disconnected");
+}
+
+async fn read_hello(reader: &mut ConnectionReader) -> Result<Hello, ProtocolError> {
+    let read = async {
+        loop {
+            match reader.read().await? {
+                None => return Err(ProtocolError::Transport("closed".into())),
+                Some(Incoming::Alive) => continue,
+                Some(Incoming::Frame(Frame::Text(t))) => {
+                    return match decode_text::<WorkerMessage>(&t)? {
+                        WorkerMessage::Hello(h) => Ok(h),
+                        _ => Err(ProtocolError::Malformed(
+                            "the first message must be `hello`".into(),
+                        )),
+                    };
+                }
+                Some(Incoming::Frame(Frame::Binary { .. })) => {
+                    return Err(ProtocolError::Malformed("binary frame before `hello`".into()));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(HELLO_TIMEOUT, read)
+        .await
+        .map_err(|_| ProtocolError::Timeout("hello"))?
+}
+
+async fn reject(writer: &mut ConnectionWriter, code: RejectCode, message: String, retry_after: Option<u64>) {
+    tracing::warn!(?code, "worker rejected: {message}");
+    let _ = writer
+        .send(&HubMessage::Reject(Reject {
+            code,
+            message,
+            retry_after,
+        }))
+        .await;
+    writer.close().await;
+}
+
+/// Stores what the worker said about itself and when it was last seen.
+fn remember(hub: &Hub, mut rec: WorkerRecord, hello: Option<&Hello>) {
+    if let Some(h) = hello {
+        rec.tags = h.tags.clone();
+        rec.envs = h.envs.clone();
+        rec.host = Some(h.host.clone());
+        rec.version = Some(h.agent.clone());
+        rec.capacity = h.capacity;
+    }
+    rec.last_seen = Some(now_rfc3339());
+    if let Err(e) = hub.store.put_worker(&rec) {
+        tracing::error!(worker = %rec.id, "{e}");
+    }
+}
+
+async fn write_loop(
+    mut writer: ConnectionWriter,
+    mut rx: mpsc::Receiver<Outbound>,
+    hb: Duration,
+    close: CancellationToken,
+) {
+    let mut ping = tokio::time::interval(hb);
+    ping.tick().await;
+    loop {
+        let sent = tokio::select! {
+            _ = close.cancelled() => break,
+            msg = rx.recv() => match msg {
+                Some(Outbound::Message(m)) => writer.send(&m).await,
+                None => break,
+            },
+            _ = ping.tick() => writer.ping().await,
+        };
+        if let Err(e) = sent {
+            tracing::debug!("write to worker failed: {e}");
+            break;
+        }
+    }
+    close.cancel();
+    writer.close().await;
+}
+
+async fn read_loop(
+    hub: &Arc<Hub>,
+    id: &str,
+    reader: &mut ConnectionReader,
+    hb: Duration,
+    close: &CancellationToken,
+) {
+    let deadline = hb * MISSED_HEARTBEATS;
+    loop {
+        let next = tokio::select! {
+            _ = close.cancelled() => return,
+            r = tokio::time::timeout(deadline, reader.read()) => r,
+        };
+        let incoming = match next {
+            Err(_) => {
+                tracing::warn!(
+                    worker = id,
+                    "no sign of life for {MISSED_HEARTBEATS} heartbeats ({deadline:?}): marking OFFLINE"
+                );
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::info!(worker = id, "connection error: {e}");
+                return;
+            }
+            Ok(Ok(Some(i))) => i,
+        };
+        match incoming {
+            Incoming::Alive => {}
+            Incoming::Frame(Frame::Binary { stream, data }) => hub.job_output(id, stream, data).await,
+            Incoming::Frame(Frame::Text(text)) => handle(hub, id, &text).await,
+        }
+    }
+}
+
+async fn handle(hub: &Arc<Hub>, id: &str, text: &str) {
+    let msg = match decode_text::<WorkerMessage>(text) {
+        Ok(m) => m,
+        Err(e) => {
+            let code = match e {
+                ProtocolError::UnknownType(_) => ErrorCode::Unsupported,
+                _ => ErrorCode::Malformed,
+            };
+            tracing::warn!(worker = id, "{e}");
+            send(
+                hub,
+                id,
+                HubMessage::Error {
+                    code,
+                    message: e.to_string(),
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    match msg {
+        WorkerMessage::Hello(_) => tracing::warn!(worker = id, "duplicate hello ignored"),
+        WorkerMessage::Accepted { job } => hub.job_accepted(id, &job),
+        WorkerMessage::Refused { job, reason } => hub.job_refused(id, &job, &reason).await,
+        WorkerMessage::Started { job, .. } => hub.job_started(id, &job).await,
+        WorkerMessage::Finished(result) => hub.job_finished(id, result).await,
+        WorkerMessage::Draining => {
+            if let Some(s) = hub.state().sessions.get_mut(id) {
+                s.draining = true;
+            }
+            tracing::info!(worker = id, "worker is draining");
+        }
+        WorkerMessage::Error { code, message } => {
+            tracing::warn!(worker = id, ?code, "worker reported: {message}")
+        }
+    }
+}
+
+/// Sends a message to a connected worker (dropped if it is gone).
+async fn send(hub: &Hub, id: &str, msg: HubMessage) {
+    let tx = hub.state().sessions.get(id).map(|s| s.tx.clone());
+    if let Some(tx) = tx {
+        let _ = tx.send(Outbound::Message(msg)).await;
+    }
+}

@@ -1,0 +1,240 @@
+//! The hub's embedded store (redb, one file `hub.redb` in the data dir): passkeys, registered workers
+//! and jobs, each a JSON value under its key. Secrets are stored only as SHA-256 hashes.
+//!
+//! Calls are synchronous and short (one small transaction each); the hub makes them from async code,
+//! which is fine at the skeleton's rates and is revisited with the durable-jobs work (batching commits).
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::api::{JobRecord, PasskeyView};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const PASSKEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("passkeys");
+const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data dir {0} is in use by another cla-hub: stop it, or pick another --data-dir")]
+    Locked(PathBuf),
+    #[error("cannot open the store {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("store error: {0}")]
+    Db(String),
+    #[error("corrupt record `{key}` in the store: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// A passkey as stored: its hash is the key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PasskeyRecord {
+    pub prefix: String,
+    pub project: String,
+    pub created: String,
+    pub revoked: bool,
+}
+
+impl PasskeyRecord {
+    pub fn view(&self) -> PasskeyView {
+        PasskeyView {
+            prefix: self.prefix.clone(),
+            project: self.project.clone(),
+            created: self.created.clone(),
+            revoked: self.revoked,
+        }
+    }
+}
+
+/// A registered worker as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: String,
+    pub token_hash: String,
+    pub projects: Vec<String>,
+    pub tags: Vec<String>,
+    pub envs: Vec<String>,
+    pub host: Option<String>,
+    pub version: Option<String>,
+    pub capacity: u32,
+    pub registered: String,
+    pub last_seen: Option<String>,
+}
+
+/// The store handle (cheap to share behind an `Arc`).
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) `DATA_DIR/hub.redb`.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open {
+            path: data_dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let path = data_dir.join("hub.redb");
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(data_dir.to_path_buf()),
+            other => StoreError::Open {
+                path: path.clone(),
+                reason: other.to_string(),
+            },
+        })?;
+        // Create the tables up front so readers never meet a missing one.
+        let tx = db.begin_write().map_err(db_err)?;
+        for t in [META, PASSKEYS, WORKERS, JOBS] {
+            tx.open_table(t).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(Store { db })
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).expect("records serialize");
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(table)
+            .map_err(db_err)?
+            .insert(key, bytes.as_slice())
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(table).map_err(db_err)?;
+        match t.get(key).map_err(db_err)? {
+            None => Ok(None),
+            Some(v) => decode(key, v.value()).map(Some),
+        }
+    }
+
+    fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let existed = tx
+            .open_table(table)
+            .map_err(db_err)?
+            .remove(key)
+            .map_err(db_err)?
+            .is_some();
+        tx.commit().map_err(db_err)?;
+        Ok(existed)
+    }
+
+    fn all<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(table).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            let key = k.value().to_owned();
+            let value = decode(&key, v.value())?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// The admin token's hash, if one was set.
+    pub fn admin_token_hash(&self) -> Result<Option<String>, StoreError> {
+        self.get(META, "admin_token_hash")
+    }
+
+    pub fn set_admin_token_hash(&self, hash: &str) -> Result<(), StoreError> {
+        self.put(META, "admin_token_hash", &hash)
+    }
+
+    pub fn put_passkey(&self, hash: &str, rec: &PasskeyRecord) -> Result<(), StoreError> {
+        self.put(PASSKEYS, hash, rec)
+    }
+
+    pub fn passkey(&self, hash: &str) -> Result<Option<PasskeyRecord>, StoreError> {
+        self.get(PASSKEYS, hash)
+    }
+
+    /// Every passkey with its hash, oldest first.
+    pub fn passkeys(&self) -> Result<Vec<(String, PasskeyRecord)>, StoreError> {
+        let mut v = self.all::<PasskeyRecord>(PASSKEYS)?;
+        v.sort_by(|a, b| a.1.created.cmp(&b.1.created));
+        Ok(v)
+    }
+
+    pub fn put_worker(&self, rec: &WorkerRecord) -> Result<(), StoreError> {
+        self.put(WORKERS, &rec.id, rec)
+    }
+
+    pub fn worker(&self, id: &str) -> Result<Option<WorkerRecord>, StoreError> {
+        self.get(WORKERS, id)
+    }
+
+    pub fn remove_worker(&self, id: &str) -> Result<bool, StoreError> {
+        self.remove(WORKERS, id)
+    }
+
+    /// Every registered worker, by id.
+    pub fn workers(&self) -> Result<Vec<WorkerRecord>, StoreError> {
+        Ok(self.all(WORKERS)?.into_iter().map(|(_, w)| w).collect())
+    }
+
+    pub fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        self.put(JOBS, &rec.id, rec)
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        self.get(JOBS, id)
+    }
+
+    /// Every job, oldest first (job ids sort by creation time).
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        Ok(self.all(JOBS)?.into_iter().map(|(_, j)| j).collect())
+    }
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopen_and_the_lock_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let rec = PasskeyRecord {
+            prefix: "clapk_ab".into(),
+            project: "p".into(),
+            created: "t".into(),
+            revoked: false,
+        };
+        s.put_passkey("h1", &rec).unwrap();
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked(_))));
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.passkey("h1").unwrap().unwrap().project, "p");
+        assert!(s.passkey("nope").unwrap().is_none());
+    }
+}

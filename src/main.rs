@@ -1,0 +1,12 @@
+//! `cla-worker`: parse, run, map to an exit code. Everything else is in the library.
+
+use cla_worker::cli::{self, worker::Args};
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match cli::worker::run(args) {
+        Ok(code) => code.into(),
+        Err(err) => cli::report("cla-worker", &err).into(),
+    }
+}

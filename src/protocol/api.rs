@@ -1,0 +1,285 @@
+//! The hub's HTTP JSON API types: registration (`/api/v1/register`, `/api/v1/unregister`), the admin API
+//! (`/api/v1/admin/...`) and the admin exec stream (`/api/v1/admin/exec`, a WebSocket whose text frames are
+//! [`AdminRequest`] / [`AdminEvent`] and whose binary frames carry the job's stdout ([`STDOUT_STREAM`]) and
+//! stderr ([`STDERR_STREAM`])).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::message::CommandLine;
+
+/// Binary stream id of stdout on the admin exec stream.
+pub const STDOUT_STREAM: u64 = 1;
+/// Binary stream id of stderr on the admin exec stream.
+pub const STDERR_STREAM: u64 = 2;
+
+/// `POST /api/v1/register` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub passkey: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub envs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// `POST /api/v1/register` answer. The token is shown once; the hub keeps only its hash.
+#[derive(Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub id: String,
+    pub token: String,
+    pub projects: Vec<String>,
+}
+
+/// `POST /api/v1/unregister` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnregisterResponse {
+    pub id: String,
+    /// Projects the worker was removed from.
+    pub projects: Vec<String>,
+}
+
+/// Every non-2xx answer of the HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Machine-readable: `unauthorized`, `conflict`, `not_found`, `bad_request`, `rate_limited`, ...
+    pub code: String,
+    /// One line for a human, naming the problem and the fix.
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+}
+
+/// `POST /api/v1/admin/passkeys` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PasskeyCreate {
+    pub project: String,
+}
+
+/// `POST /api/v1/admin/passkeys` answer: the passkey, shown once.
+#[derive(Serialize, Deserialize)]
+pub struct PasskeyCreated {
+    pub passkey: String,
+    pub project: String,
+}
+
+/// A passkey as listed: the hub stores only a hash and a short prefix to recognise it by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PasskeyView {
+    /// The first characters of the passkey, enough to name it in `passkey revoke`.
+    pub prefix: String,
+    pub project: String,
+    pub created: String,
+    pub revoked: bool,
+}
+
+/// `POST /api/v1/admin/passkeys/revoke` body: a whole passkey or a unique prefix of one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PasskeyRevoke {
+    pub passkey: String,
+}
+
+/// A worker as `cla-hub workers --json` shows it (DESIGN.md §2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerView {
+    pub id: String,
+    pub projects: Vec<String>,
+    pub tags: Vec<String>,
+    pub envs: Vec<String>,
+    pub state: WorkerState,
+    pub running: u32,
+    pub capacity: u32,
+    pub version: Option<String>,
+    pub host: Option<String>,
+    pub last_seen: Option<String>,
+    /// When the current session started (connected workers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_since: Option<String>,
+}
+
+/// A worker's state on the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Connected, running nothing.
+    Idle,
+    /// Connected, running at least one job.
+    Busy,
+    /// Connected, finishing its jobs and taking no new ones.
+    Draining,
+    /// Connected, but the hub routes no jobs to it.
+    Disabled,
+    /// Not connected (never, or missed 3 heartbeats).
+    Offline,
+}
+
+impl WorkerState {
+    /// The upper-case label of the human table.
+    pub fn label(self) -> &'static str {
+        match self {
+            WorkerState::Idle => "IDLE",
+            WorkerState::Busy => "BUSY",
+            WorkerState::Draining => "DRAINING",
+            WorkerState::Disabled => "DISABLED",
+            WorkerState::Offline => "OFFLINE",
+        }
+    }
+}
+
+/// Which workers may run a job.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Target {
+    /// This worker only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Any worker carrying all of these tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Only workers whose `envs` include this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+}
+
+impl Target {
+    /// "worker w1", "tags [a, b]", "any worker" — for messages.
+    pub fn describe(&self) -> String {
+        let mut s = match (&self.worker, self.tags.is_empty()) {
+            (Some(w), _) => format!("worker {w}"),
+            (None, false) => format!("tags [{}]", self.tags.join(", ")),
+            (None, true) => "any worker".to_owned(),
+        };
+        if let Some(env) = &self.env {
+            s.push_str(&format!(" in env {env}"));
+        }
+        s
+    }
+}
+
+/// What to run and where: the body of `POST /api/v1/admin/jobs` and of an exec stream's first message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    #[serde(flatten)]
+    pub target: Target,
+    #[serde(flatten)]
+    pub command: CommandLine,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env_vars: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<f64>,
+}
+
+/// A job's lifecycle (DESIGN.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Offered,
+    Accepted,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+    Lost,
+}
+
+impl JobState {
+    /// True for the states a job never leaves.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded
+                | JobState::Failed
+                | JobState::Cancelled
+                | JobState::TimedOut
+                | JobState::Lost
+        )
+    }
+
+    /// The snake_case name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Offered => "offered",
+            JobState::Accepted => "accepted",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+            JobState::Lost => "lost",
+        }
+    }
+}
+
+impl std::str::FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
+            format!(
+                "unknown job state `{s}`: use one of queued, offered, accepted, running, succeeded, failed, \
+                 cancelled, timed_out, lost"
+            )
+        })
+    }
+}
+
+/// A job as the hub reports it (`job show --json`, `jobs --json`, the end of an exec stream).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub state: JobState,
+    pub spec: JobSpec,
+    /// The worker that took the job.
+    pub worker: Option<String>,
+    pub rc: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Captured stdout (lossy UTF-8), at most the hub's per-job cap.
+    pub stdout: String,
+    pub stderr: String,
+    /// True when the captured output was cut at the cap (the live stream had all of it).
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub created: String,
+    pub started: Option<String>,
+    pub ended: Option<String>,
+    /// Why the job failed to run, was lost or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Admin client → hub on the exec stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AdminRequest {
+    /// Create a job and stream it (must be the first message).
+    Exec(JobSpec),
+    /// Cancel the streamed job (Ctrl-C on the CLI).
+    Cancel,
+}
+
+/// Hub → admin client on the exec stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AdminEvent {
+    /// The job exists, with this id.
+    Created { job: String },
+    /// A worker took the job and started it.
+    Started { job: String, worker: String },
+    /// The job ended; every output frame came before this.
+    Ended(Box<JobRecord>),
+    /// The job could not be created or streamed.
+    Error(ApiError),
+}

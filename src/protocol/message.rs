@@ -1,0 +1,221 @@
+//! Worker ↔ hub wire messages (protocol v1). Only serde types and constants live here.
+//!
+//! Text frames carry one JSON object tagged by `type` (`{"type":"exec",...}`); binary frames carry bulk
+//! bytes prefixed by a stream id (see [`super::codec`]). Field names are part of the contract: the golden
+//! tests in `tests/protocol_golden.rs` pin the JSON of every message.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks; sent in `hello` and checked by the hub.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The WebSocket subprotocol both sides require.
+pub const SUBPROTOCOL: &str = "cla.v1";
+
+/// Path of the worker WebSocket endpoint.
+pub const WS_PATH: &str = "/ws/v1";
+
+/// Header carrying the worker id on the WebSocket upgrade and on `/api/v1/unregister`.
+pub const WORKER_ID_HEADER: &str = "x-cla-worker-id";
+
+/// Worker → hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerMessage {
+    /// First message of every session.
+    Hello(Hello),
+    /// The worker takes an offered job and will run it.
+    Accepted { job: String },
+    /// The worker cannot take an offered job now (draining, at capacity, policy); the hub may offer it elsewhere.
+    Refused { job: String, reason: String },
+    /// The job's process is running.
+    Started { job: String, pid: Option<u32> },
+    /// The job ended; all of its output frames were sent before this message.
+    Finished(JobResult),
+    /// The worker is draining: it finishes what runs and takes nothing new.
+    Draining,
+    /// Answer to a message the worker could not handle.
+    Error { code: ErrorCode, message: String },
+}
+
+/// Hub → worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HubMessage {
+    /// Accepts the session.
+    Welcome(Welcome),
+    /// Refuses the session; the connection closes after it.
+    Reject(Reject),
+    /// Run a command.
+    Exec(ExecRequest),
+    /// Stop a running job: kill its whole process tree (TERM, grace, KILL).
+    Cancel { job: String, reason: String },
+    /// Exit the worker process with code 10.
+    Shutdown { reason: String },
+    /// Answer to a message the hub could not handle.
+    Error { code: ErrorCode, message: String },
+}
+
+/// The worker's self-description, sent first on every connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    /// The worker build (`cla-worker --version`).
+    pub agent: String,
+    pub tags: Vec<String>,
+    pub envs: Vec<String>,
+    pub capacity: u32,
+    pub host: String,
+    pub os: String,
+    pub arch: String,
+    pub pid: u32,
+    /// Jobs the worker still runs or has unacknowledged results for (filled by the resume logic).
+    #[serde(default)]
+    pub resume: Vec<String>,
+}
+
+/// The hub's acceptance of a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Identifies this session in the hub's logs.
+    pub session: String,
+    /// The hub pings this often; either side treats 3 silent intervals as a dead connection.
+    pub heartbeat_secs: u64,
+    pub limits: Limits,
+}
+
+/// Limits the hub announces in `welcome`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest WebSocket message either side may send.
+    pub max_frame_bytes: u64,
+}
+
+/// Why the hub refused a session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reject {
+    pub code: RejectCode,
+    pub message: String,
+    /// Seconds to wait before connecting again (for retryable codes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+}
+
+/// Reasons for a [`Reject`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// Unknown id or wrong token: the registration is gone. The worker stops.
+    Unauthorized,
+    /// The hub does not speak the worker's protocol version. The worker stops.
+    Version,
+    /// A live session with this id exists already. The worker retries later.
+    Duplicate,
+    /// The hub is shedding load. The worker retries after `retry_after`.
+    Busy,
+}
+
+impl RejectCode {
+    /// True when connecting again later can succeed.
+    pub fn retryable(self) -> bool {
+        matches!(self, RejectCode::Duplicate | RejectCode::Busy)
+    }
+}
+
+/// Machine-readable error codes in `error` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// A message type the receiver does not know.
+    Unsupported,
+    /// A message that could not be decoded.
+    Malformed,
+    /// A job id the receiver does not know.
+    UnknownJob,
+}
+
+/// The command of an exec request: one string for the shell, or an argv run directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CommandLine {
+    /// Run through the worker's shell (`sh -c` / `cmd /C`).
+    Shell { cmd: String },
+    /// Run directly, no shell; `argv[0]` is looked up in `PATH`.
+    Argv { argv: Vec<String> },
+}
+
+impl CommandLine {
+    /// The shell form for one word, argv for several (the `cla-hub exec -- CMD..` rule).
+    pub fn from_words(words: Vec<String>) -> Self {
+        match <[String; 1]>::try_from(words) {
+            Ok([cmd]) => CommandLine::Shell { cmd },
+            Err(argv) => CommandLine::Argv { argv },
+        }
+    }
+
+    /// A short human rendering for logs and listings.
+    pub fn display(&self) -> String {
+        match self {
+            CommandLine::Shell { cmd } => cmd.clone(),
+            CommandLine::Argv { argv } => argv.join(" "),
+        }
+    }
+}
+
+/// `exec`: run a command on the worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub job: String,
+    #[serde(flatten)]
+    pub command: CommandLine,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// Extra environment variables for the process.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Kill the tree and report `timed_out` after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Kill the tree and report `timed_out` after this many milliseconds without output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_timeout_ms: Option<u64>,
+    /// Binary stream id for stdout bytes.
+    pub stdout: u64,
+    /// Binary stream id for stderr bytes.
+    pub stderr: u64,
+}
+
+/// How a job ended, from the worker's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Exited with status 0.
+    Succeeded,
+    /// Exited non-zero or was killed by a signal it did not get from us.
+    Failed,
+    /// Killed by us after `timeout_ms` / `output_timeout_ms`.
+    TimedOut,
+    /// Killed by us after a `cancel` (or a drain deadline).
+    Cancelled,
+    /// Never ran: the command could not be started (not found, bad workdir, ...).
+    Error,
+}
+
+/// `finished`: the end of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job: String,
+    pub outcome: Outcome,
+    /// Exit status; for a signal death 128 + signal number, as shells report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rc: Option<i32>,
+    /// The signal that ended the process, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    pub duration_ms: u64,
+    /// Why the job could not run, or what killed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -1,0 +1,33 @@
+//! Process-wide shutdown: one [`CancellationToken`] cancelled by SIGINT or SIGTERM (Ctrl-C on Windows).
+//! Sessions, jobs and connections get `child_token()`s and `select!` on `cancelled()`.
+
+use tokio_util::sync::CancellationToken;
+
+/// Returns a token that is cancelled on the first SIGINT/SIGTERM. Must be called inside a tokio runtime.
+pub fn on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received, shutting down");
+        t.cancel();
+    });
+    token
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,99 @@
+//! Small helpers shared by the worker and the hub: timestamps, identity of this machine, atomic writes.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::SystemTime;
+
+use crate::error::{Error, Result};
+
+/// Now as RFC 3339 (UTC, seconds), the format of every timestamp we print or store.
+pub(crate) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// This machine's host name, or `localhost` when it cannot be read.
+pub(crate) fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// The user running this process, from the environment (`USER`, `USERNAME` on Windows).
+pub(crate) fn username() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("USERNAME"))
+        .ok()
+        .map(|u| u.rsplit('\\').next().unwrap_or(&u).to_owned())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "worker".to_owned())
+}
+
+/// Writes `contents` to `path` atomically: a temp file in the same directory, fsynced, then renamed over
+/// the target. With `private`, the file is created with mode 0600 (Unix) before any byte is written, so a
+/// token is never readable by others, not even for a moment. Either the old or the new file is there
+/// afterwards, never half of one.
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".cla-tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    // tempfile creates files 0600 on Unix; widen only when the file is not private.
+    #[cfg(unix)]
+    if !private {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = tmp
+            .as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    tmp.write_all(contents).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Splits comma-separated values, trims them and drops empty ones (`"a, b,,c"` → `[a, b, c]`).
+pub(crate) fn split_list<'a>(values: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for v in values {
+        for part in v.split(',') {
+            let part = part.trim();
+            if !part.is_empty() && !out.iter().any(|o| o == part) {
+                out.push(part.to_owned());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_list_trims_and_dedups() {
+        let v = vec!["a, b,,c".to_owned(), "b".to_owned(), " d ".to_owned()];
+        assert_eq!(split_list(&v), ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn write_atomic_private_is_0600_and_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/f.yml");
+        write_atomic(&p, b"one", true).unwrap();
+        write_atomic(&p, b"two", true).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "two");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        // No temp files left behind.
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+}

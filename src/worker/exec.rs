@@ -1,0 +1,224 @@
+//! `exec`: run a command, stream its stdout and stderr separately as they come, enforce its timeouts,
+//! and report how it ended. Cancels and timeouts kill the whole process tree.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::process::{KILL_GRACE, exit_status, kill_tree, own_group, shell};
+use super::session::Out;
+use crate::protocol::{CommandLine, ExecRequest, JobResult, Outcome, WorkerMessage};
+
+/// Read size for output pipes: large enough for throughput, and a read returns as soon as any bytes
+/// are there, so small writes are not held back.
+const CHUNK: usize = 64 * 1024;
+
+/// After the main process exits, how long to keep reading pipes that background processes hold open.
+const PIPE_LINGER: Duration = Duration::from_secs(2);
+
+/// What a job needs from its worker.
+#[derive(Clone)]
+pub(crate) struct ExecCtx {
+    pub worker_id: String,
+    pub hub_url: String,
+    pub tags: Vec<String>,
+    pub envs: Vec<String>,
+    pub workdir: Option<PathBuf>,
+    pub out: mpsc::Sender<Out>,
+}
+
+impl ExecCtx {
+    /// The variables every job gets, before the request's own.
+    fn env(&self, job: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("CLA_WORKER_ID".to_owned(), self.worker_id.clone()),
+            ("CLA_JOB_ID".to_owned(), job.to_owned()),
+            ("CLA_HUB_URL".to_owned(), self.hub_url.clone()),
+            ("CLA_WORKER_TAGS".to_owned(), self.tags.join(",")),
+            ("CLA_WORKER_ENVS".to_owned(), self.envs.join(",")),
+        ])
+    }
+}
+
+/// Why the wait for the process ended.
+enum Ending {
+    Exited(std::process::ExitStatus),
+    Cancelled,
+    TimedOut(String),
+}
+
+/// Runs one exec request to its end.
+pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: CancellationToken) -> JobResult {
+    let start = Instant::now();
+    let result = |outcome, rc, signal, error| JobResult {
+        job: req.job.clone(),
+        outcome,
+        rc,
+        signal,
+        duration_ms: start.elapsed().as_millis() as u64,
+        error,
+    };
+    let mut cmd = match &req.command {
+        CommandLine::Shell { cmd } => shell(cmd),
+        CommandLine::Argv { argv } => {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+    };
+    let workdir = req
+        .workdir
+        .as_ref()
+        .map(PathBuf::from)
+        .or_else(|| ctx.workdir.clone());
+    if let Some(dir) = &workdir {
+        if !dir.is_dir() {
+            let msg = format!(
+                "workdir {} does not exist on worker {}",
+                dir.display(),
+                ctx.worker_id
+            );
+            return result(Outcome::Error, None, None, Some(msg));
+        }
+        cmd.current_dir(dir);
+    }
+    cmd.envs(ctx.env(&req.job))
+        .envs(&req.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    own_group(&mut cmd);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("cannot run `{}`: {e}", req.command.display());
+            return result(Outcome::Error, None, None, Some(msg));
+        }
+    };
+    let _ = ctx
+        .out
+        .send(Out::Message(WorkerMessage::Started {
+            job: req.job.clone(),
+            pid: child.id(),
+        }))
+        .await;
+
+    let last_output = Arc::new(AtomicU64::new(0));
+    let pumps = [
+        tokio::spawn(pump(
+            child.stdout.take().expect("piped"),
+            req.stdout,
+            ctx.out.clone(),
+            start,
+            last_output.clone(),
+        )),
+        tokio::spawn(pump(
+            child.stderr.take().expect("piped"),
+            req.stderr,
+            ctx.out.clone(),
+            start,
+            last_output.clone(),
+        )),
+    ];
+
+    let timeout = req.timeout_ms.map(Duration::from_millis);
+    let output_timeout = req.output_timeout_ms.map(Duration::from_millis);
+    let silent_for = || {
+        start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last_output.load(Ordering::Relaxed)))
+    };
+    let mut check = tokio::time::interval(Duration::from_millis(100));
+    let ending = loop {
+        tokio::select! {
+            status = child.wait() => break match status {
+                Ok(s) => Ending::Exited(s),
+                Err(e) => return result(Outcome::Error, None, None, Some(format!("waiting for the process failed: {e}"))),
+            },
+            _ = cancel.cancelled() => break Ending::Cancelled,
+            _ = check.tick() => {
+                if let Some(t) = timeout.filter(|t| start.elapsed() >= *t) {
+                    break Ending::TimedOut(format!("timed out after {}", secs(t)));
+                }
+                if let Some(t) = output_timeout.filter(|t| silent_for() >= *t) {
+                    break Ending::TimedOut(format!("no output for {}", secs(t)));
+                }
+            }
+        }
+    };
+    let (outcome, status, error) = match ending {
+        Ending::Exited(s) => (
+            if s.success() {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed
+            },
+            Some(s),
+            None,
+        ),
+        Ending::Cancelled => {
+            kill_tree(&mut child, KILL_GRACE).await;
+            (
+                Outcome::Cancelled,
+                child.try_wait().ok().flatten(),
+                Some("cancelled".to_owned()),
+            )
+        }
+        Ending::TimedOut(why) => {
+            kill_tree(&mut child, KILL_GRACE).await;
+            (Outcome::TimedOut, child.try_wait().ok().flatten(), Some(why))
+        }
+    };
+    // Drain what the tree wrote. Background processes may keep a pipe open after the main process exits:
+    // give them a moment, then stop reading (they are left alone; a cancel or timeout would have killed them).
+    let linger = tokio::time::sleep(PIPE_LINGER);
+    tokio::pin!(linger);
+    for mut p in pumps {
+        tokio::select! {
+            _ = &mut p => {}
+            _ = &mut linger => p.abort(),
+        }
+    }
+    let (rc, signal) = status.map(exit_status).unwrap_or((None, None));
+    result(outcome, rc, signal, error)
+}
+
+/// Copies a pipe to the hub as binary frames on `stream` until EOF.
+async fn pump(
+    mut pipe: impl AsyncRead + Unpin,
+    stream: u64,
+    out: mpsc::Sender<Out>,
+    start: Instant,
+    last: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                if out
+                    .send(Out::Data(stream, Bytes::copy_from_slice(&buf[..n])))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{}s", d.as_secs_f64())
+}

@@ -1,0 +1,10 @@
+//! The agent: registration, the session with the hub (connect, backoff, dispatch) and the request
+//! handlers. One file per request kind (`exec.rs`; ship/fetch and eval join later); process-tree
+//! control, which differs per OS, is in `process.rs`.
+
+mod exec;
+mod process;
+pub mod registration;
+pub mod session;
+
+pub use session::{RunOptions, run};

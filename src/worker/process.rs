@@ -1,0 +1,111 @@
+//! Child processes as trees: each job runs in its own process group (Unix) so that a timeout or a cancel
+//! reaches every process it started, not just the first one.
+//!
+//! The kill ladder: SIGTERM to the group, a grace period for it to exit, then SIGKILL to whatever is left.
+//! Windows (Job Objects) comes with the cross-platform issue; until then the direct child is killed.
+
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+/// Time between SIGTERM and SIGKILL.
+pub(crate) const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Makes the command the leader of a new process group.
+pub(crate) fn own_group(cmd: &mut Command) {
+    #[cfg(unix)]
+    cmd.process_group(0);
+    #[cfg(not(unix))]
+    let _ = cmd;
+}
+
+/// The shell command for a one-string command line.
+pub(crate) fn shell(cmd: &str) -> Command {
+    #[cfg(unix)]
+    {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(cmd);
+        c
+    }
+    #[cfg(windows)]
+    {
+        let mut c = Command::new("cmd");
+        c.arg("/C").arg(cmd);
+        c
+    }
+}
+
+/// Kills the tree led by `child`: TERM, up to `grace` for the group to empty, then KILL.
+/// Reaps the leader. Returns once the leader has exited.
+pub(crate) async fn kill_tree(child: &mut Child, grace: Duration) {
+    #[cfg(unix)]
+    {
+        use nix::sys::signal::{Signal, killpg};
+        use nix::unistd::Pid;
+        let Some(pid) = child.id() else {
+            // Already reaped: its group may still have members, but we no longer know it safely.
+            return;
+        };
+        let group = Pid::from_raw(pid as i32);
+        let _ = killpg(group, Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            let _ = child.try_wait();
+            if !group_alive(pid) {
+                break;
+            }
+            if start.elapsed() >= grace {
+                let _ = killpg(group, Signal::SIGKILL);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.wait().await;
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = grace;
+        let _ = Instant::now();
+        let _ = child.kill().await;
+    }
+}
+
+/// True while a process of group `pgid` is alive. Zombies do not count: an orphan that was killed stays a
+/// zombie until its new parent reaps it, and in containers whose PID 1 never reaps, that is forever.
+#[cfg(unix)]
+fn group_alive(pgid: u32) -> bool {
+    use nix::sys::signal::killpg;
+    use nix::unistd::Pid;
+    // ESRCH: no process at all in the group (a reaped leader no longer counts).
+    if killpg(Pid::from_raw(pgid as i32), None).is_err() {
+        return false;
+    }
+    #[cfg(target_os = "linux")]
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        return dir.flatten().any(|e| {
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                return false;
+            };
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ')'.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let mut f = rest.split_whitespace();
+            let (state, _ppid, pgrp) = (f.next(), f.next(), f.next());
+            pgrp == Some(&pgid.to_string()) && !matches!(state, Some("Z") | Some("X"))
+        });
+    }
+    true
+}
+
+/// Exit code and signal of an ended process; a signal death reports 128 + signal, as shells do.
+pub(crate) fn exit_status(status: std::process::ExitStatus) -> (Option<i32>, Option<i32>) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return (Some(128 + sig), Some(sig));
+        }
+    }
+    (status.code(), None)
+}

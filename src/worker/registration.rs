@@ -1,0 +1,49 @@
+//! `register` and `unregister` against the hub's HTTP API.
+
+use crate::error::Result;
+use crate::http::HttpClient;
+use crate::protocol::WORKER_ID_HEADER;
+use crate::protocol::api::{RegisterRequest, RegisterResponse, UnregisterResponse};
+use crate::secret::Secret;
+
+/// What `register` sends.
+#[derive(Debug, Clone)]
+pub struct RegisterParams {
+    pub url: String,
+    pub passkey: Secret,
+    pub id: Option<String>,
+    pub tags: Vec<String>,
+    pub envs: Vec<String>,
+    /// The worker's current token, to add an existing worker to another project.
+    pub token: Option<Secret>,
+}
+
+/// Registers with the hub's passkey; the hub answers with the id and a token (shown once).
+pub async fn register(p: &RegisterParams) -> Result<RegisterResponse> {
+    let client = HttpClient::new(&p.url)?;
+    let body = RegisterRequest {
+        passkey: p.passkey.expose().to_owned(),
+        id: p.id.clone(),
+        tags: p.tags.clone(),
+        envs: p.envs.clone(),
+        host: Some(crate::util::hostname()),
+        user: Some(crate::util::username()),
+        version: Some(crate::VERSION.to_owned()),
+    };
+    let auth = p.token.as_ref().map(|t| format!("Bearer {}", t.expose()));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    Ok(client.post("/api/v1/register", &headers, &body).await?)
+}
+
+/// Asks the hub to forget this worker (its own credentials prove who it is).
+pub async fn unregister(url: &str, id: &str, token: &Secret) -> Result<UnregisterResponse> {
+    let client = HttpClient::new(url)?;
+    let auth = format!("Bearer {}", token.expose());
+    Ok(client
+        .post(
+            "/api/v1/unregister",
+            &[("authorization", &auth), (WORKER_ID_HEADER, id)],
+            &(),
+        )
+        .await?)
+}

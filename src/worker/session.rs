@@ -1,0 +1,414 @@
+//! The worker's life on the wire: connect out to the hub, say `hello`, take requests until the
+//! connection drops, then reconnect with capped, fully jittered exponential backoff (0.5 s → 60 s; reset
+//! after a successful handshake). SIGINT/SIGTERM drains: no new jobs, running ones get a deadline, then
+//! the kill ladder.
+//!
+//! Until the durable-jobs work lands (spool + resume), a lost connection cancels the jobs it carried:
+//! their results could not be delivered, and the hub reports them `lost`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::exec::{self, ExecCtx};
+use crate::config::WorkerSettings;
+use crate::error::{Error, Result};
+use crate::protocol::connection::Incoming;
+use crate::protocol::{
+    Connection, ConnectionReader, ConnectionWriter, ErrorCode, ExecRequest, Frame, Hello, HubMessage,
+    PROTOCOL_VERSION, ProtocolError, RejectCode, WORKER_ID_HEADER, WS_PATH, WorkerMessage, decode_text,
+};
+
+/// Backoff bounds (DESIGN.md §4).
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// How long the handshake may take once connected.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Options of `cla-worker run` that are not part of the config.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// On SIGINT/SIGTERM, how long running jobs may take before they are killed.
+    pub drain_timeout: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What job tasks hand to the connection writer.
+#[derive(Debug)]
+pub(crate) enum Out {
+    Message(WorkerMessage),
+    Data(u64, Bytes),
+}
+
+/// How one connection ended.
+enum End {
+    /// We were told to stop (signal) and have drained.
+    Shutdown,
+    /// The hub sent `shutdown`.
+    HubShutdown(String),
+    /// The connection failed or dropped; try again (not before `retry_after`).
+    Lost {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Runs the worker until `shutdown` fires (Ok), the registration is revoked, or the hub orders a
+/// shutdown (errors the binary maps to exit codes 1 and 10).
+pub async fn run(settings: WorkerSettings, opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
+    let mut backoff = Backoff::default();
+    let mut seen = HashSet::new();
+    tracing::info!(id = %settings.id, url = %settings.url, tags = ?settings.tags, capacity = settings.capacity, "cla-worker {} starting", crate::VERSION);
+    loop {
+        let end = connect_once(&settings, &opts, &shutdown, &mut backoff, &mut seen).await?;
+        let (reason, retry_after) = match end {
+            End::Shutdown => return Ok(()),
+            End::HubShutdown(reason) => return Err(Error::HubShutdown(reason)),
+            End::Lost { reason, retry_after } => (reason, retry_after),
+        };
+        let wait = backoff.next().max(retry_after.unwrap_or_default());
+        tracing::warn!(
+            attempt = backoff.attempt,
+            "{reason}; reconnecting in {:.1}s",
+            wait.as_secs_f64()
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+async fn connect_once(
+    s: &WorkerSettings,
+    opts: &RunOptions,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+    seen: &mut HashSet<String>,
+) -> Result<End> {
+    let url = format!("{}{WS_PATH}", s.url);
+    let auth = format!("Bearer {}", s.token.expose());
+    let headers = [
+        ("authorization", auth.as_str()),
+        (WORKER_ID_HEADER, s.id.as_str()),
+    ];
+    let connecting = Connection::connect(&url, &headers);
+    let conn = tokio::select! {
+        c = connecting => c,
+        _ = shutdown.cancelled() => return Ok(End::Shutdown),
+    };
+    let conn = match conn {
+        Ok(c) => c,
+        Err(ProtocolError::Refused {
+            status: 401, body, ..
+        }) => return Err(Error::Revoked(body)),
+        Err(e) => return Ok(lost(e.to_string())),
+    };
+    let (mut writer, mut reader) = conn.split();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        agent: format!("cla-worker {}", crate::VERSION),
+        tags: s.tags.clone(),
+        envs: s.envs.clone(),
+        capacity: s.capacity,
+        host: crate::util::hostname(),
+        os: std::env::consts::OS.to_owned(),
+        arch: std::env::consts::ARCH.to_owned(),
+        pid: std::process::id(),
+        resume: Vec::new(),
+    };
+    if let Err(e) = writer.send(&WorkerMessage::Hello(hello)).await {
+        return Ok(lost(e.to_string()));
+    }
+    let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, first_message(&mut reader)).await {
+        Err(_) => return Ok(lost("the hub did not answer hello".into())),
+        Ok(Err(e)) => return Ok(lost(e.to_string())),
+        Ok(Ok(HubMessage::Welcome(w))) => w,
+        Ok(Ok(HubMessage::Reject(r))) => {
+            return match r.code {
+                RejectCode::Unauthorized => Err(Error::Revoked(r.message)),
+                RejectCode::Version => Err(Error::Other(format!(
+                    "the hub refused this worker: {}",
+                    r.message
+                ))),
+                RejectCode::Duplicate | RejectCode::Busy => Ok(End::Lost {
+                    reason: format!("the hub asked us to wait: {}", r.message),
+                    retry_after: r.retry_after.map(Duration::from_secs),
+                }),
+            };
+        }
+        Ok(Ok(other)) => return Ok(lost(format!("unexpected first message from the hub: {other:?}"))),
+    };
+    backoff.reset();
+    tracing::info!(session = %welcome.session, "connected to hub {} as {}", s.url, s.id);
+    let heartbeat = Duration::from_secs(welcome.heartbeat_secs.max(1));
+    let mut live = Live::new(s, writer);
+    let end = live.serve(&mut reader, heartbeat, opts, shutdown, seen).await;
+    live.finish().await;
+    Ok(end)
+}
+
+fn lost(reason: String) -> End {
+    End::Lost {
+        reason,
+        retry_after: None,
+    }
+}
+
+async fn first_message(reader: &mut ConnectionReader) -> Result<HubMessage, ProtocolError> {
+    loop {
+        match reader.read().await? {
+            None => return Err(ProtocolError::Transport("the hub closed the connection".into())),
+            Some(Incoming::Frame(Frame::Text(t))) => return decode_text(&t),
+            Some(_) => continue,
+        }
+    }
+}
+
+/// One established session: the writer task, the running jobs and their cancel tokens.
+struct Live {
+    ctx: ExecCtx,
+    capacity: usize,
+    jobs: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    tracker: TaskTracker,
+    /// Cancelled when the writer fails: the connection is dead.
+    dead: CancellationToken,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Live {
+    fn new(s: &WorkerSettings, writer: ConnectionWriter) -> Live {
+        let (tx, rx) = mpsc::channel(256);
+        let dead = CancellationToken::new();
+        let writer = tokio::spawn(write_loop(writer, rx, dead.clone()));
+        Live {
+            ctx: ExecCtx {
+                worker_id: s.id.clone(),
+                hub_url: s.url.clone(),
+                tags: s.tags.clone(),
+                envs: s.envs.clone(),
+                workdir: s.workdir.clone(),
+                out: tx,
+            },
+            capacity: s.capacity as usize,
+            jobs: Arc::default(),
+            tracker: TaskTracker::new(),
+            dead,
+            writer,
+        }
+    }
+
+    async fn send(&self, msg: WorkerMessage) {
+        let _ = self.ctx.out.send(Out::Message(msg)).await;
+    }
+
+    async fn serve(
+        &mut self,
+        reader: &mut ConnectionReader,
+        heartbeat: Duration,
+        opts: &RunOptions,
+        shutdown: &CancellationToken,
+        seen: &mut HashSet<String>,
+    ) -> End {
+        let silence = heartbeat * 3;
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let draining = drain_deadline.is_some();
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled(), if !draining => {
+                    let running = self.jobs.lock().expect("jobs lock").len();
+                    tracing::info!(running, "draining: no new jobs; running ones get {:?}", opts.drain_timeout);
+                    self.send(WorkerMessage::Draining).await;
+                    drain_deadline = Some(tokio::time::Instant::now() + opts.drain_timeout);
+                    self.tracker.close();
+                    continue;
+                }
+                _ = self.tracker.wait(), if draining => return End::Shutdown,
+                _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if draining => {
+                    tracing::warn!("drain deadline passed: cancelling running jobs");
+                    self.cancel_all();
+                    self.tracker.wait().await;
+                    return End::Shutdown;
+                }
+                _ = self.dead.cancelled() => return lost("connection to the hub failed".into()),
+                r = tokio::time::timeout(silence, reader.read()) => r,
+            };
+            let frame = match incoming {
+                Err(_) => return lost(format!("no word from the hub for {silence:?}")),
+                Ok(Err(e)) => return lost(e.to_string()),
+                Ok(Ok(None)) => return lost("the hub closed the connection".into()),
+                Ok(Ok(Some(Incoming::Alive))) => continue,
+                Ok(Ok(Some(Incoming::Frame(f)))) => f,
+            };
+            let text = match frame {
+                Frame::Text(t) => t,
+                Frame::Binary { stream, .. } => {
+                    tracing::debug!(stream, "unexpected binary frame from the hub ignored");
+                    continue;
+                }
+            };
+            let msg = match decode_text::<HubMessage>(&text) {
+                Ok(m) => m,
+                Err(e) => {
+                    let code = match e {
+                        ProtocolError::UnknownType(_) => ErrorCode::Unsupported,
+                        _ => ErrorCode::Malformed,
+                    };
+                    tracing::warn!("{e}");
+                    self.send(WorkerMessage::Error {
+                        code,
+                        message: e.to_string(),
+                    })
+                    .await;
+                    continue;
+                }
+            };
+            match msg {
+                HubMessage::Exec(req) => self.start_exec(req, draining, seen).await,
+                HubMessage::Cancel { job, reason } => match self.jobs.lock().expect("jobs lock").get(&job) {
+                    Some(t) => {
+                        tracing::info!(job = %job, "cancel: {reason}");
+                        t.cancel();
+                    }
+                    None => tracing::debug!(job = %job, "cancel for a job not running here"),
+                },
+                HubMessage::Shutdown { reason } => {
+                    tracing::warn!("the hub ordered a shutdown: {reason}");
+                    self.cancel_all();
+                    self.tracker.close();
+                    self.tracker.wait().await;
+                    return End::HubShutdown(reason);
+                }
+                HubMessage::Error { code, message } => tracing::warn!(?code, "hub reported: {message}"),
+                HubMessage::Welcome(_) | HubMessage::Reject(_) => {
+                    tracing::debug!("handshake message mid-session ignored")
+                }
+            }
+        }
+    }
+
+    async fn start_exec(&mut self, req: ExecRequest, draining: bool, seen: &mut HashSet<String>) {
+        let job = req.job.clone();
+        if !seen.insert(job.clone()) {
+            tracing::warn!(job = %job, "job offered twice; ignoring the repeat");
+            return;
+        }
+        let running = self.jobs.lock().expect("jobs lock").len();
+        let refusal = if draining {
+            Some("the worker is draining".to_owned())
+        } else if running >= self.capacity {
+            Some(format!("at capacity ({running}/{})", self.capacity))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            seen.remove(&job);
+            self.send(WorkerMessage::Refused { job, reason }).await;
+            return;
+        }
+        self.send(WorkerMessage::Accepted { job: job.clone() }).await;
+        let cancel = CancellationToken::new();
+        self.jobs
+            .lock()
+            .expect("jobs lock")
+            .insert(job.clone(), cancel.clone());
+        let (ctx, jobs) = (self.ctx.clone(), self.jobs.clone());
+        let span = tracing::info_span!("job", job_id = %job);
+        self.tracker.spawn(tracing::Instrument::instrument(
+            async move {
+                tracing::info!(cmd = %req.command.display(), "running");
+                let result = exec::handle(req, &ctx, cancel).await;
+                tracing::info!(outcome = ?result.outcome, rc = ?result.rc, ms = result.duration_ms, "finished");
+                jobs.lock().expect("jobs lock").remove(&result.job);
+                let _ = ctx.out.send(Out::Message(WorkerMessage::Finished(result))).await;
+            },
+            span,
+        ));
+    }
+
+    fn cancel_all(&self) {
+        for t in self.jobs.lock().expect("jobs lock").values() {
+            t.cancel();
+        }
+    }
+
+    /// Ends the session: jobs still running are cancelled (their results cannot be delivered without a
+    /// connection), then the writer is stopped.
+    async fn finish(self) {
+        self.cancel_all();
+        self.tracker.close();
+        self.tracker.wait().await;
+        drop(self.ctx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.writer).await;
+    }
+}
+
+async fn write_loop(mut writer: ConnectionWriter, mut rx: mpsc::Receiver<Out>, dead: CancellationToken) {
+    while let Some(out) = rx.recv().await {
+        let sent = match out {
+            Out::Message(m) => writer.send(&m).await,
+            Out::Data(stream, data) => writer.send_binary(stream, &data).await,
+        };
+        if let Err(e) = sent {
+            tracing::debug!("write to hub failed: {e}");
+            dead.cancel();
+            // Keep draining so job tasks never block on a full channel.
+            while rx.recv().await.is_some() {}
+            return;
+        }
+    }
+    writer.close().await;
+}
+
+/// Full-jitter exponential backoff: the n-th wait is uniform in [0, min(cap, base·2ⁿ)].
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    pub attempt: u32,
+}
+
+impl Backoff {
+    pub fn next(&mut self) -> Duration {
+        let ceiling = BACKOFF_BASE
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(BACKOFF_CAP);
+        self.attempt = self.attempt.saturating_add(1);
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).expect("OS random source");
+        ceiling.mul_f64(u64::from_le_bytes(r) as f64 / u64::MAX as f64)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_and_resets() {
+        let mut b = Backoff::default();
+        for n in 0..40u32 {
+            let w = b.next();
+            let ceiling = BACKOFF_BASE.saturating_mul(1 << n.min(16)).min(BACKOFF_CAP);
+            assert!(w <= ceiling, "attempt {n}: {w:?} > {ceiling:?}");
+        }
+        assert_eq!(b.attempt, 40);
+        b.reset();
+        assert!(b.next() <= BACKOFF_BASE);
+    }
+}

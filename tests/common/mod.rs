@@ -1,0 +1,267 @@
+//! Test harness: start hubs and workers as real processes, run CLI commands, wait for conditions.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const HUB: &str = env!("CARGO_BIN_EXE_cla-hub");
+pub const WORKER: &str = env!("CARGO_BIN_EXE_cla-worker");
+
+/// Polls `check` every 25 ms until it is true, panicking with `what` after `secs` seconds.
+pub fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out after {secs}s waiting for {what}");
+}
+
+/// A child process whose stderr is collected line by line; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Proc { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_for_line(&self, needle: &str, secs: u64) -> String {
+        let mut found = None;
+        wait_until(
+            &format!("log line `{needle}` (log so far:\n{})", self.log_text()),
+            secs,
+            || {
+                found = self
+                    .log
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|l| l.contains(needle))
+                    .cloned();
+                found.is_some()
+            },
+        );
+        found.unwrap()
+    }
+
+    /// The exit status if the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let mut status = None;
+        wait_until("process exit", secs, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `cla-hub serve` with its data dir.
+pub struct Hub {
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+    pub addr: String,
+    pub url: String,
+}
+
+impl Hub {
+    /// Starts a hub on a free loopback port with a 1 s heartbeat.
+    pub fn start(dir: &Path) -> Hub {
+        Hub::start_at(dir, "127.0.0.1:0")
+    }
+
+    pub fn start_at(dir: &Path, listen: &str) -> Hub {
+        let data_dir = dir.join("hub");
+        let mut cmd = Command::new(HUB);
+        cmd.arg("--data-dir")
+            .arg(&data_dir)
+            .args(["serve", "--listen", listen, "--heartbeat", "1"]);
+        let proc = Proc::spawn(cmd);
+        let line = proc.wait_for_line("listening on ", 30);
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+        let url = format!("http://{addr}");
+        Hub {
+            proc,
+            data_dir,
+            addr,
+            url,
+        }
+    }
+
+    /// A `cla-hub` admin command against this hub.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(HUB);
+        c.arg("--data-dir").arg(&self.data_dir);
+        c
+    }
+
+    /// Runs an admin command and returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Runs an admin command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "cla-hub {args:?} failed: {}\n{}",
+            out.status,
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+
+    pub fn passkey(&self, project: &str) -> String {
+        self.ok(&["passkey", "create", "--project", project])
+            .trim()
+            .to_owned()
+    }
+
+    pub fn workers_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["workers", "--json"])).unwrap()
+    }
+
+    /// The state of worker `id` (`idle`, `offline`, ...) or `None` if not registered.
+    pub fn worker_state(&self, id: &str) -> Option<String> {
+        self.workers_json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == id)
+            .map(|w| w["state"].as_str().unwrap().to_owned())
+    }
+
+    pub fn wait_worker_state(&self, id: &str, state: &str, secs: u64) {
+        wait_until(&format!("worker {id} to be {state}"), secs, || {
+            self.worker_state(id).as_deref() == Some(state)
+        });
+    }
+}
+
+/// A worker config dir with a registration saved by the real `cla-worker register --save`.
+pub struct WorkerSetup {
+    pub config: PathBuf,
+    pub id: String,
+    pub token: String,
+}
+
+/// Registers worker `id` with `tags` and saves it to `dir/<id>.yml`.
+pub fn register(hub: &Hub, dir: &Path, id: &str, tags: &str) -> WorkerSetup {
+    let key = hub.passkey("proj");
+    let config = dir.join(format!("{id}.yml"));
+    let out = Command::new(WORKER)
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "register",
+            "--url",
+            &hub.url,
+            "--passkey",
+            &key,
+            "--id",
+            id,
+            "--tags",
+            tags,
+            "--save",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "register failed: {}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    WorkerSetup {
+        config,
+        id: id.to_owned(),
+        token: v["token"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// Starts `cla-worker run` with a saved config, plus extra args.
+pub fn run_worker(setup: &WorkerSetup, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(WORKER);
+    cmd.arg("-c").arg(&setup.config).arg("run").args(extra);
+    Proc::spawn(cmd)
+}
+
+/// A hub with one connected, idle worker tagged `tags`.
+pub fn hub_with_worker(dir: &Path, id: &str, tags: &str) -> (Hub, WorkerSetup, Proc) {
+    let hub = Hub::start(dir);
+    let setup = register(&hub, dir, id, tags);
+    let worker = run_worker(&setup, &[]);
+    hub.wait_worker_state(id, "idle", 20);
+    (hub, setup, worker)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// True while a process with this pid exists (and is not a zombie).
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,230 @@
+//! The path a user walks: passkey → register → run → workers → exec, and the job commands.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+#[test]
+fn register_run_and_exec_with_split_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, setup, _worker) = hub_with_worker(dir.path(), "w1", "linux,java");
+
+    // --save wrote the token into a private file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&setup.config).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    assert!(
+        std::fs::read_to_string(&setup.config)
+            .unwrap()
+            .contains(&setup.token)
+    );
+
+    let workers = hub.workers_json();
+    let w = &workers.as_array().unwrap()[0];
+    for key in [
+        "id",
+        "projects",
+        "tags",
+        "envs",
+        "state",
+        "running",
+        "capacity",
+        "version",
+        "host",
+        "last_seen",
+    ] {
+        assert!(w.get(key).is_some(), "workers --json lacks `{key}`: {w}");
+    }
+    assert_eq!(w["state"], "idle");
+    assert_eq!(w["tags"], serde_json::json!(["linux", "java"]));
+    assert_eq!(w["projects"], serde_json::json!(["proj"]));
+
+    // Shell form: stdout and stderr arrive apart, the exit code comes back.
+    let out = hub.run(&[
+        "exec",
+        "--tags",
+        "java",
+        "--",
+        "echo out-line; echo err-line >&2; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "out-line\n");
+    assert!(stderr(&out).contains("err-line"));
+    assert!(!stdout(&out).contains("err-line"));
+
+    // Argv form: no shell, the words arrive untouched.
+    let out = hub.run(&[
+        "exec", "--worker", "w1", "--", "printf", "%s|", "a b", "$HOME", "*",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "a b|$HOME|*|");
+
+    // The job's environment.
+    let out = hub.run(&[
+        "exec",
+        "--worker",
+        "w1",
+        "--setenv",
+        "GREETING=hi there",
+        "--",
+        "echo $CLA_WORKER_ID/$CLA_HUB_URL/${#CLA_JOB_ID}/$GREETING",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = stdout(&out);
+    assert!(line.starts_with(&format!("w1/{}/", hub.url)), "{line}");
+    assert!(line.trim_end().ends_with("/hi there"), "{line}");
+
+    // Could not run: 255 and a clear line.
+    let out = hub.run(&["exec", "--worker", "w1", "--", "no-such-command-xyz", "arg"]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        stderr(&out).contains("cannot run `no-such-command-xyz arg`"),
+        "{}",
+        stderr(&out)
+    );
+
+    // No worker matches: an error naming the tags, exit 1.
+    let out = hub.run(&["exec", "--tags", "gpu", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no connected worker matches tags [gpu]"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn timeout_kills_the_whole_process_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");
+    let pidfile = dir.path().join("grandchild.pid");
+    let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+    let t0 = Instant::now();
+    let out = hub.run(&["exec", "--worker", "w1", "--timeout", "1", "--", &script]);
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    assert!(stderr(&out).contains("timed out after 1s"), "{}", stderr(&out));
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    wait_until("the grandchild sleep to be gone", 10, || !pid_alive(pid));
+    let job = &serde_json::from_str::<serde_json::Value>(&hub.ok(&["jobs", "--json"])).unwrap()[0];
+    assert_eq!(job["state"], "timed_out");
+}
+
+#[test]
+fn output_streams_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");
+    let mut child = hub
+        .cmd()
+        .args(["exec", "--worker", "w1", "--", "echo first; sleep 6; echo second"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    // The first line arrived while the command was still running (it sleeps 6 s before its second line).
+    assert_eq!(first, "first");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the CLI ended before the remote command did"
+    );
+    assert_eq!(lines.next().unwrap().unwrap(), "second");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn ctrl_c_on_exec_cancels_the_remote_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");
+    let pidfile = dir.path().join("gc.pid");
+    let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
+    let mut cmd = hub.cmd();
+    cmd.args(["exec", "--worker", "w1", "--", &script]);
+    let mut cli = Proc::spawn(cmd);
+    wait_until("the remote command to start", 20, || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    cli.signal(nix::sys::signal::Signal::SIGINT);
+    let status = cli.wait_exit(20);
+    assert_eq!(status.code(), Some(130), "{}", cli.log_text());
+    wait_until("the grandchild sleep to be gone", 10, || !pid_alive(pid));
+}
+
+#[test]
+fn detach_show_wait_jobs_and_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");
+
+    let id = hub
+        .ok(&[
+            "exec",
+            "--worker",
+            "w1",
+            "--detach",
+            "--",
+            "sleep 0.3; echo detached",
+        ])
+        .trim()
+        .to_owned();
+    assert!(!id.is_empty() && !id.contains(' '), "{id}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&hub.ok(&["job", "show", &id, "--wait", "--json"])).unwrap();
+    assert_eq!(shown["id"], id.as_str());
+    assert_eq!(shown["state"], "succeeded");
+    assert_eq!(shown["rc"], 0);
+    assert_eq!(shown["worker"], "w1");
+    assert_eq!(shown["stdout"], "detached\n");
+    for key in ["started", "ended", "stderr"] {
+        assert!(shown.get(key).is_some(), "{key}");
+    }
+
+    // A long job, cancelled: its state says so and `job show --wait` exits 130.
+    let id2 = hub
+        .ok(&["exec", "--worker", "w1", "--detach", "--", "sleep 300"])
+        .trim()
+        .to_owned();
+    wait_until("the job to run", 20, || {
+        serde_json::from_str::<serde_json::Value>(&hub.ok(&["job", "show", &id2, "--json"])).unwrap()["state"]
+            == "running"
+    });
+    assert!(hub.ok(&["job", "cancel", &id2]).contains("cancel requested"));
+    let out = hub.run(&["job", "show", &id2, "--wait", "--json"]);
+    assert_eq!(out.status.code(), Some(130));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["state"], "cancelled");
+
+    let running: serde_json::Value =
+        serde_json::from_str(&hub.ok(&["jobs", "--state", "succeeded", "--json"])).unwrap();
+    assert_eq!(running.as_array().unwrap().len(), 1);
+    let table = hub.ok(&["jobs"]);
+    assert!(
+        table.contains(&id) && table.contains(&id2) && table.contains("cancelled"),
+        "{table}"
+    );
+
+    let out = hub.run(&["job", "cancel", &id2]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already ended"), "{}", stderr(&out));
+    let out = hub.run(&["job", "show", "nosuchjob"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no job nosuchjob"), "{}", stderr(&out));
+}
+
+#[test]
+fn demo_runs_and_cleans_up() {
+    let out = std::process::Command::new(HUB).arg("demo").output().unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(text.contains("out| hello from demo-worker"), "{text}");
+    assert!(text.contains("err| to stderr"), "{text}");
+    assert!(text.contains("exit 3"), "{text}");
+    assert!(text.contains("timed_out"), "{text}");
+    assert!(text.contains("detached work done"), "{text}");
+}

@@ -1,0 +1,11 @@
+//! Integration tests: one binary, grouped by topic. Process-level tests run the real `cla-hub` and
+//! `cla-worker` binaries on loopback ports chosen by the OS, each in its own temp dir; every process a
+//! test starts is killed when its guard drops.
+
+mod common;
+
+mod cli_hub;
+mod cli_worker;
+mod end_to_end;
+mod protocol_golden;
+mod resilience;

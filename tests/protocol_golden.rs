@@ -1,0 +1,199 @@
+//! Golden JSON of every protocol message: field names and tags are the contract between versions.
+
+use cla_worker::protocol::api::{AdminEvent, AdminRequest, JobSpec, RegisterRequest, Target};
+use cla_worker::protocol::*;
+use serde_json::json;
+
+fn golden<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+    msg: T,
+    expected: serde_json::Value,
+) {
+    let text = encode_text(&msg);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).unwrap(),
+        expected
+    );
+    assert_eq!(decode_text::<T>(&text).unwrap(), msg, "round trip");
+}
+
+#[test]
+fn worker_to_hub() {
+    golden(
+        WorkerMessage::Hello(Hello {
+            version: 1,
+            agent: "cla-worker 0.1.0".into(),
+            tags: vec!["linux".into()],
+            envs: vec!["QA".into()],
+            capacity: 2,
+            host: "h1".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            pid: 42,
+            resume: vec![],
+        }),
+        json!({"type":"hello","version":1,"agent":"cla-worker 0.1.0","tags":["linux"],"envs":["QA"],"capacity":2,
+               "host":"h1","os":"linux","arch":"x86_64","pid":42,"resume":[]}),
+    );
+    golden(
+        WorkerMessage::Accepted { job: "j1".into() },
+        json!({"type":"accepted","job":"j1"}),
+    );
+    golden(
+        WorkerMessage::Refused {
+            job: "j1".into(),
+            reason: "draining".into(),
+        },
+        json!({"type":"refused","job":"j1","reason":"draining"}),
+    );
+    golden(
+        WorkerMessage::Started {
+            job: "j1".into(),
+            pid: Some(7),
+        },
+        json!({"type":"started","job":"j1","pid":7}),
+    );
+    golden(
+        WorkerMessage::Finished(JobResult {
+            job: "j1".into(),
+            outcome: Outcome::TimedOut,
+            rc: Some(143),
+            signal: Some(15),
+            duration_ms: 1000,
+            error: Some("timed out after 1s".into()),
+        }),
+        json!({"type":"finished","job":"j1","outcome":"timed_out","rc":143,"signal":15,"duration_ms":1000,
+               "error":"timed out after 1s"}),
+    );
+    golden(
+        WorkerMessage::Finished(JobResult {
+            job: "j".into(),
+            outcome: Outcome::Succeeded,
+            rc: Some(0),
+            signal: None,
+            duration_ms: 3,
+            error: None,
+        }),
+        json!({"type":"finished","job":"j","outcome":"succeeded","rc":0,"duration_ms":3}),
+    );
+    golden(WorkerMessage::Draining, json!({"type":"draining"}));
+    golden(
+        WorkerMessage::Error {
+            code: ErrorCode::Unsupported,
+            message: "m".into(),
+        },
+        json!({"type":"error","code":"unsupported","message":"m"}),
+    );
+}
+
+#[test]
+fn hub_to_worker() {
+    golden(
+        HubMessage::Welcome(Welcome {
+            session: "s1".into(),
+            heartbeat_secs: 5,
+            limits: Limits { max_frame_bytes: 16 },
+        }),
+        json!({"type":"welcome","session":"s1","heartbeat_secs":5,"limits":{"max_frame_bytes":16}}),
+    );
+    golden(
+        HubMessage::Reject(Reject {
+            code: RejectCode::Duplicate,
+            message: "m".into(),
+            retry_after: Some(3),
+        }),
+        json!({"type":"reject","code":"duplicate","message":"m","retry_after":3}),
+    );
+    golden(
+        HubMessage::Reject(Reject {
+            code: RejectCode::Unauthorized,
+            message: "m".into(),
+            retry_after: None,
+        }),
+        json!({"type":"reject","code":"unauthorized","message":"m"}),
+    );
+    golden(
+        HubMessage::Exec(ExecRequest {
+            job: "j1".into(),
+            command: CommandLine::Shell {
+                cmd: "echo hi".into(),
+            },
+            workdir: Some("/tmp".into()),
+            env: [("K".to_owned(), "V".to_owned())].into(),
+            timeout_ms: Some(1500),
+            output_timeout_ms: None,
+            stdout: 1,
+            stderr: 2,
+        }),
+        json!({"type":"exec","job":"j1","cmd":"echo hi","workdir":"/tmp","env":{"K":"V"},"timeout_ms":1500,"stdout":1,"stderr":2}),
+    );
+    golden(
+        HubMessage::Exec(ExecRequest {
+            job: "j2".into(),
+            command: CommandLine::Argv {
+                argv: vec!["ls".into(), "-l".into()],
+            },
+            workdir: None,
+            env: Default::default(),
+            timeout_ms: None,
+            output_timeout_ms: Some(10),
+            stdout: 3,
+            stderr: 4,
+        }),
+        json!({"type":"exec","job":"j2","argv":["ls","-l"],"output_timeout_ms":10,"stdout":3,"stderr":4}),
+    );
+    golden(
+        HubMessage::Cancel {
+            job: "j1".into(),
+            reason: "r".into(),
+        },
+        json!({"type":"cancel","job":"j1","reason":"r"}),
+    );
+    golden(
+        HubMessage::Shutdown { reason: "r".into() },
+        json!({"type":"shutdown","reason":"r"}),
+    );
+}
+
+#[test]
+fn binary_frames_carry_a_big_endian_stream_id() {
+    let f = encode_binary(258, b"xy");
+    assert_eq!(&f[..], &[0, 0, 0, 0, 0, 0, 1, 2, b'x', b'y']);
+}
+
+#[test]
+fn api_bodies() {
+    golden(
+        AdminRequest::Exec(JobSpec {
+            target: Target {
+                worker: None,
+                tags: vec!["java".into()],
+                env: Some("QA".into()),
+            },
+            command: CommandLine::Argv {
+                argv: vec!["true".into()],
+            },
+            workdir: None,
+            env_vars: Default::default(),
+            timeout_secs: Some(2.5),
+        }),
+        json!({"type":"exec","tags":["java"],"env":"QA","argv":["true"],"timeout_secs":2.5}),
+    );
+    golden(AdminRequest::Cancel, json!({"type":"cancel"}));
+    golden(
+        AdminEvent::Created { job: "j".into() },
+        json!({"type":"created","job":"j"}),
+    );
+    let reg = RegisterRequest {
+        passkey: "p".into(),
+        id: None,
+        tags: vec![],
+        envs: vec![],
+        host: Some("h".into()),
+        user: None,
+        version: None,
+    };
+    assert_eq!(
+        serde_json::to_value(&reg).unwrap(),
+        json!({"passkey":"p","tags":[],"envs":[],"host":"h"})
+    );
+}

@@ -1,0 +1,136 @@
+//! Networks and processes die: the worker reconnects by itself, the hub notices silent workers, bad
+//! frames are answered and survived.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::common::*;
+
+#[test]
+fn worker_reconnects_after_the_hub_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut hub, _setup, worker) = hub_with_worker(dir.path(), "w1", "t");
+    let addr = hub.addr.clone();
+    hub.proc.signal(Signal::SIGKILL);
+    hub.proc.kill();
+    worker.wait_for_line("reconnecting in", 20);
+    std::thread::sleep(Duration::from_millis(300));
+    let hub = Hub::start_at(dir.path(), &addr);
+    hub.wait_worker_state("w1", "idle", 90);
+    let out = hub.run(&["exec", "--worker", "w1", "--", "echo back"]);
+    assert_eq!(stdout(&out), "back\n", "{}", stderr(&out));
+}
+
+#[test]
+fn a_silent_worker_is_marked_offline_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, worker) = hub_with_worker(dir.path(), "w1", "t");
+    worker.signal(Signal::SIGSTOP);
+    // Heartbeat is 1 s: 3 missed pings, plus slack for a loaded machine.
+    hub.wait_worker_state("w1", "offline", 20);
+    assert!(hub.proc.log_text().contains("marking OFFLINE"));
+    worker.signal(Signal::SIGCONT);
+    hub.wait_worker_state("w1", "idle", 90);
+}
+
+#[test]
+fn running_job_of_a_vanished_worker_is_lost_not_hung() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, mut worker) = hub_with_worker(dir.path(), "w1", "t");
+    let id = hub
+        .ok(&["exec", "--worker", "w1", "--detach", "--", "sleep 300"])
+        .trim()
+        .to_owned();
+    wait_until("the job to run", 20, || {
+        serde_json::from_str::<serde_json::Value>(&hub.ok(&["job", "show", &id, "--json"])).unwrap()["state"]
+            == "running"
+    });
+    worker.kill();
+    let out = hub.run(&["job", "show", &id, "--wait", "--json"]);
+    assert_eq!(out.status.code(), Some(255));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["state"], "lost");
+    assert!(v["error"].as_str().unwrap().contains("disconnected"), "{v}");
+}
+
+#[test]
+fn malformed_and_unknown_frames_are_answered_not_fatal() {
+    use cla_worker::protocol::connection::Incoming;
+    use cla_worker::protocol::{
+        Connection, ErrorCode, Frame, Hello, HubMessage, PROTOCOL_VERSION, WORKER_ID_HEADER, WorkerMessage,
+        decode_text,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = Hub::start(dir.path());
+    let setup = register(&hub, dir.path(), "raw", "t");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let auth = format!("Bearer {}", setup.token);
+        let url = format!("{}/ws/v1", hub.url);
+        let conn = Connection::connect(&url, &[("authorization", &auth), (WORKER_ID_HEADER, "raw")])
+            .await
+            .unwrap();
+        let (mut w, mut r) = conn.split();
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            agent: "test".into(),
+            tags: vec!["t".into()],
+            envs: vec![],
+            capacity: 1,
+            host: "h".into(),
+            os: "linux".into(),
+            arch: "x".into(),
+            pid: 1,
+            resume: vec![],
+        };
+        w.send(&WorkerMessage::Hello(hello)).await.unwrap();
+        let mut next_text = async || loop {
+            match tokio::time::timeout(Duration::from_secs(10), r.read())
+                .await
+                .unwrap()
+                .unwrap()
+            {
+                Some(Incoming::Frame(Frame::Text(t))) => return decode_text::<HubMessage>(&t).unwrap(),
+                Some(_) => continue,
+                None => panic!("hub closed the connection"),
+            }
+        };
+        assert!(matches!(next_text().await, HubMessage::Welcome(_)));
+        w.send_text(r#"{"type":"teleport","to":"mars"}"#.into())
+            .await
+            .unwrap();
+        assert!(matches!(
+            next_text().await,
+            HubMessage::Error {
+                code: ErrorCode::Unsupported,
+                ..
+            }
+        ));
+        w.send_text("{not json".into()).await.unwrap();
+        assert!(matches!(
+            next_text().await,
+            HubMessage::Error {
+                code: ErrorCode::Malformed,
+                ..
+            }
+        ));
+        w.send_text(r#"{"type":"finished","job":42}"#.into())
+            .await
+            .unwrap();
+        assert!(matches!(
+            next_text().await,
+            HubMessage::Error {
+                code: ErrorCode::Malformed,
+                ..
+            }
+        ));
+        w.send_binary(999, b"output for nobody").await.unwrap();
+        // Still connected and idle after all that.
+        assert_eq!(hub.worker_state("raw").as_deref(), Some("idle"));
+    });
+    assert!(hub.proc.exited().is_none(), "the hub died");
+}
