@@ -487,7 +487,10 @@ impl Hub {
             j.waiters.push(tx);
             return Ok(Wait::Pending(rx));
         }
-        self.store.job(id)?.map(|r| Wait::Done(Box::new(r))).ok_or_else(|| unknown_job(id))
+        self.store
+            .job(id)?
+            .map(|r| Wait::Done(Box::new(r)))
+            .ok_or_else(|| unknown_job(id))
     }
 
     /// Every job, oldest first, optionally only those in `state`; live jobs show their current output.
