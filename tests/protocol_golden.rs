@@ -184,7 +184,7 @@ fn api_bodies() {
         json!({"type":"created","job":"j"}),
     );
     let reg = RegisterRequest {
-        passkey: "p".into(),
+        passkey: "p".parse().unwrap(),
         id: None,
         tags: vec![],
         envs: vec![],

@@ -37,7 +37,7 @@ pub struct Args {
         hide_env_values = true,
         hide = true
     )]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Print data as JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -157,13 +157,7 @@ async fn execute(args: Args) -> Result<ExitCode> {
         crate::logging::init(args.verbose);
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    let client = || {
-        AdminClient::locate(
-            args.hub.as_deref(),
-            args.token.clone().map(Secret::from),
-            &data_dir,
-        )
-    };
+    let client = || AdminClient::locate(args.hub.as_deref(), args.token.clone(), &data_dir);
     let json = args.json;
     match args.command {
         Command::Serve(a) => serve(a, data_dir.clone()).await,

@@ -74,13 +74,13 @@ pub struct RegisterArgs {
     pub url: Option<String>,
     /// The project passkey from `cla-hub passkey create`.
     #[arg(long, env = "CLA_WORKER_PASSKEY", hide_env_values = true)]
-    pub passkey: Option<String>,
+    pub passkey: Option<Secret>,
     /// The worker id to register (default: user@hostname, made unique by the hub).
     #[arg(long)]
     pub id: Option<String>,
     /// This worker's current token, to add an already registered id to another project.
     #[arg(long, env = "CLA_WORKER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     #[command(flatten)]
     pub labels: Labels,
     /// Save the registration into the config file (default: the file that would be loaded, else
@@ -92,30 +92,30 @@ pub struct RegisterArgs {
     pub json: bool,
 }
 
+/// Which registration, and where: each defaults to the config file.
 #[derive(Debug, ClapArgs)]
-pub struct UnregisterArgs {
-    /// The worker id (default: from the config).
+pub struct Credentials {
+    /// The worker id (needed when the config holds several registrations).
     #[arg(long)]
     pub id: Option<String>,
     /// The worker's token (default: from the config).
     #[arg(long, env = "CLA_WORKER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// The hub's URL (default: from the config).
     #[arg(long)]
     pub url: Option<String>,
 }
 
 #[derive(Debug, ClapArgs)]
+pub struct UnregisterArgs {
+    #[command(flatten)]
+    pub who: Credentials,
+}
+
+#[derive(Debug, ClapArgs)]
 pub struct RunArgs {
-    /// Which registration to run (needed when the config holds several).
-    #[arg(long)]
-    pub id: Option<String>,
-    /// The worker's token (default: from the config).
-    #[arg(long, env = "CLA_WORKER_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// The hub's URL (default: from the config).
-    #[arg(long)]
-    pub url: Option<String>,
+    #[command(flatten)]
+    pub who: Credentials,
     #[command(flatten)]
     pub labels: Labels,
     /// How many jobs may run at once (default 1).
@@ -159,7 +159,6 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         .ok_or_else(|| Error::Usage("register needs --url (or `url:` in the config)".into()))?;
     let passkey = a
         .passkey
-        .map(Secret::from)
         .or_else(|| f.passkey.clone())
         .ok_or_else(|| Error::Usage("register needs --passkey (from `cla-hub passkey create`)".into()))?;
     let mut tags = a.labels.tags();
@@ -177,7 +176,7 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         id: a.id,
         tags: tags.clone(),
         envs: envs.clone(),
-        token: a.token.map(Secret::from),
+        token: a.token,
     };
     let resp = registration::register(&params).await?;
     let saved = match &a.save {
@@ -237,9 +236,9 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
 
 async fn unregister(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<ExitCode> {
     let cli = Overrides {
-        url: a.url,
-        id: a.id,
-        token: a.token.map(Secret::from),
+        url: a.who.url,
+        id: a.who.id,
+        token: a.who.token,
         ..Default::default()
     };
     let s = config::resolve(loaded, &cli)?;
@@ -259,9 +258,9 @@ async fn unregister(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<
 
 async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig) -> Result<ExitCode> {
     let cli = Overrides {
-        url: a.url,
-        id: a.id,
-        token: a.token.map(Secret::from),
+        url: a.who.url,
+        id: a.who.id,
+        token: a.who.token,
         tags: a.labels.tags(),
         envs: a.labels.envs(),
         capacity: a.capacity,

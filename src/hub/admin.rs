@@ -124,7 +124,7 @@ pub(crate) async fn passkey_revoke(
     body: Bytes,
 ) -> Result<Json<PasskeyView>, ApiFail> {
     let req: PasskeyRevoke = parse_body(&body)?;
-    let given = req.passkey.trim();
+    let given = req.passkey.expose().trim();
     let all = hub.store.passkeys()?;
     let by_hash = token::hash(given);
     let hits: Vec<_> = all

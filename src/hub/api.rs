@@ -46,7 +46,7 @@ pub(crate) async fn register(
 ) -> Result<Json<RegisterResponse>, ApiFail> {
     let req: RegisterRequest = parse_body(&body)?;
     let unauthorized = |m: &str| ApiFail::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let passkey_hash = token::hash(req.passkey.trim());
+    let passkey_hash = token::hash(req.passkey.expose().trim());
     let passkey = hub
         .store
         .passkey(&passkey_hash)?

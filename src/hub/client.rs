@@ -109,7 +109,7 @@ impl AdminClient {
         self.post(
             "/api/v1/admin/passkeys/revoke",
             &PasskeyRevoke {
-                passkey: passkey.to_owned(),
+                passkey: Secret::new(passkey),
             },
         )
         .await

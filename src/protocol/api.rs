@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::message::CommandLine;
+use crate::secret::Secret;
 
 /// Binary stream id of stdout on the admin exec stream.
 pub const STDOUT_STREAM: u64 = 1;
@@ -17,7 +18,7 @@ pub const STDERR_STREAM: u64 = 2;
 /// `POST /api/v1/register` body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegisterRequest {
-    pub passkey: String,
+    pub passkey: Secret,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     #[serde(default)]
@@ -85,7 +86,7 @@ pub struct PasskeyView {
 /// `POST /api/v1/admin/passkeys/revoke` body: a whole passkey or a unique prefix of one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PasskeyRevoke {
-    pub passkey: String,
+    pub passkey: Secret,
 }
 
 /// A worker as `cla-hub workers --json` shows it (DESIGN.md §2).

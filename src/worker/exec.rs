@@ -114,21 +114,12 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
         .await;
 
     let last_output = Arc::new(AtomicU64::new(0));
+    let spawn_pump = |pipe: Box<dyn AsyncRead + Unpin + Send>, stream| {
+        tokio::spawn(pump(pipe, stream, ctx.out.clone(), start, last_output.clone()))
+    };
     let pumps = [
-        tokio::spawn(pump(
-            child.stdout.take().expect("piped"),
-            req.stdout,
-            ctx.out.clone(),
-            start,
-            last_output.clone(),
-        )),
-        tokio::spawn(pump(
-            child.stderr.take().expect("piped"),
-            req.stderr,
-            ctx.out.clone(),
-            start,
-            last_output.clone(),
-        )),
+        spawn_pump(Box::new(child.stdout.take().expect("piped")), req.stdout),
+        spawn_pump(Box::new(child.stderr.take().expect("piped")), req.stderr),
     ];
 
     let timeout = req.timeout_ms.map(Duration::from_millis);
@@ -166,17 +157,13 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
             Some(s),
             None,
         ),
-        Ending::Cancelled => {
+        Ending::Cancelled | Ending::TimedOut(_) => {
             kill_tree(&mut child, KILL_GRACE).await;
-            (
-                Outcome::Cancelled,
-                child.try_wait().ok().flatten(),
-                Some("cancelled".to_owned()),
-            )
-        }
-        Ending::TimedOut(why) => {
-            kill_tree(&mut child, KILL_GRACE).await;
-            (Outcome::TimedOut, child.try_wait().ok().flatten(), Some(why))
+            let (outcome, why) = match ending {
+                Ending::TimedOut(why) => (Outcome::TimedOut, why),
+                _ => (Outcome::Cancelled, "cancelled".to_owned()),
+            };
+            (outcome, child.try_wait().ok().flatten(), Some(why))
         }
     };
     // Drain what the tree wrote. Background processes may keep a pipe open after the main process exits:

@@ -22,7 +22,7 @@ pub struct RegisterParams {
 pub async fn register(p: &RegisterParams) -> Result<RegisterResponse> {
     let client = HttpClient::new(&p.url)?;
     let body = RegisterRequest {
-        passkey: p.passkey.expose().to_owned(),
+        passkey: p.passkey.clone(),
         id: p.id.clone(),
         tags: p.tags.clone(),
         envs: p.envs.clone(),

@@ -69,6 +69,12 @@ enum End {
 /// Runs the worker until `shutdown` fires (Ok), the registration is revoked, or the hub orders a
 /// shutdown (errors the binary maps to exit codes 1 and 10).
 pub async fn run(settings: WorkerSettings, opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
+    if settings.url.starts_with("https://") {
+        return Err(Error::Usage(format!(
+            "hub URL {} needs TLS, which this build does not support yet: use http://",
+            settings.url
+        )));
+    }
     let mut backoff = Backoff::default();
     let mut seen = HashSet::new();
     tracing::info!(id = %settings.id, url = %settings.url, tags = ?settings.tags, capacity = settings.capacity, "cla-worker {} starting", crate::VERSION);
