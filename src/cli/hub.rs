@@ -96,12 +96,7 @@ pub enum PasskeyCommand {
 #[derive(Debug, ClapArgs)]
 pub struct ExecArgs {
     /// Run on this worker.
-    #[arg(
-        long,
-        conflicts_with = "tags",
-        required_unless_present = "tags",
-        value_name = "ID"
-    )]
+    #[arg(long, conflicts_with = "tags", value_name = "ID")]
     pub worker: Option<String>,
     /// Run on a worker carrying all these tags (comma-separated).
     #[arg(long, value_name = "A,B")]
@@ -163,7 +158,10 @@ async fn execute(args: Args) -> Result<ExitCode> {
         Command::Serve(a) => serve(a, data_dir.clone()).await,
         Command::Passkey(p) => passkey(&client()?, p, json).await,
         Command::Workers => workers(&client()?, json).await,
-        Command::Exec(a) => exec(&client()?, a, json).await,
+        Command::Exec(a) => {
+            let spec = spec_of(&a)?;
+            exec(&client()?, spec, a.detach, json).await
+        }
         Command::Jobs(a) => jobs(&client()?, a, json).await,
         Command::Job(j) => job(&client()?, j, json).await,
         Command::Demo => super::demo::run(args.verbose).await,
@@ -270,6 +268,12 @@ pub(crate) async fn workers(c: &AdminClient, json: bool) -> Result<ExitCode> {
 
 /// Builds the job spec of `exec` arguments.
 fn spec_of(a: &ExecArgs) -> Result<JobSpec> {
+    let tags = list(&a.tags, &[]);
+    if a.worker.is_none() && tags.is_empty() {
+        return Err(Error::Usage(
+            "exec needs a target: --worker ID or --tags A,B".into(),
+        ));
+    }
     let mut env_vars = BTreeMap::new();
     for kv in &a.setenv {
         let (k, v) = kv
@@ -290,9 +294,8 @@ fn spec_of(a: &ExecArgs) -> Result<JobSpec> {
     })
 }
 
-async fn exec(c: &AdminClient, a: ExecArgs, json: bool) -> Result<ExitCode> {
-    let spec = spec_of(&a)?;
-    if a.detach {
+async fn exec(c: &AdminClient, spec: JobSpec, detach: bool, json: bool) -> Result<ExitCode> {
+    if detach {
         let r = c.submit(&spec).await?;
         println!("{}", r.id);
         return Ok(ExitCode::Success);

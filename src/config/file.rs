@@ -207,8 +207,15 @@ fn unknown_keys(path: &Path, node: &serde_json::Value, prefix: &str, known: &[&s
     }
 }
 
-fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or(s).trim().to_owned()
+/// The first line of a YAML error, without the "error: line N column M: " that we already print as
+/// `file:line:col:`.
+pub(super) fn first_line(s: &str) -> String {
+    let line = s.lines().next().unwrap_or(s).trim();
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    match line.strip_prefix("line ").and_then(|rest| rest.split_once(": ")) {
+        Some((location, message)) if location.contains(" column ") => message.to_owned(),
+        _ => line.to_owned(),
+    }
 }
 
 /// `tags: [a, b]`, `tags: "a, b"` and `tags: a` all give `[a, b]` / `[a]`.

@@ -45,6 +45,10 @@ fn parse_errors_carry_file_line_and_column() {
     let msg = e.to_string();
     assert!(matches!(e, ConfigError::Parse { line, .. } if line >= 2), "{msg}");
     assert!(msg.starts_with(&format!("{}:", p.display())), "{msg}");
+    assert!(
+        !msg.contains("error:") && !msg.contains("column"),
+        "location said twice: {msg}"
+    );
 
     let p = write(&dir, "type.yml", "url: http://h:1\ncapacity: lots\n");
     let e = load(Some(&p), false, false).unwrap_err();
