@@ -4,6 +4,10 @@ use cla_worker::cli::{self, worker::Args};
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // A worker runs each eval in a child process of its own executable (see `cla_worker::eval`).
+    if let Some(code) = cla_worker::eval::child::main() {
+        return code.into();
+    }
     let args = Args::parse();
     match cli::worker::run(args) {
         Ok(code) => code.into(),

@@ -228,3 +228,25 @@ fn demo_runs_and_cleans_up() {
     assert!(text.contains("timed_out"), "{text}");
     assert!(text.contains("detached work done"), "{text}");
 }
+
+#[test]
+fn jobs_do_not_inherit_the_workers_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let setup = register(&hub, dir.path(), "envw", "t");
+    // The token passed the recommended way, through the environment.
+    let mut cmd = std::process::Command::new(WORKER);
+    cmd.args(["run", "--url", &hub.url, "--id", "envw"])
+        .env("CLA_WORKER_TOKEN", &setup.token)
+        .env("CLA_HUB_TOKEN", "x");
+    let _worker = Proc::spawn(cmd);
+    hub.wait_worker_state("envw", "idle", 20);
+    let out = hub.run(&[
+        "exec",
+        "--worker",
+        "envw",
+        "--",
+        "echo ${CLA_WORKER_TOKEN:-unset} ${CLA_HUB_TOKEN:-unset}",
+    ]);
+    assert_eq!(stdout(&out), "unset unset\n", "{}", stderr(&out));
+}

@@ -1,6 +1,6 @@
 //! Golden JSON of every protocol message: field names and tags are the contract between versions.
 
-use cla_worker::protocol::api::{AdminEvent, AdminRequest, JobSpec, RegisterRequest, Target};
+use cla_worker::protocol::api::{AdminEvent, AdminRequest, EvalTask, JobSpec, RegisterRequest, Target, Task};
 use cla_worker::protocol::*;
 use serde_json::json;
 
@@ -60,6 +60,7 @@ fn worker_to_hub() {
             signal: Some(15),
             duration_ms: 1000,
             error: Some("timed out after 1s".into()),
+            eval: None,
         }),
         json!({"type":"finished","job":"j1","outcome":"timed_out","rc":143,"signal":15,"duration_ms":1000,
                "error":"timed out after 1s"}),
@@ -72,6 +73,7 @@ fn worker_to_hub() {
             signal: None,
             duration_ms: 3,
             error: None,
+            eval: None,
         }),
         json!({"type":"finished","job":"j","outcome":"succeeded","rc":0,"duration_ms":3}),
     );
@@ -155,6 +157,63 @@ fn hub_to_worker() {
 }
 
 #[test]
+fn eval_messages() {
+    golden(
+        HubMessage::Eval(EvalRequest {
+            job: "j3".into(),
+            code: "1+1".into(),
+            stash: serde_json::json!({"a": 1}),
+            timeout_ms: Some(5000),
+            stdout: 5,
+        }),
+        json!({"type":"eval","job":"j3","code":"1+1","stash":{"a":1},"timeout_ms":5000,"stdout":5}),
+    );
+    golden(
+        WorkerMessage::Finished(JobResult {
+            job: "j3".into(),
+            outcome: Outcome::Failed,
+            rc: Some(1),
+            signal: None,
+            duration_ms: 4,
+            error: Some("Error: boom".into()),
+            eval: Some(EvalOutput {
+                result: json!(null),
+                stash: json!({"a": 2}),
+                console: vec![ConsoleLine {
+                    level: "log".into(),
+                    text: "hi".into(),
+                }],
+                console_truncated: false,
+                error: Some(EvalError {
+                    message: "Error: boom".into(),
+                    stack: vec!["at <main> (unknown at :1:7)".into()],
+                }),
+            }),
+        }),
+        json!({"type":"finished","job":"j3","outcome":"failed","rc":1,"duration_ms":4,"error":"Error: boom",
+               "eval":{"result":null,"stash":{"a":2},"console":[{"level":"log","text":"hi"}],"console_truncated":false,
+                       "error":{"message":"Error: boom","stack":["at <main> (unknown at :1:7)"]}}}),
+    );
+    golden(
+        AdminRequest::Exec(Box::new(JobSpec {
+            target: Target {
+                worker: Some("w".into()),
+                tags: vec![],
+                env: None,
+            },
+            task: Task::Eval(EvalTask {
+                code: "stash.x".into(),
+                stash: json!({"x": 1}),
+            }),
+            workdir: None,
+            env_vars: Default::default(),
+            timeout_secs: None,
+        })),
+        json!({"type":"exec","worker":"w","code":"stash.x","stash":{"x":1}}),
+    );
+}
+
+#[test]
 fn binary_frames_carry_a_big_endian_stream_id() {
     let f = encode_binary(258, b"xy");
     assert_eq!(&f[..], &[0, 0, 0, 0, 0, 0, 1, 2, b'x', b'y']);
@@ -163,19 +222,19 @@ fn binary_frames_carry_a_big_endian_stream_id() {
 #[test]
 fn api_bodies() {
     golden(
-        AdminRequest::Exec(JobSpec {
+        AdminRequest::Exec(Box::new(JobSpec {
             target: Target {
                 worker: None,
                 tags: vec!["java".into()],
                 env: Some("QA".into()),
             },
-            command: CommandLine::Argv {
+            task: Task::Exec(CommandLine::Argv {
                 argv: vec!["true".into()],
-            },
+            }),
             workdir: None,
             env_vars: Default::default(),
             timeout_secs: Some(2.5),
-        }),
+        })),
         json!({"type":"exec","tags":["java"],"env":"QA","argv":["true"],"timeout_secs":2.5}),
     );
     golden(AdminRequest::Cancel, json!({"type":"cancel"}));

@@ -13,7 +13,7 @@ use crate::exit::ExitCode;
 use crate::hub::client::{AdminClient, ExecEvent};
 use crate::hub::{HubConfig, server};
 use crate::protocol::CommandLine;
-use crate::protocol::api::{JobSpec, Target, WorkerState};
+use crate::protocol::api::{JobSpec, Target, Task, WorkerState};
 use crate::secret::Secret;
 use crate::worker::registration::{RegisterParams, register};
 use crate::worker::{RunOptions, run as run_worker};
@@ -128,7 +128,7 @@ async fn drive(admin: &AdminClient, dir: &std::path::Path, shutdown: &Cancellati
             tags: vec!["demo".into()],
             env: None,
         },
-        command: cmd,
+        task: Task::Exec(cmd),
         workdir: None,
         env_vars: Default::default(),
         timeout_secs: timeout,
@@ -176,7 +176,7 @@ async fn drive(admin: &AdminClient, dir: &std::path::Path, shutdown: &Cancellati
             spec.timeout_secs
                 .map(|t| format!(" --timeout {t}"))
                 .unwrap_or_default(),
-            quoted(&spec.command)
+            quoted(&spec.task)
         ));
         let t0 = Instant::now();
         let record = admin
@@ -221,16 +221,17 @@ async fn drive(admin: &AdminClient, dir: &std::path::Path, shutdown: &Cancellati
             j.id,
             j.state.as_str(),
             j.rc.map(|r| r.to_string()).unwrap_or("-".into()),
-            j.spec.command.display()
+            j.spec.task.display()
         );
     }
     Ok(())
 }
 
-fn quoted(c: &CommandLine) -> String {
-    match c {
-        CommandLine::Shell { cmd } => format!("'{cmd}'"),
-        CommandLine::Argv { argv } => argv
+fn quoted(t: &Task) -> String {
+    match t {
+        Task::Exec(CommandLine::Shell { cmd }) => format!("'{cmd}'"),
+        Task::Eval(e) => format!("'{}'", e.code),
+        Task::Exec(CommandLine::Argv { argv }) => argv
             .iter()
             .map(|a| {
                 if a.contains([' ', '$', '*', '|', '%']) {

@@ -16,7 +16,7 @@ use crate::exit::ExitCode;
 use crate::hub::client::{AdminClient, ExecEvent};
 use crate::hub::{HubConfig, default_data_dir, server};
 use crate::protocol::CommandLine;
-use crate::protocol::api::{JobRecord, JobSpec, JobState, Target};
+use crate::protocol::api::{JobRecord, JobSpec, JobState, Target, Task};
 use crate::secret::Secret;
 
 /// cla-hub: the server cla-workers connect to, and its admin commands.
@@ -287,7 +287,7 @@ fn spec_of(a: &ExecArgs) -> Result<JobSpec> {
             tags: list(&a.tags, &[]),
             env: a.env.clone(),
         },
-        command: CommandLine::from_words(a.cmd.clone()),
+        task: Task::Exec(CommandLine::from_words(a.cmd.clone())),
         workdir: a.workdir.clone(),
         env_vars,
         timeout_secs: a.timeout,
@@ -379,7 +379,7 @@ async fn jobs(c: &AdminClient, a: JobsArgs, json: bool) -> Result<ExitCode> {
                 or_dash(j.worker.clone().unwrap_or_default()),
                 j.rc.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                 j.created.clone(),
-                j.spec.command.display(),
+                j.spec.task.display(),
             ]
         })
         .collect();
@@ -404,7 +404,7 @@ async fn job(c: &AdminClient, cmd: JobCommand, json: bool) -> Result<ExitCode> {
                 println!("job      {}", r.id);
                 println!("state    {}", r.state.as_str());
                 println!("worker   {}", r.worker.as_deref().unwrap_or("-"));
-                println!("command  {}", r.spec.command.display());
+                println!("task     {}", r.spec.task.display());
                 println!(
                     "rc       {}",
                     r.rc.map(|x| x.to_string()).unwrap_or_else(|| "-".into())

@@ -137,7 +137,10 @@ pub(crate) async fn passkey_revoke(
             return Err(ApiFail::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("no passkey matches `{given}`: see `cla-hub passkey list`"),
+                format!(
+                    "no passkey matches `{}…`: see `cla-hub passkey list`",
+                    given.chars().take(14).collect::<String>()
+                ),
             ));
         }
         Err(v) => {
@@ -290,7 +293,7 @@ async fn first_request(reader: &mut crate::protocol::ConnectionReader) -> Result
             match reader.read().await? {
                 Some(Incoming::Frame(Frame::Text(t))) => {
                     return match decode_text::<AdminRequest>(&t)? {
-                        AdminRequest::Exec(spec) => Ok(spec),
+                        AdminRequest::Exec(spec) => Ok(*spec),
                         AdminRequest::Cancel => Err(ProtocolError::Malformed("nothing to cancel yet".into())),
                     };
                 }

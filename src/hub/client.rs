@@ -172,7 +172,7 @@ impl AdminClient {
         let url = format!("{}/api/v1/admin/exec", self.url());
         let conn = Connection::connect(&url, &[("authorization", &self.auth())]).await?;
         let (mut writer, mut reader) = conn.split();
-        writer.send(&AdminRequest::Exec(spec.clone())).await?;
+        writer.send(&AdminRequest::Exec(Box::new(spec.clone()))).await?;
         let mut cancel_sent = false;
         loop {
             let incoming = tokio::select! {

@@ -15,8 +15,10 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Hub, Outbound, Session, State};
-use crate::protocol::api::{ApiError, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, Target};
-use crate::protocol::{CommandLine, ExecRequest, Hello, HubMessage, JobResult, Outcome};
+use crate::protocol::api::{
+    ApiError, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, Target, Task,
+};
+use crate::protocol::{CommandLine, EvalRequest, ExecRequest, Hello, HubMessage, JobResult, Outcome};
 use crate::util::now_rfc3339;
 
 /// An error answer of the API: status plus the one-line [`ApiError`].
@@ -66,6 +68,8 @@ pub(crate) struct LiveJob {
     waiters: Vec<oneshot::Sender<JobRecord>>,
     /// Sessions that refused this job; it is not offered to them again.
     refused_by: HashSet<String>,
+    /// A cancel was asked for after the job left the queue: if it comes back to the queue, it ends instead.
+    cancel_requested: bool,
 }
 
 impl LiveJob {
@@ -108,11 +112,14 @@ pub(crate) fn matches(target: &Target, worker_id: &str, hello: &Hello) -> bool {
 
 fn validate(spec: &JobSpec) -> Result<(), ApiFail> {
     let bad = |m: String| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m);
-    match &spec.command {
-        CommandLine::Shell { cmd } if cmd.trim().is_empty() => return Err(bad("empty command".into())),
-        CommandLine::Argv { argv } if argv.first().is_none_or(|a| a.is_empty()) => {
+    match &spec.task {
+        Task::Exec(CommandLine::Shell { cmd }) if cmd.trim().is_empty() => {
+            return Err(bad("empty command".into()));
+        }
+        Task::Exec(CommandLine::Argv { argv }) if argv.first().is_none_or(|a| a.is_empty()) => {
             return Err(bad("empty command: argv[0] is missing".into()));
         }
+        Task::Eval(e) if e.code.trim().is_empty() => return Err(bad("empty eval code".into())),
         _ => {}
     }
     for k in spec.env_vars.keys() {
@@ -164,6 +171,7 @@ impl Hub {
                 started: None,
                 ended: None,
                 error: None,
+                eval: None,
             }
         };
         self.store.put_job(&record)?;
@@ -178,11 +186,12 @@ impl Hub {
                     subscribers: subscriber.into_iter().collect(),
                     waiters: Vec::new(),
                     refused_by: HashSet::new(),
+                    cancel_requested: false,
                 },
             );
             st.queue.push_back(record.id.clone());
         }
-        tracing::info!(job = %record.id, target = %record.spec.target.describe(), cmd = %record.spec.command.display(), "job queued");
+        tracing::info!(job = %record.id, target = %record.spec.target.describe(), task = %record.spec.task.display(), "job queued");
         self.dispatch().await;
         Ok(record)
     }
@@ -237,13 +246,15 @@ impl Hub {
             }
             *queue = waiting;
         }
-        for (tx, record, req) in offers {
-            if let Err(e) = self.store.put_job(&record) {
-                tracing::error!(job = %record.id, "{e}");
-            }
+        // Every offer is stored before the first send: a send may wait, and meanwhile the job may move on
+        // (re-queued, finished elsewhere); a late write of `offered` must not overwrite that.
+        for (_, record, _) in &offers {
+            self.persist(record);
             tracing::info!(job = %record.id, worker = record.worker.as_deref().unwrap_or(""), "job offered");
+        }
+        for (tx, _, msg) in offers {
             // A closed channel means the session is ending; its cleanup re-queues offered jobs.
-            let _ = tx.send(Outbound::Message(HubMessage::Exec(req))).await;
+            let _ = tx.send(Outbound::Message(msg)).await;
         }
     }
 
@@ -264,28 +275,34 @@ impl Hub {
         self.persist(&record);
     }
 
-    /// The worker refused the job: it goes back to the front of the queue, not to be offered there again.
+    /// The worker refused the job: it goes back to the front of the queue, not to be offered there again
+    /// (or ends, if it was cancelled meanwhile).
     pub(crate) async fn job_refused(&self, worker: &str, job: &str, reason: &str) {
-        {
+        let (requeued, ended) = {
             let mut guard = self.state();
-            let State {
-                sessions,
-                jobs,
-                queue,
-            } = &mut *guard;
-            let Some(j) = jobs.get_mut(job) else { return };
+            let st = &mut *guard;
+            let Some(j) = st.jobs.get_mut(job) else { return };
             if j.record.worker.as_deref() != Some(worker) {
                 return;
             }
-            if let Some(s) = sessions.get_mut(worker) {
+            if let Some(s) = st.sessions.get_mut(worker) {
                 release(s, job);
                 j.refused_by.insert(s.session.clone());
             }
-            j.record.state = JobState::Queued;
-            j.record.worker = None;
-            queue.push_front(job.to_owned());
+            requeue_or_cancel(st, job)
+        };
+        tracing::info!(job, worker, reason, "job refused");
+        self.after_requeue(requeued, ended).await;
+    }
+
+    /// Stores re-queued jobs, reports ended ones, and dispatches.
+    async fn after_requeue(&self, requeued: Option<JobRecord>, ended: Option<Ended>) {
+        if let Some(r) = requeued {
+            self.persist(&r);
         }
-        tracing::info!(job, worker, reason, "job refused, re-queued");
+        if let Some(e) = ended {
+            self.deliver(e).await;
+        }
         self.dispatch().await;
     }
 
@@ -372,6 +389,7 @@ impl Hub {
                 r.rc = result.rc;
                 r.signal = result.signal;
                 r.error = result.error.clone();
+                r.eval = result.eval.clone();
             })
         };
         if let Some(e) = ended {
@@ -382,8 +400,8 @@ impl Hub {
 
     /// A worker's session ended: offered jobs go back to the queue, accepted and running ones are lost.
     pub(crate) async fn session_ended(&self, worker: &str, session: &str) {
-        let mut lost = Vec::new();
-        let mut requeued = false;
+        let mut ended = Vec::new();
+        let mut requeued = Vec::new();
         {
             let mut guard = self.state();
             let st = &mut *guard;
@@ -392,14 +410,11 @@ impl Hub {
             }
             let s = st.sessions.remove(worker).expect("checked above");
             for job_id in s.running {
-                let Some(j) = st.jobs.get_mut(&job_id) else {
-                    continue;
-                };
+                let Some(j) = st.jobs.get(&job_id) else { continue };
                 if j.record.state == JobState::Offered {
-                    j.record.state = JobState::Queued;
-                    j.record.worker = None;
-                    st.queue.push_front(job_id);
-                    requeued = true;
+                    let (r, e) = requeue_or_cancel(st, &job_id);
+                    requeued.extend(r);
+                    ended.extend(e);
                 } else if let Some(e) = end_job(st, &job_id, |r| {
                     r.error = Some(format!(
                         "worker {worker} disconnected while the job was {}",
@@ -407,17 +422,18 @@ impl Hub {
                     ));
                     r.state = JobState::Lost;
                 }) {
-                    lost.push(e);
+                    tracing::warn!(job = %job_id, worker, "job lost: worker disconnected");
+                    ended.push(e);
                 }
             }
         }
-        for e in lost {
-            tracing::warn!(job = %e.record.id, worker, "job lost: worker disconnected");
+        for r in &requeued {
+            self.persist(r);
+        }
+        for e in ended {
             self.deliver(e).await;
         }
-        if requeued {
-            self.dispatch().await;
-        }
+        self.dispatch().await;
     }
 
     /// Cancels a job: a queued one ends at once, a started one is killed by its worker (tree and all).
@@ -441,7 +457,9 @@ impl Hub {
                 }
                 Some((_, worker)) => {
                     let tx = worker.and_then(|w| st.sessions.get(&w)).map(|s| s.tx.clone());
-                    let snapshot = st.jobs[id].snapshot();
+                    let j = st.jobs.get_mut(id).expect("matched above");
+                    j.cancel_requested = true;
+                    let snapshot = j.snapshot();
                     tx.map(|tx| Action::Tell(tx, Box::new(snapshot)))
                 }
             }
@@ -484,6 +502,8 @@ impl Hub {
     pub fn wait_job(&self, id: &str) -> Result<Wait, ApiFail> {
         if let Some(j) = self.state().jobs.get_mut(id) {
             let (tx, rx) = oneshot::channel();
+            // Waiters whose client gave up (a timed-out long poll) are dropped here.
+            j.waiters.retain(|w| !w.is_closed());
             j.waiters.push(tx);
             return Ok(Wait::Pending(rx));
         }
@@ -551,7 +571,7 @@ fn unknown_job(id: &str) -> ApiFail {
 }
 
 /// Assigns `job` to `session`: stream ids, running slot, `offered` state. Returns the request to send.
-fn offer(session: &mut Session, job: &mut LiveJob) -> ExecRequest {
+fn offer(session: &mut Session, job: &mut LiveJob) -> HubMessage {
     let (stdout, stderr) = (session.next_stream, session.next_stream + 1);
     session.next_stream += 2;
     let id = job.record.id.clone();
@@ -561,16 +581,46 @@ fn offer(session: &mut Session, job: &mut LiveJob) -> ExecRequest {
     job.record.state = JobState::Offered;
     job.record.worker = Some(session.id.clone());
     let spec = &job.record.spec;
-    ExecRequest {
-        job: id,
-        command: spec.command.clone(),
-        workdir: spec.workdir.clone(),
-        env: spec.env_vars.clone(),
-        timeout_ms: spec.timeout_secs.map(|s| (s * 1000.0).round() as u64),
-        output_timeout_ms: None,
-        stdout,
-        stderr,
+    let timeout_ms = spec.timeout_secs.map(|s| (s * 1000.0).round() as u64);
+    match &spec.task {
+        Task::Exec(command) => HubMessage::Exec(ExecRequest {
+            job: id,
+            command: command.clone(),
+            workdir: spec.workdir.clone(),
+            env: spec.env_vars.clone(),
+            timeout_ms,
+            output_timeout_ms: None,
+            stdout,
+            stderr,
+        }),
+        Task::Eval(e) => HubMessage::Eval(EvalRequest {
+            job: id,
+            code: e.code.clone(),
+            stash: e.stash.clone(),
+            timeout_ms,
+            stdout,
+        }),
     }
+}
+
+/// Puts an offered job back at the front of the queue — or, if a cancel was asked for, ends it as
+/// cancelled. Returns the record to store, or the ended job to report.
+fn requeue_or_cancel(st: &mut State, id: &str) -> (Option<JobRecord>, Option<Ended>) {
+    let Some(j) = st.jobs.get_mut(id) else {
+        return (None, None);
+    };
+    if j.cancel_requested {
+        let e = end_job(st, id, |r| {
+            r.state = JobState::Cancelled;
+            r.error = Some("cancelled before it started".into());
+        });
+        return (None, e);
+    }
+    j.record.state = JobState::Queued;
+    j.record.worker = None;
+    let snapshot = j.snapshot();
+    st.queue.push_front(id.to_owned());
+    (Some(snapshot), None)
 }
 
 /// Frees the job's slot and stream ids on its session.

@@ -40,11 +40,10 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
             return;
         }
     };
-    let record = match auth {
-        Auth::Ok(r) => *r,
+    let id = match auth {
+        Auth::Ok(r) => r.id,
         Auth::Denied(why) => return reject(&mut writer, RejectCode::Unauthorized, why, None).await,
     };
-    let id = record.id.clone();
     if hello.version != PROTOCOL_VERSION {
         let msg = format!(
             "this hub speaks protocol v{PROTOCOL_VERSION}, the worker v{}: upgrade the older side",
@@ -83,7 +82,12 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
         let msg = format!("worker {id} is already connected (another process with the same id?)");
         return reject(&mut writer, RejectCode::Duplicate, msg, Some(retry)).await;
     }
-    remember(&hub, record, Some(&hello));
+    if !remember(&hub, &id, Some(&hello)) {
+        // Unregistered while we waited for hello.
+        hub.session_ended(&id, &session).await;
+        let msg = format!("worker {id} is not registered on this hub (unregistered)");
+        return reject(&mut writer, RejectCode::Unauthorized, msg, None).await;
+    }
     let welcome = Welcome {
         session: session.clone(),
         heartbeat_secs: hb.as_secs().max(1),
@@ -93,16 +97,15 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
     };
     if writer.send(&HubMessage::Welcome(welcome)).await.is_ok() {
         tracing::info!(worker = %id, session = %session, host = %hello.host, tags = ?hello.tags, "worker connected");
-        hub.dispatch().await;
+        // The writer must run before anything is offered: offers go through the session's bounded channel.
         let writing = tokio::spawn(write_loop(writer, rx, hb, close.clone()));
+        hub.dispatch().await;
         read_loop(&hub, &id, &mut reader, hb, &close).await;
         close.cancel();
         let _ = writing.await;
     }
     hub.session_ended(&id, &session).await;
-    if let Ok(Some(rec)) = hub.store.worker(&id) {
-        remember(&hub, rec, None);
-    }
+    remember(&hub, &id, None);
     tracing::info!(worker = %id, session = %session, "worker disconnected");
 }
 
@@ -143,18 +146,25 @@ async fn reject(writer: &mut ConnectionWriter, code: RejectCode, message: String
     writer.close().await;
 }
 
-/// Stores what the worker said about itself and when it was last seen.
-fn remember(hub: &Hub, mut rec: WorkerRecord, hello: Option<&Hello>) {
-    if let Some(h) = hello {
-        rec.tags = h.tags.clone();
-        rec.envs = h.envs.clone();
-        rec.host = Some(h.host.clone());
-        rec.version = Some(h.agent.clone());
-        rec.capacity = h.capacity;
-    }
-    rec.last_seen = Some(now_rfc3339());
-    if let Err(e) = hub.store.put_worker(&rec) {
-        tracing::error!(worker = %rec.id, "{e}");
+/// Stores what the worker said about itself and when it was last seen, in one transaction with the
+/// read so that a concurrent unregister or register is never undone. False when the worker is gone.
+fn remember(hub: &Hub, id: &str, hello: Option<&Hello>) -> bool {
+    let updated = hub.store.update_worker(id, |rec| {
+        if let Some(h) = hello {
+            rec.tags = h.tags.clone();
+            rec.envs = h.envs.clone();
+            rec.host = Some(h.host.clone());
+            rec.version = Some(h.agent.clone());
+            rec.capacity = h.capacity;
+        }
+        rec.last_seen = Some(now_rfc3339());
+    });
+    match updated {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!(worker = id, "{e}");
+            true
+        }
     }
 }
 

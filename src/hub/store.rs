@@ -182,6 +182,33 @@ impl Store {
         self.put(WORKERS, &rec.id, rec)
     }
 
+    /// Changes a worker record in one transaction (read and write together). False if there is none.
+    pub fn update_worker(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut WorkerRecord),
+    ) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let found = {
+            let mut t = tx.open_table(WORKERS).map_err(db_err)?;
+            let current: Option<WorkerRecord> = match t.get(id).map_err(db_err)? {
+                Some(v) => Some(decode(id, v.value())?),
+                None => None,
+            };
+            match current {
+                Some(mut rec) => {
+                    change(&mut rec);
+                    let bytes = serde_json::to_vec(&rec).expect("records serialize");
+                    t.insert(id, bytes.as_slice()).map_err(db_err)?;
+                    true
+                }
+                None => false,
+            }
+        };
+        tx.commit().map_err(db_err)?;
+        Ok(found)
+    }
+
     pub fn worker(&self, id: &str) -> Result<Option<WorkerRecord>, StoreError> {
         self.get(WORKERS, id)
     }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::message::CommandLine;
+use super::message::{CommandLine, EvalOutput};
 use crate::secret::Secret;
 
 /// Binary stream id of stdout on the admin exec stream.
@@ -165,13 +165,48 @@ impl Target {
     }
 }
 
+/// What a job does: run a command (`cmd` or `argv`) or evaluate JavaScript (`code`, `stash`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Task {
+    Exec(CommandLine),
+    Eval(EvalTask),
+}
+
+/// JavaScript to evaluate on the worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalTask {
+    pub code: String,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub stash: serde_json::Value,
+}
+
+impl Task {
+    /// A short human rendering for logs and listings.
+    pub fn display(&self) -> String {
+        match self {
+            Task::Exec(c) => c.display(),
+            Task::Eval(e) => {
+                let first = e.code.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+                let cut: String = first.chars().take(60).collect();
+                let more = if cut.len() < e.code.trim().len() {
+                    "…"
+                } else {
+                    ""
+                };
+                format!("eval: {cut}{more}")
+            }
+        }
+    }
+}
+
 /// What to run and where: the body of `POST /api/v1/admin/jobs` and of an exec stream's first message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
     #[serde(flatten)]
     pub target: Target,
     #[serde(flatten)]
-    pub command: CommandLine,
+    pub task: Task,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -259,6 +294,9 @@ pub struct JobRecord {
     /// Why the job failed to run, was lost or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// An eval job's result, stash, console and error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalOutput>,
 }
 
 /// Admin client → hub on the exec stream.
@@ -266,7 +304,7 @@ pub struct JobRecord {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AdminRequest {
     /// Create a job and stream it (must be the first message).
-    Exec(JobSpec),
+    Exec(Box<JobSpec>),
     /// Cancel the streamed job (Ctrl-C on the CLI).
     Cancel,
 }

@@ -50,6 +50,8 @@ pub enum HubMessage {
     Reject(Reject),
     /// Run a command.
     Exec(ExecRequest),
+    /// Evaluate JavaScript (boa) with a stash.
+    Eval(EvalRequest),
     /// Stop a running job: kill its whole process tree (TERM, grace, KILL).
     Cancel { job: String, reason: String },
     /// Exit the worker process with code 10.
@@ -218,4 +220,56 @@ pub struct JobResult {
     /// Why the job could not run, or what killed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What an eval produced (eval jobs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalOutput>,
+}
+
+/// `eval`: run JavaScript on the worker (see `docs/eval.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRequest {
+    pub job: String,
+    pub code: String,
+    /// Visible to the code as the global `stash`; returned, possibly changed, in the result.
+    #[serde(default)]
+    pub stash: serde_json::Value,
+    /// Wall-clock limit (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Binary stream id for console output, streamed as it is logged.
+    pub stdout: u64,
+}
+
+/// The outcome of an eval.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct EvalOutput {
+    /// The value of the last expression as JSON (`undefined` gives `null`).
+    pub result: serde_json::Value,
+    /// The `stash` global after the code ran.
+    pub stash: serde_json::Value,
+    /// Everything logged with `console.*`, in order (capped; see `console_truncated`).
+    pub console: Vec<ConsoleLine>,
+    #[serde(default)]
+    pub console_truncated: bool,
+    /// The exception, if the code threw (or a limit stopped it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<EvalError>,
+}
+
+/// One `console.log/info/warn/error` call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsoleLine {
+    /// `log`, `info`, `warn` or `error`.
+    pub level: String,
+    pub text: String,
+}
+
+/// A JavaScript exception.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalError {
+    /// `Error: boom`, `TypeError: ...`, `SyntaxError: ...`, `RuntimeLimitError: ...`.
+    pub message: String,
+    /// The JS stack, innermost frame first (`at f (unknown at :1:24)`).
+    #[serde(default)]
+    pub stack: Vec<String>,
 }

@@ -14,7 +14,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::process::{KILL_GRACE, exit_status, kill_tree, own_group, shell};
+use super::process::{Ending, drain, exit_status, own_group, shell, supervise};
 use super::session::Out;
 use crate::protocol::{CommandLine, ExecRequest, JobResult, Outcome, WorkerMessage};
 
@@ -23,7 +23,23 @@ use crate::protocol::{CommandLine, ExecRequest, JobResult, Outcome, WorkerMessag
 const CHUNK: usize = 64 * 1024;
 
 /// After the main process exits, how long to keep reading pipes that background processes hold open.
-const PIPE_LINGER: Duration = Duration::from_secs(2);
+pub(crate) const PIPE_LINGER: Duration = Duration::from_secs(2);
+
+/// Variables of the worker's own environment that jobs must not inherit: credentials (the docs suggest
+/// passing the token this way to keep it out of `ps`) and the eval child marker.
+const SCRUBBED_ENV: &[&str] = &[
+    "CLA_WORKER_TOKEN",
+    "CLA_WORKER_PASSKEY",
+    "CLA_HUB_TOKEN",
+    crate::eval::child::CHILD_ENV,
+];
+
+/// Removes [`SCRUBBED_ENV`] from what a child process inherits.
+pub(crate) fn scrub_env(cmd: &mut Command) {
+    for name in SCRUBBED_ENV {
+        cmd.env_remove(name);
+    }
+}
 
 /// What a job needs from its worker.
 #[derive(Clone)]
@@ -38,7 +54,7 @@ pub(crate) struct ExecCtx {
 
 impl ExecCtx {
     /// The variables every job gets, before the request's own.
-    fn env(&self, job: &str) -> BTreeMap<String, String> {
+    pub(crate) fn env(&self, job: &str) -> BTreeMap<String, String> {
         BTreeMap::from([
             ("CLA_WORKER_ID".to_owned(), self.worker_id.clone()),
             ("CLA_JOB_ID".to_owned(), job.to_owned()),
@@ -47,13 +63,6 @@ impl ExecCtx {
             ("CLA_WORKER_ENVS".to_owned(), self.envs.join(",")),
         ])
     }
-}
-
-/// Why the wait for the process ended.
-enum Ending {
-    Exited(std::process::ExitStatus),
-    Cancelled,
-    TimedOut(String),
 }
 
 /// Runs one exec request to its end.
@@ -66,12 +75,21 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
         signal,
         duration_ms: start.elapsed().as_millis() as u64,
         error,
+        eval: None,
     };
     let mut cmd = match &req.command {
         CommandLine::Shell { cmd } => shell(cmd),
         CommandLine::Argv { argv } => {
-            let mut c = Command::new(&argv[0]);
-            c.args(&argv[1..]);
+            let Some((program, args)) = argv.split_first() else {
+                return result(
+                    Outcome::Error,
+                    None,
+                    None,
+                    Some("empty argv: nothing to run".into()),
+                );
+            };
+            let mut c = Command::new(program);
+            c.args(args);
             c
         }
     };
@@ -91,6 +109,7 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
         }
         cmd.current_dir(dir);
     }
+    scrub_env(&mut cmd);
     cmd.envs(ctx.env(&req.job))
         .envs(&req.env)
         .stdin(Stdio::null())
@@ -107,7 +126,7 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
     };
     let _ = ctx
         .out
-        .send(Out::Message(WorkerMessage::Started {
+        .send(Out::msg(WorkerMessage::Started {
             job: req.job.clone(),
             pid: child.id(),
         }))
@@ -129,53 +148,23 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
             .elapsed()
             .saturating_sub(Duration::from_millis(last_output.load(Ordering::Relaxed)))
     };
-    let mut check = tokio::time::interval(Duration::from_millis(100));
-    let ending = loop {
-        tokio::select! {
-            status = child.wait() => break match status {
-                Ok(s) => Ending::Exited(s),
-                Err(e) => return result(Outcome::Error, None, None, Some(format!("waiting for the process failed: {e}"))),
-            },
-            _ = cancel.cancelled() => break Ending::Cancelled,
-            _ = check.tick() => {
-                if let Some(t) = timeout.filter(|t| start.elapsed() >= *t) {
-                    break Ending::TimedOut(format!("timed out after {}", secs(t)));
-                }
-                if let Some(t) = output_timeout.filter(|t| silent_for() >= *t) {
-                    break Ending::TimedOut(format!("no output for {}", secs(t)));
-                }
-            }
+    let (ending, status) = supervise(&mut child, &cancel, || {
+        if let Some(t) = timeout.filter(|t| start.elapsed() >= *t) {
+            return Some(format!("timed out after {}", secs(t)));
         }
+        output_timeout
+            .filter(|t| silent_for() >= *t)
+            .map(|t| format!("no output for {}", secs(t)))
+    })
+    .await;
+    let (outcome, error) = match ending {
+        Ending::Exited(s) if s.success() => (Outcome::Succeeded, None),
+        Ending::Exited(_) => (Outcome::Failed, None),
+        Ending::Cancelled => (Outcome::Cancelled, Some("cancelled".to_owned())),
+        Ending::TimedOut(why) => (Outcome::TimedOut, Some(why)),
+        Ending::WaitFailed(why) => (Outcome::Error, Some(why)),
     };
-    let (outcome, status, error) = match ending {
-        Ending::Exited(s) => (
-            if s.success() {
-                Outcome::Succeeded
-            } else {
-                Outcome::Failed
-            },
-            Some(s),
-            None,
-        ),
-        Ending::Cancelled | Ending::TimedOut(_) => {
-            kill_tree(&mut child, KILL_GRACE).await;
-            let (outcome, why) = match ending {
-                Ending::TimedOut(why) => (Outcome::TimedOut, why),
-                _ => (Outcome::Cancelled, "cancelled".to_owned()),
-            };
-            (outcome, child.try_wait().ok().flatten(), Some(why))
-        }
-    };
-    // Drain what the tree wrote. Background processes may keep a pipe open after the main process exits:
-    // give them a moment, then stop reading (they are left alone; a cancel or timeout would have killed them).
-    let linger = tokio::time::sleep(PIPE_LINGER);
-    tokio::pin!(linger);
-    for mut p in pumps {
-        tokio::select! {
-            _ = &mut p => {}
-            _ = &mut linger => p.abort(),
-        }
-    }
+    drain(pumps, PIPE_LINGER).await;
     let (rc, signal) = status.map(exit_status).unwrap_or((None, None));
     result(outcome, rc, signal, error)
 }

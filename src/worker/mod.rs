@@ -1,7 +1,8 @@
 //! The agent: registration, the session with the hub (connect, backoff, dispatch) and the request
-//! handlers. One file per request kind (`exec.rs`; ship/fetch and eval join later); process-tree
+//! handlers. One file per request kind (`exec.rs`, `eval.rs`; ship/fetch join later); process-tree
 //! control, which differs per OS, is in `process.rs`.
 
+mod eval;
 mod exec;
 mod process;
 pub mod registration;

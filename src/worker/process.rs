@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 
 /// Time between SIGTERM and SIGKILL.
 pub(crate) const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -33,6 +34,65 @@ pub(crate) fn shell(cmd: &str) -> Command {
         c.arg("/C").arg(cmd);
         c
     }
+}
+
+/// Why [`supervise`] stopped waiting.
+pub(crate) enum Ending {
+    /// The process exited by itself.
+    Exited(std::process::ExitStatus),
+    /// `cancel` fired; the tree was killed.
+    Cancelled,
+    /// `limit` said why; the tree was killed.
+    TimedOut(String),
+    /// Waiting failed (should not happen).
+    WaitFailed(String),
+}
+
+/// Waits for `child` to exit, for `cancel`, or for `limit` (polled every 100 ms) to return a reason to
+/// stop; in the last two cases kills the whole tree. Returns why, and the exit status if there is one.
+pub(crate) async fn supervise(
+    child: &mut Child,
+    cancel: &CancellationToken,
+    mut limit: impl FnMut() -> Option<String>,
+) -> (Ending, Option<std::process::ExitStatus>) {
+    let mut check = tokio::time::interval(Duration::from_millis(100));
+    let ending = loop {
+        tokio::select! {
+            status = child.wait() => return match status {
+                Ok(s) => (Ending::Exited(s), Some(s)),
+                Err(e) => (Ending::WaitFailed(format!("waiting for the process failed: {e}")), None),
+            },
+            _ = cancel.cancelled() => break Ending::Cancelled,
+            _ = check.tick() => {
+                if let Some(why) = limit() {
+                    break Ending::TimedOut(why);
+                }
+            }
+        }
+    };
+    kill_tree(child, KILL_GRACE).await;
+    (ending, child.try_wait().ok().flatten())
+}
+
+/// Waits for reader tasks (pipes) to finish; after the process has ended, background processes may
+/// keep a pipe open, so give up after `linger` (the processes are left alone).
+pub(crate) async fn drain<T>(
+    tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>,
+    linger: Duration,
+) -> Vec<Option<T>> {
+    let deadline = tokio::time::sleep(linger);
+    tokio::pin!(deadline);
+    let mut out = Vec::new();
+    for mut t in tasks {
+        tokio::select! {
+            r = &mut t => out.push(r.ok()),
+            _ = &mut deadline => {
+                t.abort();
+                out.push(None);
+            }
+        }
+    }
+    out
 }
 
 /// Kills the tree led by `child`: TERM, up to `grace` for the group to empty, then KILL.

@@ -15,12 +15,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::eval;
 use super::exec::{self, ExecCtx};
 use crate::config::WorkerSettings;
 use crate::error::{Error, Result};
 use crate::protocol::connection::Incoming;
 use crate::protocol::{
-    Connection, ConnectionReader, ConnectionWriter, ErrorCode, ExecRequest, Frame, Hello, HubMessage,
+    Connection, ConnectionReader, ConnectionWriter, ErrorCode, Frame, Hello, HubMessage, Outcome,
     PROTOCOL_VERSION, ProtocolError, RejectCode, WORKER_ID_HEADER, WS_PATH, WorkerMessage, decode_text,
 };
 
@@ -49,8 +50,14 @@ impl Default for RunOptions {
 /// What job tasks hand to the connection writer.
 #[derive(Debug)]
 pub(crate) enum Out {
-    Message(WorkerMessage),
+    Message(Box<WorkerMessage>),
     Data(u64, Bytes),
+}
+
+impl Out {
+    pub(crate) fn msg(m: WorkerMessage) -> Out {
+        Out::Message(Box::new(m))
+    }
 }
 
 /// How one connection ended.
@@ -163,7 +170,7 @@ async fn connect_once(
     let heartbeat = Duration::from_secs(welcome.heartbeat_secs.max(1));
     let mut live = Live::new(s, writer);
     let end = live.serve(&mut reader, heartbeat, opts, shutdown, seen).await;
-    live.finish().await;
+    live.finish(matches!(end, End::Lost { .. })).await;
     Ok(end)
 }
 
@@ -192,6 +199,8 @@ struct Live {
     tracker: TaskTracker,
     /// Cancelled when the writer fails: the connection is dead.
     dead: CancellationToken,
+    /// Jobs cancelled before their offer arrived.
+    cancelled_early: HashSet<String>,
     writer: tokio::task::JoinHandle<()>,
 }
 
@@ -213,12 +222,13 @@ impl Live {
             jobs: Arc::default(),
             tracker: TaskTracker::new(),
             dead,
+            cancelled_early: HashSet::new(),
             writer,
         }
     }
 
     async fn send(&self, msg: WorkerMessage) {
-        let _ = self.ctx.out.send(Out::Message(msg)).await;
+        let _ = self.ctx.out.send(Out::msg(msg)).await;
     }
 
     async fn serve(
@@ -283,13 +293,34 @@ impl Live {
                 }
             };
             match msg {
-                HubMessage::Exec(req) => self.start_exec(req, draining, seen).await,
+                HubMessage::Exec(req) => {
+                    let (job, what) = (req.job.clone(), req.command.display());
+                    let work =
+                        move |ctx: ExecCtx, cancel| async move { exec::handle(req, &ctx, cancel).await };
+                    self.start_job(job, what, draining, seen, work).await
+                }
+                HubMessage::Eval(req) => {
+                    let (job, what) = (
+                        req.job.clone(),
+                        format!("eval ({} bytes of JavaScript)", req.code.len()),
+                    );
+                    let work =
+                        move |ctx: ExecCtx, cancel| async move { eval::handle(req, &ctx, cancel).await };
+                    self.start_job(job, what, draining, seen, work).await
+                }
                 HubMessage::Cancel { job, reason } => match self.jobs.lock().expect("jobs lock").get(&job) {
                     Some(t) => {
                         tracing::info!(job = %job, "cancel: {reason}");
                         t.cancel();
                     }
-                    None => tracing::debug!(job = %job, "cancel for a job not running here"),
+                    None => {
+                        // The offer may still be on its way (sent after the cancel): remember it, bounded.
+                        tracing::debug!(job = %job, "cancel for a job not running here (yet)");
+                        if self.cancelled_early.len() >= 1024 {
+                            self.cancelled_early.clear();
+                        }
+                        self.cancelled_early.insert(job);
+                    }
                 },
                 HubMessage::Shutdown { reason } => {
                     tracing::warn!("the hub ordered a shutdown: {reason}");
@@ -306,10 +337,47 @@ impl Live {
         }
     }
 
-    async fn start_exec(&mut self, req: ExecRequest, draining: bool, seen: &mut HashSet<String>) {
-        let job = req.job.clone();
+    /// Accepts (or refuses) an offered job and runs `work` for it as a tracked task.
+    async fn start_job<F, Fut>(
+        &mut self,
+        job: String,
+        what: String,
+        draining: bool,
+        seen: &mut HashSet<String>,
+        work: F,
+    ) where
+        F: FnOnce(ExecCtx, CancellationToken) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = crate::protocol::JobResult> + Send + 'static,
+    {
         if !seen.insert(job.clone()) {
-            tracing::warn!(job = %job, "job offered twice; ignoring the repeat");
+            // Started here before a connection dropped (and stopped then): never run twice, but answer, so
+            // the hub ends the job and frees the slot.
+            tracing::warn!(job = %job, "job offered again after a reconnect; not running it twice");
+            let error = Some("the job was started on this worker before the connection dropped, and stopped; it is not run twice".to_owned());
+            let result = crate::protocol::JobResult {
+                job,
+                outcome: Outcome::Error,
+                rc: None,
+                signal: None,
+                duration_ms: 0,
+                error,
+                eval: None,
+            };
+            self.send(WorkerMessage::Finished(result)).await;
+            return;
+        }
+        if self.cancelled_early.remove(&job) {
+            let error = Some("cancelled before it started".to_owned());
+            let result = crate::protocol::JobResult {
+                job,
+                outcome: Outcome::Cancelled,
+                rc: None,
+                signal: None,
+                duration_ms: 0,
+                error,
+                eval: None,
+            };
+            self.send(WorkerMessage::Finished(result)).await;
             return;
         }
         let running = self.jobs.lock().expect("jobs lock").len();
@@ -335,11 +403,11 @@ impl Live {
         let span = tracing::info_span!("job", job_id = %job);
         self.tracker.spawn(tracing::Instrument::instrument(
             async move {
-                tracing::info!(cmd = %req.command.display(), "running");
-                let result = exec::handle(req, &ctx, cancel).await;
+                tracing::info!("running {what}");
+                let result = work(ctx.clone(), cancel).await;
                 tracing::info!(outcome = ?result.outcome, rc = ?result.rc, ms = result.duration_ms, "finished");
                 jobs.lock().expect("jobs lock").remove(&result.job);
-                let _ = ctx.out.send(Out::Message(WorkerMessage::Finished(result))).await;
+                let _ = ctx.out.send(Out::msg(WorkerMessage::Finished(result))).await;
             },
             span,
         ));
@@ -352,8 +420,13 @@ impl Live {
     }
 
     /// Ends the session: jobs still running are cancelled (their results cannot be delivered without a
-    /// connection), then the writer is stopped.
-    async fn finish(self) {
+    /// connection), then the writer is stopped. When the connection was lost, the writer may be stuck in a
+    /// write to a peer that is gone: it is aborted first, so job tasks sending their results fail at once
+    /// instead of waiting on a full channel.
+    async fn finish(self, connection_lost: bool) {
+        if connection_lost {
+            self.writer.abort();
+        }
         self.cancel_all();
         self.tracker.close();
         self.tracker.wait().await;
@@ -365,7 +438,7 @@ impl Live {
 async fn write_loop(mut writer: ConnectionWriter, mut rx: mpsc::Receiver<Out>, dead: CancellationToken) {
     while let Some(out) = rx.recv().await {
         let sent = match out {
-            Out::Message(m) => writer.send(&m).await,
+            Out::Message(m) => writer.send(&*m).await,
             Out::Data(stream, data) => writer.send_binary(stream, &data).await,
         };
         if let Err(e) = sent {
