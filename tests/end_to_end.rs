@@ -227,6 +227,8 @@ fn demo_runs_and_cleans_up() {
     assert!(text.contains("exit 3"), "{text}");
     assert!(text.contains("timed_out"), "{text}");
     assert!(text.contains("detached work done"), "{text}");
+    assert!(text.contains("console| demo-worker sees"), "{text}");
+    assert!(text.contains("stash:  {\"visits\":42}"), "{text}");
 }
 
 #[test]

@@ -7,5 +7,6 @@ mod common;
 mod cli_hub;
 mod cli_worker;
 mod end_to_end;
+mod eval;
 mod protocol_golden;
 mod resilience;

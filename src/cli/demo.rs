@@ -13,7 +13,7 @@ use crate::exit::ExitCode;
 use crate::hub::client::{AdminClient, ExecEvent};
 use crate::hub::{HubConfig, server};
 use crate::protocol::CommandLine;
-use crate::protocol::api::{JobSpec, Target, Task, WorkerState};
+use crate::protocol::api::{EvalTask, JobSpec, Target, Task, WorkerState};
 use crate::secret::Secret;
 use crate::worker::registration::{RegisterParams, register};
 use crate::worker::{RunOptions, run as run_worker};
@@ -186,7 +186,7 @@ async fn drive(admin: &AdminClient, dir: &std::path::Path, shutdown: &Cancellati
                 _ => {}
             })
             .await?;
-        let code = super::hub::exit_code(&record);
+        let code = super::jobs::exit_code(&record);
         println!(
             "    [{} on {}, exit {}, {} ms{}]",
             record.state.as_str(),
@@ -199,6 +199,49 @@ async fn drive(admin: &AdminClient, dir: &std::path::Path, shutdown: &Cancellati
                 .map(|e| format!(", {e}"))
                 .unwrap_or_default()
         );
+    }
+
+    let script = "const entries = cla.listDir('/');\n\
+                  console.log(`${cla.worker.id} sees ${entries.length} entries in /`);\n\
+                  stash.visits = (stash.visits || 0) + 1;\n\
+                  ({ worker: cla.worker.id, kernel: cla.run(['uname', '-r']).stdout.trim(), dirs: entries.filter(e => e.type === 'dir').length })";
+    step(&format!(
+        "JavaScript on the worker (boa), with a stash and the host API\n$ cla-hub eval --tags demo --stash '{{\"visits\": 41}}' --json '…'\n{}",
+        script
+            .lines()
+            .map(|l| format!("    js| {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    ));
+    let spec = JobSpec {
+        task: Task::Eval(EvalTask {
+            code: script.to_owned(),
+            stash: serde_json::json!({"visits": 41}),
+        }),
+        ..by_tag(shell("true"), None)
+    };
+    let record = admin
+        .exec(&spec, CancellationToken::new(), |ev| {
+            if let ExecEvent::Stdout(b) = ev {
+                print_prefixed("    console| ", &b)
+            }
+        })
+        .await?;
+    match &record.eval {
+        Some(out) => println!(
+            "    result: {}\n    stash:  {}{}",
+            out.result,
+            out.stash,
+            out.error
+                .as_ref()
+                .map(|e| format!("\n    error:  {}", e.message))
+                .unwrap_or_default()
+        ),
+        None => println!(
+            "    [{}: {}]",
+            record.state.as_str(),
+            record.error.as_deref().unwrap_or("")
+        ),
     }
 
     step("$ cla-hub exec --detach …  then  cla-hub job show ID --wait");

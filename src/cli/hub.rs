@@ -1,22 +1,19 @@
 //! `cla-hub` command line (DESIGN.md §2): `serve`, the admin commands, and `demo`.
 
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
-use super::list;
+use super::jobs;
+use super::print_json;
 use super::table::{or_dash, render};
 use crate::error::{Error, Result};
 use crate::exit::ExitCode;
-use crate::hub::client::{AdminClient, ExecEvent};
+use crate::hub::client::AdminClient;
 use crate::hub::{HubConfig, default_data_dir, server};
-use crate::protocol::CommandLine;
-use crate::protocol::api::{JobRecord, JobSpec, JobState, Target, Task};
+use crate::protocol::api::JobState;
 use crate::secret::Secret;
 
 /// cla-hub: the server cla-workers connect to, and its admin commands.
@@ -60,6 +57,8 @@ pub enum Command {
     Workers,
     /// Run a command on a worker and stream its output; exits with the command's exit code.
     Exec(ExecArgs),
+    /// Evaluate JavaScript on a worker; prints the result as JSON.
+    Eval(EvalArgs),
     /// List jobs.
     Jobs(JobsArgs),
     /// Look at or cancel one job.
@@ -122,6 +121,30 @@ pub struct ExecArgs {
 }
 
 #[derive(Debug, ClapArgs)]
+pub struct EvalArgs {
+    /// Run on this worker.
+    #[arg(long, conflicts_with = "tags", value_name = "ID")]
+    pub worker: Option<String>,
+    /// Run on a worker carrying all these tags (comma-separated).
+    #[arg(long, value_name = "A,B")]
+    pub tags: Vec<String>,
+    /// Only on a worker serving this environment.
+    #[arg(long, value_name = "ENV")]
+    pub env: Option<String>,
+    /// The `stash` global, as JSON (default `{}`); printed back, changed, with --json.
+    #[arg(long, value_name = "JSON")]
+    pub stash: Option<String>,
+    /// Stop the script after this many seconds (default 30; exit 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Read the code from this file.
+    #[arg(long, short, value_name = "FILE", conflicts_with = "code")]
+    pub file: Option<PathBuf>,
+    /// The code; `-` reads it from stdin.
+    pub code: Option<String>,
+}
+
+#[derive(Debug, ClapArgs)]
 pub struct JobsArgs {
     /// Only jobs in this state (queued, running, succeeded, failed, ...).
     #[arg(long)]
@@ -159,11 +182,15 @@ async fn execute(args: Args) -> Result<ExitCode> {
         Command::Passkey(p) => passkey(&client()?, p, json).await,
         Command::Workers => workers(&client()?, json).await,
         Command::Exec(a) => {
-            let spec = spec_of(&a)?;
-            exec(&client()?, spec, a.detach, json).await
+            let spec = jobs::exec_spec(&a)?;
+            jobs::exec(&client()?, spec, a.detach, json).await
         }
-        Command::Jobs(a) => jobs(&client()?, a, json).await,
-        Command::Job(j) => job(&client()?, j, json).await,
+        Command::Eval(a) => {
+            let spec = jobs::eval_spec(&a)?;
+            jobs::eval(&client()?, spec, json).await
+        }
+        Command::Jobs(a) => jobs::list(&client()?, a, json).await,
+        Command::Job(j) => jobs::job(&client()?, j, json).await,
         Command::Demo => super::demo::run(args.verbose).await,
     }
 }
@@ -176,10 +203,6 @@ async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     cfg.heartbeat = Duration::from_secs(a.heartbeat);
     server::run(listener, cfg, crate::shutdown::on_signals()).await?;
     Ok(ExitCode::Success)
-}
-
-fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
 }
 
 async fn passkey(c: &AdminClient, cmd: PasskeyCommand, json: bool) -> Result<ExitCode> {
@@ -264,187 +287,4 @@ pub(crate) async fn workers(c: &AdminClient, json: bool) -> Result<ExitCode> {
         )
     );
     Ok(ExitCode::Success)
-}
-
-/// Builds the job spec of `exec` arguments.
-fn spec_of(a: &ExecArgs) -> Result<JobSpec> {
-    let tags = list(&a.tags, &[]);
-    if a.worker.is_none() && tags.is_empty() {
-        return Err(Error::Usage(
-            "exec needs a target: --worker ID or --tags A,B".into(),
-        ));
-    }
-    let mut env_vars = BTreeMap::new();
-    for kv in &a.setenv {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| Error::Usage(format!("--setenv `{kv}`: use KEY=VALUE")))?;
-        env_vars.insert(k.to_owned(), v.to_owned());
-    }
-    Ok(JobSpec {
-        target: Target {
-            worker: a.worker.clone(),
-            tags: list(&a.tags, &[]),
-            env: a.env.clone(),
-        },
-        task: Task::Exec(CommandLine::from_words(a.cmd.clone())),
-        workdir: a.workdir.clone(),
-        env_vars,
-        timeout_secs: a.timeout,
-    })
-}
-
-async fn exec(c: &AdminClient, spec: JobSpec, detach: bool, json: bool) -> Result<ExitCode> {
-    if detach {
-        let r = c.submit(&spec).await?;
-        println!("{}", r.id);
-        return Ok(ExitCode::Success);
-    }
-    // First Ctrl-C: ask the hub to cancel (the worker kills the tree) and wait for the end.
-    // Second Ctrl-C: stop waiting.
-    let cancel = CancellationToken::new();
-    let give_up = CancellationToken::new();
-    let (c1, g1) = (cancel.clone(), give_up.clone());
-    let signals = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("cla-hub: cancelling the job (Ctrl-C again to stop waiting)");
-            c1.cancel();
-        }
-        if tokio::signal::ctrl_c().await.is_ok() {
-            g1.cancel();
-        }
-    });
-    let streaming = c.exec(&spec, cancel, |ev| match ev {
-        ExecEvent::Stdout(b) => {
-            let mut o = std::io::stdout().lock();
-            let _ = o.write_all(&b);
-            let _ = o.flush();
-        }
-        ExecEvent::Stderr(b) => {
-            let mut e = std::io::stderr().lock();
-            let _ = e.write_all(&b);
-            let _ = e.flush();
-        }
-        ExecEvent::Created(id) => tracing::debug!(job = %id, "job created"),
-        ExecEvent::Started { worker, .. } => tracing::debug!(%worker, "job started"),
-    });
-    let record = tokio::select! {
-        r = streaming => r?,
-        _ = give_up.cancelled() => return Ok(ExitCode::Interrupted),
-    };
-    signals.abort();
-    if json {
-        print_json(&record);
-    }
-    Ok(exit_of(&record))
-}
-
-/// The exit code a job's record maps to (DESIGN.md §2): the remote status, 124 timed out, 130 cancelled,
-/// 255 could not run or lost.
-pub(crate) fn exit_code(r: &JobRecord) -> ExitCode {
-    match (r.state, r.rc) {
-        (JobState::Succeeded, _) => ExitCode::Success,
-        (JobState::Failed, Some(rc)) => ExitCode::Remote(rc.clamp(0, 255) as u8),
-        (JobState::TimedOut, _) => ExitCode::TimedOut,
-        (JobState::Cancelled, _) => ExitCode::Interrupted,
-        _ => ExitCode::CouldNotRun,
-    }
-}
-
-/// [`exit_code`], with a line on stderr when the job did not end with an exit status of its own.
-pub(crate) fn exit_of(r: &JobRecord) -> ExitCode {
-    let why = r.error.as_deref().unwrap_or("");
-    let code = exit_code(r);
-    match code {
-        ExitCode::Success | ExitCode::Remote(_) => {}
-        ExitCode::TimedOut => eprintln!("cla-hub: job {} {why}: its process tree was killed", r.id),
-        ExitCode::Interrupted => eprintln!("cla-hub: job {} cancelled", r.id),
-        _ => eprintln!("cla-hub: job {} {}: {why}", r.id, r.state.as_str()),
-    }
-    code
-}
-
-async fn jobs(c: &AdminClient, a: JobsArgs, json: bool) -> Result<ExitCode> {
-    let js = c.jobs(a.state).await?;
-    if json {
-        print_json(&js);
-        return Ok(ExitCode::Success);
-    }
-    let rows: Vec<_> = js
-        .iter()
-        .map(|j| {
-            vec![
-                j.id.clone(),
-                j.state.as_str().to_owned(),
-                or_dash(j.worker.clone().unwrap_or_default()),
-                j.rc.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
-                j.created.clone(),
-                j.spec.task.display(),
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        render(&["ID", "STATE", "WORKER", "RC", "CREATED", "COMMAND"], &rows)
-    );
-    Ok(ExitCode::Success)
-}
-
-async fn job(c: &AdminClient, cmd: JobCommand, json: bool) -> Result<ExitCode> {
-    match cmd {
-        JobCommand::Show { id, wait } => {
-            let r = if wait {
-                c.wait(&id).await?
-            } else {
-                c.job(&id).await?
-            };
-            if json {
-                print_json(&r);
-            } else {
-                println!("job      {}", r.id);
-                println!("state    {}", r.state.as_str());
-                println!("worker   {}", r.worker.as_deref().unwrap_or("-"));
-                println!("task     {}", r.spec.task.display());
-                println!(
-                    "rc       {}",
-                    r.rc.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
-                );
-                println!("created  {}", r.created);
-                println!("started  {}", r.started.as_deref().unwrap_or("-"));
-                println!("ended    {}", r.ended.as_deref().unwrap_or("-"));
-                if let Some(e) = &r.error {
-                    println!("error    {e}");
-                }
-                for (name, text, cut) in [
-                    ("stdout", &r.stdout, r.stdout_truncated),
-                    ("stderr", &r.stderr, r.stderr_truncated),
-                ] {
-                    if !text.is_empty() {
-                        println!("--- {name}{}", if cut { " (truncated)" } else { "" });
-                        print!("{text}");
-                        if !text.ends_with('\n') {
-                            println!();
-                        }
-                    }
-                }
-            }
-            Ok(if wait { exit_code(&r) } else { ExitCode::Success })
-        }
-        JobCommand::Cancel { id } => {
-            let r = c.cancel(&id).await?;
-            if json {
-                print_json(&r);
-            } else if r.state.is_terminal() {
-                println!("job {} {}", r.id, r.state.as_str());
-            } else {
-                println!(
-                    "cancel requested for job {} ({} on {})",
-                    r.id,
-                    r.state.as_str(),
-                    r.worker.as_deref().unwrap_or("-")
-                );
-            }
-            Ok(ExitCode::Success)
-        }
-    }
 }

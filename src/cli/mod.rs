@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod hub;
+mod jobs;
 mod table;
 pub mod worker;
 
@@ -27,4 +28,9 @@ pub fn report(bin: &str, err: &Error) -> ExitCode {
 /// Splits repeated/comma-separated flag values (`--tags a,b --tag c`) into one list.
 pub(crate) fn list(a: &[String], b: &[String]) -> Vec<String> {
     crate::util::split_list(a.iter().chain(b))
+}
+
+/// Prints a value as pretty JSON on stdout (`--json` output).
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
 }

@@ -16,7 +16,7 @@ use crate::eval::child::{CHILD_ENV, ChildLine};
 use crate::eval::{DEFAULT_TIMEOUT_MS, EvalInput, EvalLimits, WorkerInfo};
 use crate::protocol::{ConsoleLine, EvalOutput, EvalRequest, JobResult, Outcome, WorkerMessage};
 
-/// Child stderr kept for the error message when the child dies.
+/// Child stderr read for the error message when the child dies (its first line is reported).
 const STDERR_TAIL: usize = 4096;
 
 /// How a console line is streamed: `log` lines as they are, other levels prefixed.
@@ -63,6 +63,8 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
     let mut cmd = Command::new(exe);
     scrub_env(&mut cmd);
     cmd.env(CHILD_ENV, "1")
+        // A dying child's first stderr line is the message we report; keep backtraces out of it.
+        .env("RUST_BACKTRACE", "0")
         .envs(ctx.env(&req.job))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -117,7 +119,12 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
     let errors = tokio::spawn(async move {
         let mut buf = Vec::new();
         let _ = (&mut stderr).take(STDERR_TAIL as u64).read_to_end(&mut buf).await;
-        String::from_utf8_lossy(&buf).trim().to_owned()
+        let text = String::from_utf8_lossy(&buf);
+        text.lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("")
+            .to_owned()
     });
 
     let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS));

@@ -1,0 +1,222 @@
+//! End-to-end benchmark: a real `cla-hub` and `cla-worker` (release builds) on loopback, driven through
+//! the hub's admin API from this process (so CLI start-up is not counted).
+//!
+//! `cargo bench --bench e2e` (full) or `cargo bench --bench e2e -- --quick`. Prints a table and writes
+//! `target/bench/e2e.json`. Baselines are measured in the same run: ratios matter, not absolute figures.
+//! Measures so far: exec round trip of `true` vs a local `sh -c true`, eval of `1+1`, and the idle
+//! worker's RSS and threads. (Throughput, transfers and fleet scale join as those features land.)
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cla_worker::hub::client::AdminClient;
+use cla_worker::protocol::CommandLine;
+use cla_worker::protocol::api::{EvalTask, JobSpec, JobState, Target, Task};
+use tokio_util::sync::CancellationToken;
+
+const HUB: &str = env!("CARGO_BIN_EXE_cla-hub");
+const WORKER: &str = env!("CARGO_BIN_EXE_cla-worker");
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs `f` `n` times after `warm` warm-up runs; returns sorted durations in µs.
+fn sample(n: usize, warm: usize, mut f: impl FnMut()) -> Vec<f64> {
+    for _ in 0..warm {
+        f();
+    }
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v
+}
+
+fn proc_status(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn start_hub(dir: &Path) -> (Kill, String) {
+    let mut child = Command::new(HUB)
+        .arg("--data-dir")
+        .arg(dir.join("hub"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start cla-hub");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("hub exited").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (Kill(child), format!("http://{addr}"))
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (n_exec, n_eval) = if quick { (50, 20) } else { (500, 200) };
+    let dir = tempfile::tempdir().unwrap();
+    let (_hub, url) = start_hub(dir.path());
+    let data_dir = dir.path().join("hub");
+    let hub_cmd = |args: &[&str]| {
+        let out = Command::new(HUB)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let key = hub_cmd(&["passkey", "create", "--project", "bench"])
+        .trim()
+        .to_owned();
+    let config = dir.path().join("w.yml");
+    let reg = Command::new(WORKER)
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "register",
+            "--url",
+            &url,
+            "--passkey",
+            &key,
+            "--id",
+            "bench",
+            "--tags",
+            "bench",
+            "--save",
+        ])
+        .output()
+        .unwrap();
+    assert!(reg.status.success());
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let admin = AdminClient::locate(None, None, &data_dir).unwrap();
+    let connect_start = Instant::now();
+    let worker = Command::new(WORKER)
+        .arg("-c")
+        .arg(&config)
+        .arg("run")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let worker_pid = worker.id();
+    let _worker = Kill(worker);
+    let connect_ms = rt.block_on(async {
+        loop {
+            if admin
+                .workers()
+                .await
+                .unwrap()
+                .iter()
+                .any(|w| w.id == "bench" && w.running == 0 && w.connected_since.is_some())
+            {
+                return connect_start.elapsed().as_secs_f64() * 1e3;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+
+    let spec = |task: Task| JobSpec {
+        target: Target {
+            worker: Some("bench".into()),
+            tags: vec![],
+            env: None,
+        },
+        task,
+        workdir: None,
+        env_vars: Default::default(),
+        timeout_secs: None,
+    };
+    let run = |s: &JobSpec| {
+        let r = rt
+            .block_on(admin.exec(s, CancellationToken::new(), |_| {}))
+            .unwrap();
+        assert_eq!(r.state, JobState::Succeeded, "{r:?}");
+    };
+
+    let exec_spec = spec(Task::Exec(CommandLine::Argv {
+        argv: vec!["true".into()],
+    }));
+    let exec = sample(n_exec, 10, || run(&exec_spec));
+    let fork = sample(n_exec, 10, || {
+        assert!(
+            Command::new("sh")
+                .args(["-c", "true"])
+                .status()
+                .unwrap()
+                .success()
+        );
+    });
+    let eval_spec = spec(Task::Eval(EvalTask {
+        code: "1+1".into(),
+        stash: serde_json::Value::Null,
+    }));
+    let eval = sample(n_eval, 3, || run(&eval_spec));
+
+    // Idle: a connected worker that has run jobs, left alone for 5 s.
+    std::thread::sleep(Duration::from_secs(if quick { 1 } else { 5 }));
+    let idle_rss_kib = proc_status(worker_pid, "VmRSS:").unwrap_or(0);
+    let idle_threads = proc_status(worker_pid, "Threads:").unwrap_or(0);
+
+    let results = serde_json::json!({
+        "mode": if quick { "quick" } else { "full" },
+        "exec_p50_us": percentile(&exec, 0.5),
+        "exec_p99_us": percentile(&exec, 0.99),
+        "fork_p50_us": percentile(&fork, 0.5),
+        "exec_vs_fork": percentile(&exec, 0.5) / percentile(&fork, 0.5),
+        "eval_p50_us": percentile(&eval, 0.5),
+        "eval_p99_us": percentile(&eval, 0.99),
+        "idle_rss_kib": idle_rss_kib,
+        "idle_threads": idle_threads,
+        "connect_ms": connect_ms,
+    });
+    println!("{:<16} {:>12}", "metric", "value");
+    for (k, v) in results.as_object().unwrap() {
+        println!(
+            "{k:<16} {:>12}",
+            match v {
+                serde_json::Value::Number(n) => format!("{:.1}", n.as_f64().unwrap()),
+                other => other.to_string(),
+            }
+        );
+    }
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("e2e.json"),
+        serde_json::to_string_pretty(&results).unwrap(),
+    )
+    .unwrap();
+    println!("wrote {}", out.join("e2e.json").display());
+}
