@@ -92,8 +92,9 @@ pub enum PasskeyCommand {
     Revoke { passkey: String },
 }
 
+/// Where a job runs (`exec`, `eval`).
 #[derive(Debug, ClapArgs)]
-pub struct ExecArgs {
+pub struct TargetArgs {
     /// Run on this worker.
     #[arg(long, conflicts_with = "tags", value_name = "ID")]
     pub worker: Option<String>,
@@ -103,6 +104,12 @@ pub struct ExecArgs {
     /// Only on a worker serving this environment.
     #[arg(long, value_name = "ENV")]
     pub env: Option<String>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Kill the command's process tree after this many seconds (exit 124).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
@@ -122,15 +129,8 @@ pub struct ExecArgs {
 
 #[derive(Debug, ClapArgs)]
 pub struct EvalArgs {
-    /// Run on this worker.
-    #[arg(long, conflicts_with = "tags", value_name = "ID")]
-    pub worker: Option<String>,
-    /// Run on a worker carrying all these tags (comma-separated).
-    #[arg(long, value_name = "A,B")]
-    pub tags: Vec<String>,
-    /// Only on a worker serving this environment.
-    #[arg(long, value_name = "ENV")]
-    pub env: Option<String>,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// The `stash` global, as JSON (default `{}`); printed back, changed, with --json.
     #[arg(long, value_name = "JSON")]
     pub stash: Option<String>,

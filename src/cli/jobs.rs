@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 
 use tokio_util::sync::CancellationToken;
 
-use super::hub::{EvalArgs, ExecArgs, JobCommand, JobsArgs};
+use super::hub::{EvalArgs, ExecArgs, JobCommand, JobsArgs, TargetArgs};
 use super::print_json;
 use super::table::{or_dash, render};
 use crate::error::{Error, Result};
@@ -15,23 +15,23 @@ use crate::protocol::CommandLine;
 use crate::protocol::api::{EvalTask, JobRecord, JobSpec, JobState, Target, Task};
 
 /// The target flags shared by `exec` and `eval`.
-fn target(worker: &Option<String>, tags: &[String], env: &Option<String>) -> Result<Target> {
-    let tags = super::list(tags, &[]);
-    if worker.is_none() && tags.is_empty() {
+fn target(a: &TargetArgs) -> Result<Target> {
+    let tags = super::list(&a.tags, &[]);
+    if a.worker.is_none() && tags.is_empty() {
         return Err(Error::Usage(
             "a target is needed: --worker ID or --tags A,B".into(),
         ));
     }
     Ok(Target {
-        worker: worker.clone(),
+        worker: a.worker.clone(),
         tags,
-        env: env.clone(),
+        env: a.env.clone(),
     })
 }
 
 /// Builds the job spec of `exec` arguments.
 pub(crate) fn exec_spec(a: &ExecArgs) -> Result<JobSpec> {
-    let target = target(&a.worker, &a.tags, &a.env)?;
+    let target = target(&a.target)?;
     let mut env_vars = BTreeMap::new();
     for kv in &a.setenv {
         let (k, v) = kv
@@ -50,7 +50,7 @@ pub(crate) fn exec_spec(a: &ExecArgs) -> Result<JobSpec> {
 
 /// Builds the job spec of `eval` arguments: code from the argument, `--file` or stdin (`-`).
 pub(crate) fn eval_spec(a: &EvalArgs) -> Result<JobSpec> {
-    let target = target(&a.worker, &a.tags, &a.env)?;
+    let target = target(&a.target)?;
     let code = match (&a.file, a.code.as_deref()) {
         (Some(path), _) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?,
         (None, Some("-")) => {

@@ -225,6 +225,21 @@ pub struct JobResult {
     pub eval: Option<EvalOutput>,
 }
 
+impl JobResult {
+    /// The end of a job that never ran (refused repeat, cancelled before it started).
+    pub fn not_run(job: String, outcome: Outcome, error: impl Into<String>) -> Self {
+        JobResult {
+            job,
+            outcome,
+            rc: None,
+            signal: None,
+            duration_ms: 0,
+            error: Some(error.into()),
+            eval: None,
+        }
+    }
+}
+
 /// `eval`: run JavaScript on the worker (see `docs/eval.md`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRequest {

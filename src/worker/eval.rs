@@ -14,7 +14,7 @@ use super::process::{Ending, drain, exit_status, own_group, supervise};
 use super::session::Out;
 use crate::eval::child::{CHILD_ENV, ChildLine};
 use crate::eval::{DEFAULT_TIMEOUT_MS, EvalInput, EvalLimits, WorkerInfo};
-use crate::protocol::{ConsoleLine, EvalOutput, EvalRequest, JobResult, Outcome, WorkerMessage};
+use crate::protocol::{ConsoleLine, EvalOutput, EvalRequest, JobResult, Outcome};
 
 /// Child stderr read for the error message when the child dies (its first line is reported).
 const STDERR_TAIL: usize = 4096;
@@ -85,13 +85,7 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
             );
         }
     };
-    let _ = ctx
-        .out
-        .send(Out::msg(WorkerMessage::Started {
-            job: req.job.clone(),
-            pid: child.id(),
-        }))
-        .await;
+    ctx.started(&req.job, child.id()).await;
 
     let request = serde_json::to_vec(&input).expect("eval input serializes");
     let mut stdin = child.stdin.take().expect("piped");

@@ -53,6 +53,17 @@ pub(crate) struct ExecCtx {
 }
 
 impl ExecCtx {
+    /// Tells the hub the job's process runs.
+    pub(crate) async fn started(&self, job: &str, pid: Option<u32>) {
+        let _ = self
+            .out
+            .send(Out::msg(WorkerMessage::Started {
+                job: job.to_owned(),
+                pid,
+            }))
+            .await;
+    }
+
     /// The variables every job gets, before the request's own.
     pub(crate) fn env(&self, job: &str) -> BTreeMap<String, String> {
         BTreeMap::from([
@@ -124,13 +135,7 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
             return result(Outcome::Error, None, None, Some(msg));
         }
     };
-    let _ = ctx
-        .out
-        .send(Out::msg(WorkerMessage::Started {
-            job: req.job.clone(),
-            pid: child.id(),
-        }))
-        .await;
+    ctx.started(&req.job, child.id()).await;
 
     let last_output = Arc::new(AtomicU64::new(0));
     let spawn_pump = |pipe: Box<dyn AsyncRead + Unpin + Send>, stream| {

@@ -21,7 +21,7 @@ use crate::config::WorkerSettings;
 use crate::error::{Error, Result};
 use crate::protocol::connection::Incoming;
 use crate::protocol::{
-    Connection, ConnectionReader, ConnectionWriter, ErrorCode, Frame, Hello, HubMessage, Outcome,
+    Connection, ConnectionReader, ConnectionWriter, ErrorCode, Frame, Hello, HubMessage, JobResult, Outcome,
     PROTOCOL_VERSION, ProtocolError, RejectCode, WORKER_ID_HEADER, WS_PATH, WorkerMessage, decode_text,
 };
 
@@ -347,36 +347,19 @@ impl Live {
         work: F,
     ) where
         F: FnOnce(ExecCtx, CancellationToken) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = crate::protocol::JobResult> + Send + 'static,
+        Fut: std::future::Future<Output = JobResult> + Send + 'static,
     {
         if !seen.insert(job.clone()) {
             // Started here before a connection dropped (and stopped then): never run twice, but answer, so
             // the hub ends the job and frees the slot.
             tracing::warn!(job = %job, "job offered again after a reconnect; not running it twice");
-            let error = Some("the job was started on this worker before the connection dropped, and stopped; it is not run twice".to_owned());
-            let result = crate::protocol::JobResult {
-                job,
-                outcome: Outcome::Error,
-                rc: None,
-                signal: None,
-                duration_ms: 0,
-                error,
-                eval: None,
-            };
+            let why = "the job was started on this worker before the connection dropped, and stopped; it is not run twice";
+            let result = JobResult::not_run(job, Outcome::Error, why);
             self.send(WorkerMessage::Finished(result)).await;
             return;
         }
         if self.cancelled_early.remove(&job) {
-            let error = Some("cancelled before it started".to_owned());
-            let result = crate::protocol::JobResult {
-                job,
-                outcome: Outcome::Cancelled,
-                rc: None,
-                signal: None,
-                duration_ms: 0,
-                error,
-                eval: None,
-            };
+            let result = JobResult::not_run(job, Outcome::Cancelled, "cancelled before it started");
             self.send(WorkerMessage::Finished(result)).await;
             return;
         }
