@@ -1,7 +1,11 @@
-//! Logging setup for both binaries: `tracing` to stderr, `info` by default, `-v` for debug, `-vv` for trace,
-//! `RUST_LOG` to override; ANSI colours only when stderr is a terminal. `println!` stays for CLI output.
+//! Logging setup for both binaries: `tracing`, `info` by default, `-v` for debug, `-vv` for trace,
+//! `RUST_LOG` to override. To stderr with ANSI colours only on a terminal, or — for a daemonized worker —
+//! plain lines to a logfile rotated by size ([`RotatingFile`]). `println!` stays for CLI output.
 
-use std::io::IsTerminal;
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use tracing_subscriber::EnvFilter;
 
@@ -13,6 +17,25 @@ pub fn init(verbose: u8) {
 
 /// Like [`init`], with `quiet` as the level when no `-v` is given (the demo keeps logs to warnings).
 pub fn init_from(quiet: &str, verbose: u8) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter(quiet, verbose))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
+/// Logs to `file` instead of stderr, without colours.
+pub fn init_to_file(verbose: u8, file: RotatingFile) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter("info", verbose))
+        .with_writer(Mutex::new(file))
+        .with_ansi(false)
+        .with_target(false)
+        .try_init();
+}
+
+fn filter(quiet: &str, verbose: u8) -> EnvFilter {
     let level = match verbose {
         0 => quiet,
         1 => "debug",
@@ -21,11 +44,100 @@ pub fn init_from(quiet: &str, verbose: u8) {
     // Our crate at the chosen level; chatty dependencies one step quieter.
     let default =
         format!("{level},hyper=warn,hyper_util=warn,tungstenite=warn,tokio_tungstenite=warn,redb=warn");
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
+}
+
+/// An append-only logfile that rotates by size: when a write would take it past `max_bytes`, `log` becomes
+/// `log.1`, `log.1` becomes `log.2`, … and `log.<keep>` is dropped. Each log event is one write, so an
+/// event is never split across files.
+pub struct RotatingFile {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max_bytes: u64,
+    keep: u32,
+}
+
+impl RotatingFile {
+    /// Opens (creating parent directories) or continues `path`.
+    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> std::io::Result<RotatingFile> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(RotatingFile {
+            path: path.to_path_buf(),
+            file,
+            size,
+            max_bytes: max_bytes.max(1),
+            keep,
+        })
+    }
+
+    fn numbered(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        if self.keep == 0 {
+            self.file.set_len(0)?;
+        } else {
+            for n in (1..self.keep).rev() {
+                let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
+            }
+            std::fs::rename(&self.path, self.numbered(1))?;
+            self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        }
+        self.size = 0;
+        Ok(())
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.size > 0 && self.size + buf.len() as u64 > self.max_bytes {
+            self.rotate()?;
+        }
+        let n = self.file.write(buf)?;
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_by_size_and_keeps_n_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/w.log");
+        let mut f = RotatingFile::open(&path, 100, 2).unwrap();
+        for i in 0..10 {
+            f.write_all(format!("line {i:02} {}\n", "x".repeat(30)).as_bytes())
+                .unwrap();
+        }
+        // 40-byte lines, 100-byte files: two lines per file; the current file and 2 old ones are kept.
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+        assert!(read(&path).starts_with("line 08") && read(&path).lines().count() == 2);
+        assert!(read(&dir.path().join("logs/w.log.1")).starts_with("line 06"));
+        assert!(read(&dir.path().join("logs/w.log.2")).starts_with("line 04"));
+        assert!(!dir.path().join("logs/w.log.3").exists());
+        // Reopening continues the current file and its size.
+        drop(f);
+        let mut f = RotatingFile::open(&path, 100, 2).unwrap();
+        f.write_all(b"next\n").unwrap();
+        assert!(
+            read(&path).starts_with("line 08")
+                && read(&path).ends_with("line 09 xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\nnext\n")
+        );
+        assert!(read(&dir.path().join("logs/w.log.1")).starts_with("line 06"));
+    }
 }

@@ -148,6 +148,27 @@ fn runaway_scripts_are_stopped_and_the_worker_stays_healthy() {
     ]);
     assert_ne!(out.status.code(), Some(0), "{}", stdout(&out));
 
+    // A console line over the 16 MiB message limit is streamed in frames; the session survives.
+    let out = hub.run(&["eval", "--worker", "js3", "let s = 'x'.repeat(1 << 20); for (let i = 0; i < 4; i++) s += s; console.log(s + s.slice(0, 1 << 20)); 'ok'"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr[..out.stderr.len().min(300)])
+    );
+    assert_eq!(stdout(&out).trim(), "\"ok\"");
+    assert!(out.stderr.len() > 17 * 1024 * 1024);
+
+    // Too deep to store safely: refused with a message, and the hub still lists its jobs.
+    let out = hub.run(&[
+        "eval",
+        "--worker",
+        "js3",
+        "let o = 1; for (let i = 0; i < 125; i++) o = {a: o}; o",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nests deeper than 64"), "{}", stderr(&out));
+    hub.ok(&["jobs", "--json"]);
+
     assert!(worker.exited().is_none(), "the worker died");
     let out = hub.run(&["eval", "--worker", "js3", "'still here'"]);
     assert_eq!(stdout(&out).trim(), "\"still here\"", "{}", stderr(&out));

@@ -79,6 +79,13 @@ fn worker_to_hub() {
     );
     golden(WorkerMessage::Draining, json!({"type":"draining"}));
     golden(
+        WorkerMessage::Update {
+            tags: vec!["a".into()],
+            envs: vec![],
+        },
+        json!({"type":"update","tags":["a"],"envs":[]}),
+    );
+    golden(
         WorkerMessage::Error {
             code: ErrorCode::Unsupported,
             message: "m".into(),
@@ -255,4 +262,36 @@ fn api_bodies() {
         serde_json::to_value(&reg).unwrap(),
         json!({"passkey":"p","tags":[],"envs":[],"host":"h"})
     );
+}
+
+#[test]
+fn job_tasks_are_unambiguous() {
+    let spec = |body: serde_json::Value| serde_json::from_value::<JobSpec>(body);
+    assert!(matches!(
+        spec(json!({"worker": "w", "cmd": "ls"})).unwrap().task,
+        Task::Exec(CommandLine::Shell { .. })
+    ));
+    assert!(matches!(
+        spec(json!({"worker": "w", "argv": ["ls"]})).unwrap().task,
+        Task::Exec(CommandLine::Argv { .. })
+    ));
+    assert!(matches!(
+        spec(json!({"worker": "w", "code": "1"})).unwrap().task,
+        Task::Eval(_)
+    ));
+    for bad in [
+        json!({"worker": "w", "code": "1", "argv": ["echo"]}),
+        json!({"worker": "w", "code": "1", "cmd": "ls"}),
+        json!({"worker": "w", "code": "1", "cmd": 7}),
+        json!({"worker": "w", "cmd": "ls", "argv": ["ls"]}),
+        json!({"worker": "w", "cmd": "ls", "stash": {}}),
+        json!({"worker": "w"}),
+    ] {
+        assert!(spec(bad.clone()).is_err(), "{bad} was accepted");
+    }
+    let e = decode_text::<HubMessage>(
+        r#"{"type":"exec","job":"j","cmd":"a","argv":["b"],"stdout":1,"stderr":2}"#,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("not both"), "{e}");
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
 use super::jobs;
-use super::print_json;
 use super::table::{or_dash, render};
+use super::{print_json, print_out};
 use crate::error::{Error, Result};
 use crate::exit::ExitCode;
 use crate::hub::client::AdminClient;
@@ -210,7 +210,7 @@ async fn passkey(c: &AdminClient, cmd: PasskeyCommand, json: bool) -> Result<Exi
         PasskeyCommand::Create { project } => {
             let k = c.passkey_create(&project).await?;
             if json {
-                print_json(&k);
+                print_json(&k)?;
             } else {
                 println!("{}", k.passkey);
             }
@@ -218,7 +218,7 @@ async fn passkey(c: &AdminClient, cmd: PasskeyCommand, json: bool) -> Result<Exi
         PasskeyCommand::List => {
             let keys = c.passkeys().await?;
             if json {
-                print_json(&keys);
+                print_json(&keys)?;
             } else {
                 let rows: Vec<_> = keys
                     .iter()
@@ -231,13 +231,13 @@ async fn passkey(c: &AdminClient, cmd: PasskeyCommand, json: bool) -> Result<Exi
                         ]
                     })
                     .collect();
-                print!("{}", render(&["PASSKEY", "PROJECT", "CREATED", "STATUS"], &rows));
+                print_out(&render(&["PASSKEY", "PROJECT", "CREATED", "STATUS"], &rows))?;
             }
         }
         PasskeyCommand::Revoke { passkey } => {
             let k = c.passkey_revoke(&passkey).await?;
             if json {
-                print_json(&k);
+                print_json(&k)?;
             } else {
                 println!("revoked passkey {}… of project {}", k.prefix, k.project);
             }
@@ -250,7 +250,7 @@ async fn passkey(c: &AdminClient, cmd: PasskeyCommand, json: bool) -> Result<Exi
 pub(crate) async fn workers(c: &AdminClient, json: bool) -> Result<ExitCode> {
     let ws = c.workers().await?;
     if json {
-        print_json(&ws);
+        print_json(&ws)?;
         return Ok(ExitCode::Success);
     }
     let rows: Vec<_> = ws

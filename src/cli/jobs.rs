@@ -134,7 +134,7 @@ pub(crate) async fn exec(c: &AdminClient, spec: JobSpec, detach: bool, json: boo
         return Ok(ExitCode::Interrupted);
     };
     if json {
-        print_json(&record);
+        print_json(&record)?;
     }
     Ok(exit_of(&record))
 }
@@ -149,9 +149,9 @@ pub(crate) async fn eval(c: &AdminClient, spec: JobSpec, json: bool) -> Result<E
         return Ok(exit_of(&record));
     };
     if json {
-        print_json(out);
+        print_json(out)?;
     } else if out.error.is_none() {
-        print_json(&out.result);
+        print_json(&out.result)?;
     }
     if let Some(e) = &out.error {
         if !json {
@@ -197,7 +197,7 @@ pub(crate) fn exit_of(r: &JobRecord) -> ExitCode {
 pub(crate) async fn list(c: &AdminClient, a: JobsArgs, json: bool) -> Result<ExitCode> {
     let js = c.jobs(a.state).await?;
     if json {
-        print_json(&js);
+        print_json(&js)?;
         return Ok(ExitCode::Success);
     }
     let rows: Vec<_> = js
@@ -229,7 +229,7 @@ pub(crate) async fn job(c: &AdminClient, cmd: JobCommand, json: bool) -> Result<
                 c.job(&id).await?
             };
             if json {
-                print_json(&r);
+                print_json(&r)?;
             } else {
                 println!("job      {}", r.id);
                 println!("state    {}", r.state.as_str());
@@ -263,7 +263,7 @@ pub(crate) async fn job(c: &AdminClient, cmd: JobCommand, json: bool) -> Result<
         JobCommand::Cancel { id } => {
             let r = c.cancel(&id).await?;
             if json {
-                print_json(&r);
+                print_json(&r)?;
             } else if r.state.is_terminal() {
                 println!("job {} {}", r.id, r.state.as_str());
             } else {

@@ -1,6 +1,7 @@
 //! Command-line front ends: clap types and one `execute` match per binary, one fn per verb. Below this
 //! module nothing sees clap: values are turned into config and library types here.
 
+pub mod daemon;
 pub mod demo;
 pub mod hub;
 mod jobs;
@@ -30,7 +31,20 @@ pub(crate) fn list(a: &[String], b: &[String]) -> Vec<String> {
     crate::util::split_list(a.iter().chain(b))
 }
 
-/// Prints a value as pretty JSON on stdout (`--json` output).
-pub(crate) fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
+/// Prints a value as pretty JSON on stdout (`--json` output). A closed pipe (`| head`) is an error that
+/// [`report`] turns into a quiet success, not a panic.
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> crate::Result<()> {
+    print_out(&format!(
+        "{}\n",
+        serde_json::to_string_pretty(v).expect("serializes")
+    ))
+}
+
+/// Writes text to stdout, reporting a closed pipe as an error instead of panicking like `print!`.
+pub(crate) fn print_out(text: &str) -> crate::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
 }

@@ -13,6 +13,8 @@ use crate::secret::Secret;
 use crate::worker::registration::{self, RegisterParams};
 use crate::worker::{self as agent, RunOptions};
 
+pub use crate::worker::Reload;
+
 /// cla-worker: a pull agent that connects out to a cla-hub and runs what it is sent.
 #[derive(Debug, Parser)]
 #[command(name = "cla-worker", version, about, propagate_version = true)]
@@ -39,6 +41,48 @@ pub enum Command {
     Unregister(UnregisterArgs),
     /// Connect to the hub and run what it sends, in the foreground.
     Run(RunArgs),
+    /// Like `run`, in the background: prints the logfile, pidfile and pid, then returns.
+    Start(RunArgs),
+    /// Stop a background worker: it drains (running jobs get --drain-timeout), then exits.
+    Stop(StopArgs),
+    /// Is a background worker running? Exit 0 with its state, 3 when it is not.
+    Status(StatusArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `cla-worker man > /usr/share/man/man1/cla-worker.1`.
+    Man,
+}
+
+/// Which background worker: by id (default from the config) or by pidfile.
+#[derive(Debug, ClapArgs)]
+pub struct Which {
+    /// The worker id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The pidfile (default: per id in the runtime dir; /run/cla-worker as root).
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub which: Which,
+    /// Seconds to wait for the worker to drain and exit.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub timeout: u64,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub which: Which,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Tags and envs, as lists or repeated flags.
@@ -59,10 +103,10 @@ pub struct Labels {
 }
 
 impl Labels {
-    fn tags(&self) -> Vec<String> {
+    pub(crate) fn tags(&self) -> Vec<String> {
         list(&self.tags, &self.tag)
     }
-    fn envs(&self) -> Vec<String> {
+    pub(crate) fn envs(&self) -> Vec<String> {
         list(&self.envs, &self.env)
     }
 }
@@ -127,27 +171,68 @@ pub struct RunArgs {
     /// On SIGINT/SIGTERM, seconds running jobs get to finish before they are killed.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub drain_timeout: u64,
+    /// Write this pidfile (and a status file beside it for `cla-worker status`); `start` defaults it.
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
+    /// Log to this file, rotated by size, instead of stderr; `start` defaults it.
+    #[arg(long, value_name = "PATH")]
+    pub logfile: Option<PathBuf>,
 }
 
 /// Runs the command line.
 pub fn run(args: Args) -> Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(execute(args))
-}
-
-async fn execute(args: Args) -> Result<ExitCode> {
+    match &args.command {
+        // Neither needs a config nor a runtime.
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut <Args as clap::CommandFactory>::command(),
+                "cla-worker",
+                &mut std::io::stdout(),
+            );
+            return Ok(ExitCode::Success);
+        }
+        Command::Man => {
+            clap_mangen::Man::new(<Args as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
+            return Ok(ExitCode::Success);
+        }
+        _ => {}
+    }
     let allow_missing = matches!(&args.command, Command::Register(r) if r.save.is_some());
     let loaded = config::load(args.config.as_deref(), allow_missing, args.strict)?;
-    crate::logging::init(args.verbose.max(loaded.file.verbose));
+    let verbose = args.verbose.max(loaded.file.verbose);
+    match &args.command {
+        // The log goes to a file for a background worker.
+        Command::Run(a) if a.logfile.is_some() => {
+            let path = a.logfile.as_deref().expect("checked");
+            let file =
+                crate::logging::RotatingFile::open(path, loaded.file.log_max_bytes(), loaded.file.log_keep())
+                    .map_err(|e| Error::io(path, e))?;
+            crate::logging::init_to_file(verbose, file);
+        }
+        _ => crate::logging::init(verbose),
+    }
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }
     match args.command {
-        Command::Register(a) => register(a, &loaded).await,
-        Command::Unregister(a) => unregister(a, &loaded).await,
-        Command::Run(a) => run_worker(a, &loaded).await,
+        // Before any runtime exists: `start` spawns a process, `stop`/`status` only read files and signal.
+        Command::Start(a) => super::daemon::start(a, &loaded, args.verbose, args.strict),
+        Command::Stop(a) => super::daemon::stop(a, &loaded),
+        Command::Status(a) => super::daemon::status(a, &loaded),
+        command => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                match command {
+                    Command::Register(a) => register(a, &loaded).await,
+                    Command::Unregister(a) => unregister(a, &loaded).await,
+                    Command::Run(a) => run_worker(a, &loaded, args.strict).await,
+                    _ => unreachable!("handled above"),
+                }
+            })
+        }
     }
 }
 
@@ -256,22 +341,56 @@ async fn unregister(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<
     Ok(ExitCode::Success)
 }
 
-async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig) -> Result<ExitCode> {
-    let cli = Overrides {
-        url: a.who.url,
-        id: a.who.id,
-        token: a.who.token,
+/// The command-line values of `run`/`start` that override the config.
+pub(crate) fn overrides(a: &RunArgs) -> Overrides {
+    Overrides {
+        url: a.who.url.clone(),
+        id: a.who.id.clone(),
+        token: a.who.token.clone(),
         tags: a.labels.tags(),
         envs: a.labels.envs(),
         capacity: a.capacity,
-        workdir: a.workdir,
-    };
+        workdir: a.workdir.clone(),
+    }
+}
+
+async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig, strict: bool) -> Result<ExitCode> {
+    let cli = overrides(&a);
     let settings = config::resolve(loaded, &cli)?;
-    let shutdown = crate::shutdown::on_signals();
-    let opts = RunOptions {
+    // SIGHUP: the same file again, the same flags on top.
+    let (path, cli_again) = (loaded.path.clone(), cli.clone());
+    let reload: crate::worker::Reload = std::sync::Arc::new(move || {
+        let fresh = config::load(path.as_deref(), false, strict)?;
+        let s = config::resolve(&fresh, &cli_again)?;
+        Ok((s.tags, s.envs))
+    });
+    let mut opts = RunOptions {
         drain_timeout: Duration::from_secs(a.drain_timeout),
+        status_file: None,
+        reload: Some(reload),
     };
-    agent::run(settings, opts, shutdown).await?;
+    let pidfile = match &a.pidfile {
+        Some(p) => {
+            let paths = crate::worker::daemon::paths(&settings.id, Some(p.clone()), a.logfile.clone());
+            if let Some(pid) = crate::worker::daemon::running(p) {
+                return Err(Error::Other(format!(
+                    "worker {} is already running (pid {pid}, pidfile {})",
+                    settings.id,
+                    p.display()
+                )));
+            }
+            crate::worker::daemon::write_pidfile(p)?;
+            opts.status_file = Some(paths.statusfile);
+            Some(p.clone())
+        }
+        None => None,
+    };
+    let shutdown = crate::shutdown::on_signals();
+    let result = agent::run(settings, opts, shutdown).await;
+    if let Some(p) = pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    result?;
     tracing::info!("shutdown completed");
     Ok(ExitCode::Success)
 }

@@ -24,6 +24,10 @@ pub struct ConfigFile {
     pub capacity: Option<u32>,
     pub workdir: Option<PathBuf>,
     pub logfile: Option<PathBuf>,
+    /// Rotate the logfile when it would pass this size (MiB, default 10).
+    pub log_max_mb: Option<u64>,
+    /// Rotated logfiles kept (`worker.log.1` … `.N`, default 5).
+    pub log_keep: Option<u32>,
     pub pidfile: Option<PathBuf>,
     #[serde(default)]
     pub registrations: Vec<Registration>,
@@ -32,6 +36,16 @@ pub struct ConfigFile {
 }
 
 impl ConfigFile {
+    /// Logfile rotation size in bytes.
+    pub fn log_max_bytes(&self) -> u64 {
+        self.log_max_mb.unwrap_or(10).max(1) << 20
+    }
+
+    /// Rotated logfiles to keep.
+    pub fn log_keep(&self) -> u32 {
+        self.log_keep.unwrap_or(5)
+    }
+
     /// True when the file holds a token (top level or in a registration), so its mode matters.
     pub fn holds_token(&self) -> bool {
         self.token.is_some() || self.registrations.iter().any(|r| r.token.is_some())
@@ -94,6 +108,8 @@ const TOP_KEYS: &[&str] = &[
     "capacity",
     "workdir",
     "logfile",
+    "log_max_mb",
+    "log_keep",
     "pidfile",
     "registrations",
     "policy",

@@ -154,6 +154,28 @@ pub struct WorkerSettings {
     pub source: Option<PathBuf>,
 }
 
+/// The worker id alone (for `stop`/`status`): the flag, the file's `id`, or its only registration.
+pub fn resolve_id(loaded: &LoadedConfig, cli_id: Option<&str>) -> Result<String, ConfigError> {
+    if let Some(id) = cli_id.map(str::to_owned).or_else(|| loaded.file.id.clone()) {
+        return Ok(id);
+    }
+    match loaded.file.registrations.as_slice() {
+        [one] => Ok(one.id.clone()),
+        [] => Err(ConfigError::Missing(
+            "which worker? pass --id (no id in the config)".into(),
+        )),
+        several => Err(ConfigError::Missing(format!(
+            "which worker? the config has {} registrations ({}): pass --id",
+            several.len(),
+            several
+                .iter()
+                .map(|r| r.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
 /// Merges a loaded file with command-line values into [`WorkerSettings`].
 ///
 /// Registration rules (as the original worker): an id takes the token, url, tags and envs it was not

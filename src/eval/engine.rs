@@ -9,6 +9,9 @@ use super::EvalInput;
 use super::host;
 use crate::protocol::{ConsoleLine, EvalError, EvalOutput};
 
+/// Deepest nesting of a result or stash (JSON readers, ours included, refuse much deeper documents).
+pub const MAX_DEPTH: usize = 64;
+
 /// Frames of a JS stack kept in an error.
 const MAX_STACK_FRAMES: usize = 30;
 
@@ -81,23 +84,53 @@ fn to_json(v: &JsValue, what: &str, max: usize, ctx: &mut Context) -> Result<ser
             text.len()
         )));
     }
+    if depth(&text) > MAX_DEPTH {
+        return Err(plain(format!(
+            "RangeError: {what} nests deeper than {MAX_DEPTH} levels"
+        )));
+    }
     serde_json::from_str(&text).map_err(|e| plain(format!("TypeError: {what} gave invalid JSON: {e}")))
 }
 
-/// `JSON.stringify(v)`, or `None` when it returns `undefined`.
+/// `JSON.stringify(v)` — the built-in one, saved before the script ran (a script may replace or delete the
+/// global) — or `None` when it returns `undefined`.
 pub(super) fn stringify(v: &JsValue, ctx: &mut Context) -> Result<Option<String>, JsError> {
-    let json = ctx.global_object().get(js_string!("JSON"), ctx)?;
-    let stringify = json
-        .as_object()
-        .expect("JSON is a builtin object")
-        .get(js_string!("stringify"), ctx)?;
-    let f = stringify.as_callable().expect("JSON.stringify is callable");
+    let f = host::builtin_stringify().ok_or_else(|| {
+        JsError::from(boa_engine::JsNativeError::error().with_message("JSON.stringify is unavailable"))
+    })?;
     let s = f.call(&JsValue::undefined(), std::slice::from_ref(v), ctx)?;
     if s.is_undefined() {
         Ok(None)
     } else {
         Ok(Some(s.to_string(ctx)?.to_std_string_escaped()))
     }
+}
+
+/// How deeply a JSON text nests (a scalar is 0), counted without parsing it: parsers refuse documents
+/// nested much deeper, and the error must say what the problem is.
+fn depth(json: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 /// `TypeError: x (unknown at :1:7)` → `x (unknown at :1:7)`.

@@ -18,7 +18,9 @@ use std::path::Path;
 
 use boa_engine::object::ObjectInitializer;
 use boa_engine::property::Attribute;
-use boa_engine::{Context, JsArgs, JsError, JsNativeError, JsResult, JsValue, NativeFunction, js_string};
+use boa_engine::{
+    Context, JsArgs, JsError, JsNativeError, JsObject, JsResult, JsValue, NativeFunction, js_string,
+};
 
 use super::WorkerInfo;
 use crate::protocol::ConsoleLine;
@@ -49,6 +51,13 @@ struct Console {
 
 thread_local! {
     static CONSOLE: RefCell<Option<Console>> = const { RefCell::new(None) };
+    /// The built-in `JSON.stringify`, saved before the script runs.
+    static STRINGIFY: RefCell<Option<JsObject>> = const { RefCell::new(None) };
+}
+
+/// The saved built-in `JSON.stringify`.
+pub(super) fn builtin_stringify() -> Option<JsObject> {
+    STRINGIFY.with(|s| s.borrow().clone())
 }
 
 /// Starts collecting console output for an eval on this thread.
@@ -66,6 +75,7 @@ pub(super) fn begin(stream: Option<fn(&ConsoleLine)>, max_bytes: usize) {
 
 /// Stops collecting; returns the lines kept and whether some were dropped.
 pub(super) fn end() -> (Vec<ConsoleLine>, bool) {
+    STRINGIFY.with(|s| *s.borrow_mut() = None);
     CONSOLE.with(|c| {
         c.borrow_mut()
             .take()
@@ -88,8 +98,12 @@ fn log(level: &str, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
             if let Some(stream) = c.stream {
                 stream(&line);
             }
-            if c.bytes + line.text.len() <= c.max_bytes {
-                c.bytes += line.text.len();
+            // Counted as JSON, as it travels (escapes included).
+            let size = serde_json::to_string(&line.text)
+                .map(|t| t.len())
+                .unwrap_or(line.text.len());
+            if c.bytes + size <= c.max_bytes {
+                c.bytes += size;
                 c.lines.push(line);
             } else {
                 c.truncated = true;
@@ -259,8 +273,17 @@ fn signal_rc(status: &std::process::ExitStatus) -> i32 {
     }
 }
 
-/// Installs `console` and `cla` as globals.
+/// Installs `console` and `cla` as globals, and saves the built-in `JSON.stringify`.
 pub(super) fn install(ctx: &mut Context, worker: &WorkerInfo) -> JsResult<()> {
+    let json = ctx.global_object().get(js_string!("JSON"), ctx)?;
+    let stringify = match json.as_object() {
+        Some(o) => o
+            .get(js_string!("stringify"), ctx)?
+            .as_object()
+            .filter(|f| f.is_callable()),
+        None => None,
+    };
+    STRINGIFY.with(|s| *s.borrow_mut() = stringify);
     let console = ObjectInitializer::new(ctx)
         .function(NativeFunction::from_fn_ptr(console_log), js_string!("log"), 0)
         .function(NativeFunction::from_fn_ptr(console_info), js_string!("info"), 0)

@@ -35,7 +35,8 @@ pub struct EvalLimits {
     pub recursion: usize,
     /// Console output kept in the result (the live stream is not cut).
     pub max_console_bytes: usize,
-    /// Largest result or stash (JSON bytes).
+    /// Largest result or stash (JSON bytes). Result, stash and console together must fit one protocol
+    /// message (16 MiB) with room to spare: 2 + 2 + 1 MiB.
     pub max_result_bytes: usize,
     /// Address-space cap of the eval process, in MiB (Unix).
     pub memory_mib: u64,
@@ -47,7 +48,7 @@ impl Default for EvalLimits {
             loop_iterations: 10_000_000,
             recursion: 512,
             max_console_bytes: 1 << 20,
-            max_result_bytes: 8 << 20,
+            max_result_bytes: 2 << 20,
             memory_mib: 2048,
         }
     }

@@ -110,6 +110,20 @@ pub(crate) fn matches(target: &Target, worker_id: &str, hello: &Hello) -> bool {
         && target.env.as_ref().is_none_or(|e| hello.envs.contains(e))
 }
 
+/// Largest eval source accepted.
+const MAX_CODE_BYTES: usize = 1 << 20;
+/// Largest stash accepted (it travels in the job's messages and record).
+const MAX_STASH_BYTES: usize = 2 << 20;
+
+/// How deeply a JSON value nests (a scalar is 0).
+fn json_depth(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        serde_json::Value::Object(o) => 1 + o.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 fn validate(spec: &JobSpec) -> Result<(), ApiFail> {
     let bad = |m: String| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m);
     match &spec.task {
@@ -120,6 +134,24 @@ fn validate(spec: &JobSpec) -> Result<(), ApiFail> {
             return Err(bad("empty command: argv[0] is missing".into()));
         }
         Task::Eval(e) if e.code.trim().is_empty() => return Err(bad("empty eval code".into())),
+        Task::Eval(e) if e.code.len() > MAX_CODE_BYTES => {
+            return Err(bad(format!(
+                "eval code is {} bytes; the limit is {MAX_CODE_BYTES}",
+                e.code.len()
+            )));
+        }
+        Task::Eval(e) if !(e.stash.is_null() || e.stash.is_object()) => {
+            return Err(bad("the stash must be a JSON object".into()));
+        }
+        Task::Eval(e) if json_depth(&e.stash) > crate::eval::engine::MAX_DEPTH => {
+            return Err(bad(format!(
+                "the stash nests deeper than {} levels",
+                crate::eval::engine::MAX_DEPTH
+            )));
+        }
+        Task::Eval(e) if serde_json::to_vec(&e.stash).map_or(0, |v| v.len()) > MAX_STASH_BYTES => {
+            return Err(bad(format!("the stash is over {MAX_STASH_BYTES} bytes of JSON")));
+        }
         _ => {}
     }
     for k in spec.env_vars.keys() {

@@ -102,7 +102,14 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
         hub.dispatch().await;
         read_loop(&hub, &id, &mut reader, hb, &close).await;
         close.cancel();
-        let _ = writing.await;
+        // A send stuck on a half-dead connection must not keep the session (and its id) forever.
+        let abort = writing.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), writing)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     }
     hub.session_ended(&id, &session).await;
     remember(&hub, &id, None);
@@ -262,6 +269,19 @@ async fn handle(hub: &Arc<Hub>, id: &str, text: &str) {
                 s.draining = true;
             }
             tracing::info!(worker = id, "worker is draining");
+        }
+        WorkerMessage::Update { tags, envs } => {
+            if let Some(s) = hub.state().sessions.get_mut(id) {
+                s.hello.tags = tags.clone();
+                s.hello.envs = envs.clone();
+            }
+            let _ = hub.store.update_worker(id, |r| {
+                r.tags = tags.clone();
+                r.envs = envs.clone();
+            });
+            tracing::info!(worker = id, ?tags, ?envs, "worker updated its tags/envs");
+            // Queued jobs may match now.
+            hub.dispatch().await;
         }
         WorkerMessage::Error { code, message } => {
             tracing::warn!(worker = id, ?code, "worker reported: {message}")

@@ -148,8 +148,11 @@ impl Store {
         for item in t.iter().map_err(db_err)? {
             let (k, v) = item.map_err(db_err)?;
             let key = k.value().to_owned();
-            let value = decode(&key, v.value())?;
-            out.push((key, value));
+            // One unreadable record must not make every listing (or the hub's start-up) fail.
+            match decode(&key, v.value()) {
+                Ok(value) => out.push((key, value)),
+                Err(e) => tracing::error!("{e}; skipped"),
+            }
         }
         Ok(out)
     }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::message::{CommandLine, EvalOutput};
+use super::message::{CommandLine, EvalOutput, RawCommand};
 use crate::secret::Secret;
 
 /// Binary stream id of stdout on the admin exec stream.
@@ -165,12 +165,57 @@ impl Target {
     }
 }
 
-/// What a job does: run a command (`cmd` or `argv`) or evaluate JavaScript (`code`, `stash`).
+/// What a job does: run a command (`cmd` or `argv`) or evaluate JavaScript (`code`, `stash`). On the wire
+/// exactly one of `cmd`, `argv` and `code` is present, and `stash` only with `code`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(try_from = "RawTask", into = "RawTask")]
 pub enum Task {
     Exec(CommandLine),
     Eval(EvalTask),
+}
+
+/// The wire form of [`Task`], checked when it is read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RawTask {
+    #[serde(flatten)]
+    pub command: RawCommand,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stash: Option<serde_json::Value>,
+}
+
+impl TryFrom<RawTask> for Task {
+    type Error = String;
+    fn try_from(r: RawTask) -> Result<Self, String> {
+        let has_command = r.command.cmd.is_some() || r.command.argv.is_some();
+        match (r.code, has_command) {
+            (Some(_), true) => Err("give one of `cmd`, `argv` or `code`, not several".into()),
+            (Some(code), false) => Ok(Task::Eval(EvalTask {
+                code,
+                stash: r.stash.unwrap_or_default(),
+            })),
+            (None, _) if r.stash.is_some() => Err("`stash` goes with `code` (an eval)".into()),
+            (None, _) => Ok(Task::Exec(CommandLine::try_from(r.command)?)),
+        }
+    }
+}
+
+impl From<Task> for RawTask {
+    fn from(t: Task) -> Self {
+        match t {
+            Task::Exec(c) => RawTask {
+                command: c.into(),
+                code: None,
+                stash: None,
+            },
+            Task::Eval(e) => RawTask {
+                command: RawCommand::default(),
+                code: Some(e.code),
+                stash: (!e.stash.is_null()).then_some(e.stash),
+            },
+        }
+    }
 }
 
 /// JavaScript to evaluate on the worker.

@@ -36,6 +36,8 @@ pub enum WorkerMessage {
     Finished(JobResult),
     /// The worker is draining: it finishes what runs and takes nothing new.
     Draining,
+    /// The worker's tags and envs changed (SIGHUP reloaded its config); the session goes on.
+    Update { tags: Vec<String>, envs: Vec<String> },
     /// Answer to a message the worker could not handle.
     Error { code: ErrorCode, message: String },
 }
@@ -138,14 +140,51 @@ pub enum ErrorCode {
     UnknownJob,
 }
 
-/// The command of an exec request: one string for the shell, or an argv run directly.
+/// The command of an exec request: one string for the shell, or an argv run directly. On the wire it is
+/// `{"cmd": "..."}` or `{"argv": [...]}` — exactly one of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(try_from = "RawCommand", into = "RawCommand")]
 pub enum CommandLine {
     /// Run through the worker's shell (`sh -c` / `cmd /C`).
     Shell { cmd: String },
     /// Run directly, no shell; `argv[0]` is looked up in `PATH`.
     Argv { argv: Vec<String> },
+}
+
+/// The wire form of [`CommandLine`], checked when it is read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RawCommand {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+}
+
+impl TryFrom<RawCommand> for CommandLine {
+    type Error = String;
+    fn try_from(r: RawCommand) -> Result<Self, String> {
+        match (r.cmd, r.argv) {
+            (Some(cmd), None) => Ok(CommandLine::Shell { cmd }),
+            (None, Some(argv)) => Ok(CommandLine::Argv { argv }),
+            (Some(_), Some(_)) => Err("give `cmd` or `argv`, not both".into()),
+            (None, None) => Err("missing `cmd` (a shell line) or `argv` (a list)".into()),
+        }
+    }
+}
+
+impl From<CommandLine> for RawCommand {
+    fn from(c: CommandLine) -> Self {
+        match c {
+            CommandLine::Shell { cmd } => RawCommand {
+                cmd: Some(cmd),
+                argv: None,
+            },
+            CommandLine::Argv { argv } => RawCommand {
+                cmd: None,
+                argv: Some(argv),
+            },
+        }
+    }
 }
 
 impl CommandLine {

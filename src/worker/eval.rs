@@ -19,6 +19,20 @@ use crate::protocol::{ConsoleLine, EvalOutput, EvalRequest, JobResult, Outcome};
 /// Child stderr read for the error message when the child dies (its first line is reported).
 const STDERR_TAIL: usize = 4096;
 
+/// Largest frame of streamed console output.
+const FRAME: usize = 64 * 1024;
+
+/// How long to wait for the child's last output after it exited normally.
+const READ_WAIT: Duration = Duration::from_secs(60);
+
+/// Largest eval outcome sent to the hub: well under the 16 MiB message limit (the limits in
+/// `EvalLimits` keep a normal outcome far below this; this is the guard if they add up).
+const MAX_OUTPUT_MESSAGE: usize = 12 << 20;
+
+fn message_size(o: &EvalOutput) -> usize {
+    serde_json::to_vec(o).map(|v| v.len()).unwrap_or(usize::MAX)
+}
+
 /// How a console line is streamed: `log` lines as they are, other levels prefixed.
 fn render(line: &ConsoleLine) -> String {
     match line.level.as_str() {
@@ -101,7 +115,16 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
         while let Ok(Some(line)) = lines.next_line().await {
             match serde_json::from_str::<ChildLine>(&line) {
                 Ok(ChildLine::Console(c)) => {
-                    let _ = out.send(Out::Data(stream, render(&c).into_bytes().into())).await;
+                    // In frames of at most 64 KiB, like exec output: a huge line never makes a huge message.
+                    let bytes = bytes::Bytes::from(render(&c).into_bytes());
+                    for start in (0..bytes.len()).step_by(FRAME) {
+                        let _ = out
+                            .send(Out::Data(
+                                stream,
+                                bytes.slice(start..bytes.len().min(start + FRAME)),
+                            ))
+                            .await;
+                    }
                 }
                 Ok(ChildLine::Done(o)) => done = Some(*o),
                 Err(e) => tracing::warn!("unreadable line from the eval process: {e}"),
@@ -127,7 +150,15 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
     })
     .await;
     feeder.abort();
-    let output: Option<EvalOutput> = drain([reader], PIPE_LINGER).await.pop().flatten().flatten();
+    // Nothing but the child holds its stdout (`cla.run` gives commands pipes of their own), so after a normal
+    // exit the reader ends at EOF: wait for it — forwarding console lines may be slow when the hub is — rather
+    // than lose the result. After a kill, only a short wait.
+    let wait = if matches!(ending, Ending::Exited(_)) {
+        READ_WAIT
+    } else {
+        PIPE_LINGER
+    };
+    let output: Option<EvalOutput> = drain([reader], wait).await.pop().flatten().flatten();
     let stderr_tail = drain([errors], Duration::from_millis(200))
         .await
         .pop()
@@ -136,6 +167,13 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
     match (ending, output) {
         (Ending::Cancelled, _) => result(Outcome::Cancelled, None, Some("cancelled".into()), None),
         (Ending::TimedOut(why), _) => result(Outcome::TimedOut, None, Some(why), None),
+        (Ending::Exited(_), Some(o)) if message_size(&o) > MAX_OUTPUT_MESSAGE => {
+            let why = format!(
+                "the eval's output is {} bytes, over the {MAX_OUTPUT_MESSAGE}-byte limit",
+                message_size(&o)
+            );
+            result(Outcome::Failed, Some(1), Some(why), None)
+        }
         (Ending::Exited(_), Some(o)) => match &o.error {
             None => result(Outcome::Succeeded, Some(0), None, Some(o)),
             Some(e) => result(Outcome::Failed, Some(1), Some(e.message.clone()), Some(o)),

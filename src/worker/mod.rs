@@ -2,10 +2,11 @@
 //! handlers. One file per request kind (`exec.rs`, `eval.rs`; ship/fetch join later); process-tree
 //! control, which differs per OS, is in `process.rs`.
 
+pub mod daemon;
 mod eval;
 mod exec;
 mod process;
 pub mod registration;
 pub mod session;
 
-pub use session::{RunOptions, run};
+pub use session::{Reload, RunOptions, run};

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::daemon::{ConnState, Reporter};
 use super::eval;
 use super::exec::{self, ExecCtx};
 use crate::config::WorkerSettings;
@@ -32,17 +33,82 @@ const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// How long the handshake may take once connected.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Re-reads tags and envs (on SIGHUP): the config file again, with the command line still winning.
+pub type Reload = Arc<dyn Fn() -> Result<(Vec<String>, Vec<String>)> + Send + Sync>;
+
 /// Options of `cla-worker run` that are not part of the config.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunOptions {
     /// On SIGINT/SIGTERM, how long running jobs may take before they are killed.
     pub drain_timeout: Duration,
+    /// Where to keep the status `cla-worker status` reads.
+    pub status_file: Option<std::path::PathBuf>,
+    /// What SIGHUP does; `None` ignores it.
+    pub reload: Option<Reload>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             drain_timeout: Duration::from_secs(30),
+            status_file: None,
+            reload: None,
+        }
+    }
+}
+
+/// SIGHUP as a stream (never fires where there is no SIGHUP).
+struct Hup {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hup {
+    fn new() -> Hup {
+        #[cfg(unix)]
+        {
+            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            Hup { signal }
+        }
+        #[cfg(not(unix))]
+        Hup {}
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = self.signal.as_mut() {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+/// Applies a reload to the settings; returns the new tags and envs if they changed.
+fn reload(
+    opts: &RunOptions,
+    settings: &mut WorkerSettings,
+    reporter: &Reporter,
+) -> Option<(Vec<String>, Vec<String>)> {
+    let f = opts.reload.as_ref()?;
+    match f() {
+        Ok((tags, envs)) if tags != settings.tags || envs != settings.envs => {
+            tracing::info!(?tags, ?envs, "SIGHUP: tags/envs reloaded");
+            settings.tags = tags.clone();
+            settings.envs = envs.clone();
+            reporter.update(|s| {
+                s.tags = tags.clone();
+                s.envs = envs.clone();
+            });
+            Some((tags, envs))
+        }
+        Ok(_) => {
+            tracing::info!("SIGHUP: config reloaded, tags and envs unchanged");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("SIGHUP: config not reloaded: {e}");
+            None
         }
     }
 }
@@ -75,42 +141,81 @@ enum End {
 
 /// Runs the worker until `shutdown` fires (Ok), the registration is revoked, or the hub orders a
 /// shutdown (errors the binary maps to exit codes 1 and 10).
-pub async fn run(settings: WorkerSettings, opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
     if settings.url.starts_with("https://") {
         return Err(Error::Usage(format!(
             "hub URL {} needs TLS, which this build does not support yet: use http://",
             settings.url
         )));
     }
+    let s = &settings;
+    let reporter = Arc::new(Reporter::new(
+        opts.status_file.clone(),
+        &s.id,
+        &s.url,
+        s.capacity,
+        &s.tags,
+        &s.envs,
+    ));
+    let mut hup = Hup::new();
     let mut backoff = Backoff::default();
-    let mut seen = HashSet::new();
+    let mut seen = Seen::default();
     tracing::info!(id = %settings.id, url = %settings.url, tags = ?settings.tags, capacity = settings.capacity, "cla-worker {} starting", crate::VERSION);
-    loop {
-        let end = connect_once(&settings, &opts, &shutdown, &mut backoff, &mut seen).await?;
+    let result = loop {
+        let end = match connect_once(
+            &mut settings,
+            &opts,
+            &shutdown,
+            &mut backoff,
+            &mut seen,
+            &reporter,
+            &mut hup,
+        )
+        .await
+        {
+            Ok(end) => end,
+            Err(e) => break Err(e),
+        };
         let (reason, retry_after) = match end {
-            End::Shutdown => return Ok(()),
-            End::HubShutdown(reason) => return Err(Error::HubShutdown(reason)),
+            End::Shutdown => break Ok(()),
+            End::HubShutdown(reason) => break Err(Error::HubShutdown(reason)),
             End::Lost { reason, retry_after } => (reason, retry_after),
         };
+        reporter.state(ConnState::Reconnecting, Some(reason.clone()));
         let wait = backoff.next().max(retry_after.unwrap_or_default());
         tracing::warn!(
             attempt = backoff.attempt,
             "{reason}; reconnecting in {:.1}s",
             wait.as_secs_f64()
         );
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.cancelled() => return Ok(()),
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = shutdown.cancelled() => break,
+                _ = hup.recv() => {
+                    // Applied with the next hello.
+                    reload(&opts, &mut settings, &reporter);
+                }
+            }
         }
-    }
+        if shutdown.is_cancelled() {
+            break Ok(());
+        }
+    };
+    reporter.remove();
+    result
 }
 
 async fn connect_once(
-    s: &WorkerSettings,
+    s: &mut WorkerSettings,
     opts: &RunOptions,
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
-    seen: &mut HashSet<String>,
+    seen: &mut Seen,
+    reporter: &Arc<Reporter>,
+    hup: &mut Hup,
 ) -> Result<End> {
     let url = format!("{}{WS_PATH}", s.url);
     let auth = format!("Bearer {}", s.token.expose());
@@ -166,10 +271,11 @@ async fn connect_once(
         Ok(Ok(other)) => return Ok(lost(format!("unexpected first message from the hub: {other:?}"))),
     };
     backoff.reset();
+    reporter.state(ConnState::Connected, None);
     tracing::info!(session = %welcome.session, "connected to hub {} as {}", s.url, s.id);
     let heartbeat = Duration::from_secs(welcome.heartbeat_secs.max(1));
-    let mut live = Live::new(s, writer);
-    let end = live.serve(&mut reader, heartbeat, opts, shutdown, seen).await;
+    let mut live = Live::new(s, writer, reporter.clone(), heartbeat, opts.clone());
+    let end = live.serve(&mut reader, shutdown, seen, s, hup).await;
     live.finish(matches!(end, End::Lost { .. })).await;
     Ok(end)
 }
@@ -193,6 +299,10 @@ async fn first_message(reader: &mut ConnectionReader) -> Result<HubMessage, Prot
 
 /// One established session: the writer task, the running jobs and their cancel tokens.
 struct Live {
+    reporter: Arc<Reporter>,
+    /// The hub's heartbeat: 3 silent ones mean the connection is dead.
+    heartbeat: Duration,
+    opts: RunOptions,
     ctx: ExecCtx,
     capacity: usize,
     jobs: Arc<Mutex<HashMap<String, CancellationToken>>>,
@@ -205,11 +315,20 @@ struct Live {
 }
 
 impl Live {
-    fn new(s: &WorkerSettings, writer: ConnectionWriter) -> Live {
+    fn new(
+        s: &WorkerSettings,
+        writer: ConnectionWriter,
+        reporter: Arc<Reporter>,
+        heartbeat: Duration,
+        opts: RunOptions,
+    ) -> Live {
         let (tx, rx) = mpsc::channel(256);
         let dead = CancellationToken::new();
         let writer = tokio::spawn(write_loop(writer, rx, dead.clone()));
         Live {
+            reporter,
+            heartbeat,
+            opts,
             ctx: ExecCtx {
                 worker_id: s.id.clone(),
                 hub_url: s.url.clone(),
@@ -234,12 +353,13 @@ impl Live {
     async fn serve(
         &mut self,
         reader: &mut ConnectionReader,
-        heartbeat: Duration,
-        opts: &RunOptions,
         shutdown: &CancellationToken,
-        seen: &mut HashSet<String>,
+        seen: &mut Seen,
+        settings: &mut WorkerSettings,
+        hup: &mut Hup,
     ) -> End {
-        let silence = heartbeat * 3;
+        let opts = &self.opts.clone();
+        let silence = self.heartbeat * 3;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
             let draining = drain_deadline.is_some();
@@ -248,6 +368,7 @@ impl Live {
                     let running = self.jobs.lock().expect("jobs lock").len();
                     tracing::info!(running, "draining: no new jobs; running ones get {:?}", opts.drain_timeout);
                     self.send(WorkerMessage::Draining).await;
+                    self.reporter.state(ConnState::Draining, None);
                     drain_deadline = Some(tokio::time::Instant::now() + opts.drain_timeout);
                     self.tracker.close();
                     continue;
@@ -260,6 +381,14 @@ impl Live {
                     return End::Shutdown;
                 }
                 _ = self.dead.cancelled() => return lost("connection to the hub failed".into()),
+                _ = hup.recv() => {
+                    if let Some((tags, envs)) = reload(opts, settings, &self.reporter) {
+                        self.ctx.tags = tags.clone();
+                        self.ctx.envs = envs.clone();
+                        self.send(WorkerMessage::Update { tags, envs }).await;
+                    }
+                    continue;
+                }
                 r = tokio::time::timeout(silence, reader.read()) => r,
             };
             let frame = match incoming {
@@ -338,14 +467,8 @@ impl Live {
     }
 
     /// Accepts (or refuses) an offered job and runs `work` for it as a tracked task.
-    async fn start_job<F, Fut>(
-        &mut self,
-        job: String,
-        what: String,
-        draining: bool,
-        seen: &mut HashSet<String>,
-        work: F,
-    ) where
+    async fn start_job<F, Fut>(&mut self, job: String, what: String, draining: bool, seen: &mut Seen, work: F)
+    where
         F: FnOnce(ExecCtx, CancellationToken) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobResult> + Send + 'static,
     {
@@ -382,14 +505,19 @@ impl Live {
             .lock()
             .expect("jobs lock")
             .insert(job.clone(), cancel.clone());
-        let (ctx, jobs) = (self.ctx.clone(), self.jobs.clone());
+        let (ctx, jobs, reporter) = (self.ctx.clone(), self.jobs.clone(), self.reporter.clone());
         let span = tracing::info_span!("job", job_id = %job);
         self.tracker.spawn(tracing::Instrument::instrument(
             async move {
                 tracing::info!("running {what}");
                 let result = work(ctx.clone(), cancel).await;
                 tracing::info!(outcome = ?result.outcome, rc = ?result.rc, ms = result.duration_ms, "finished");
-                jobs.lock().expect("jobs lock").remove(&result.job);
+                let running = {
+                    let mut jobs = jobs.lock().expect("jobs lock");
+                    jobs.remove(&result.job);
+                    jobs.len() as u32
+                };
+                reporter.update(|s| s.running = running);
                 let _ = ctx.out.send(Out::msg(WorkerMessage::Finished(result))).await;
             },
             span,
@@ -433,6 +561,38 @@ async fn write_loop(mut writer: ConnectionWriter, mut rx: mpsc::Receiver<Out>, d
         }
     }
     writer.close().await;
+}
+
+/// Job ids this worker has accepted, so a re-offer after a reconnect is answered instead of run twice.
+/// Bounded: the oldest ids are forgotten first (a re-offer comes within seconds of a reconnect).
+#[derive(Default)]
+pub(crate) struct Seen {
+    ids: HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Seen {
+    const CAPACITY: usize = 10_000;
+
+    /// Records `id`; false if it was known already.
+    fn insert(&mut self, id: String) -> bool {
+        if !self.ids.insert(id.clone()) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > Self::CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        true
+    }
+
+    fn remove(&mut self, id: &str) {
+        if self.ids.remove(id) {
+            self.order.retain(|o| o != id);
+        }
+    }
 }
 
 /// Full-jitter exponential backoff: the n-th wait is uniform in [0, min(cap, base·2ⁿ)].

@@ -141,7 +141,8 @@ fn console_output_is_capped() {
         ..Default::default()
     };
     let out = evaluate(&input, None);
-    assert_eq!(out.console.len(), 5);
+    // Counted as JSON strings: 12 bytes a line.
+    assert_eq!(out.console.len(), 4);
     assert!(out.console_truncated);
 }
 
@@ -185,4 +186,43 @@ fn host_api() {
             .starts_with("TypeError: cla.readFile: argument 1 is required"),
         "{e:?}"
     );
+}
+
+#[test]
+fn scripts_cannot_break_the_json_conversion() {
+    let out = run("JSON.stringify = null; ({a: 1})");
+    assert_eq!(out.result, json!({"a": 1}), "{:?}", out.error);
+    let out = run("delete globalThis.JSON; console.log({k: 1}); stash.x = [1]; 2");
+    assert_eq!(
+        (out.result.clone(), out.stash.clone()),
+        (json!(2), json!({"x": [1]})),
+        "{:?}",
+        out.error
+    );
+    assert_eq!(out.console[0].text, "{\"k\":1}");
+    let out = run("JSON.stringify = () => 'nope'; [1]");
+    assert_eq!(out.result, json!([1]));
+}
+
+#[test]
+fn deep_nesting_is_refused() {
+    let e = run("let o = 1; for (let i = 0; i < 65; i++) o = {a: o}; o")
+        .error
+        .unwrap();
+    assert!(e.message.contains("nests deeper than 64"), "{e:?}");
+    assert_eq!(
+        run("let o = 1; for (let i = 0; i < 60; i++) o = [o]; o").error,
+        None
+    );
+    let e = run("let o = 1; for (let i = 0; i < 200; i++) o = {a: o}; stash.deep = o; 1")
+        .error
+        .unwrap();
+    assert!(e.message.contains("the stash nests deeper"), "{e:?}");
+}
+
+#[test]
+fn json_depth_ignores_brackets_in_strings() {
+    assert_eq!(depth("1"), 0);
+    assert_eq!(depth(r#"[1,{"a":[2]}]"#), 3);
+    assert_eq!(depth(r#"{"s":"[[[{{{\"]]]"}"#), 1);
 }

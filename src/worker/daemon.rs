@@ -1,0 +1,255 @@
+//! The worker as a background service (`start`/`stop`/`status`): where its pidfile, logfile and status
+//! file live, how a running worker is recognised, and the status file the running worker keeps current.
+//!
+//! Defaults (per worker id, so several workers run side by side): as root, `/run/cla-worker/` for the
+//! pidfile and status file and `/var/log/cla-worker/` for the log; otherwise the user's runtime dir
+//! (`$XDG_RUNTIME_DIR/cla-worker/`, else the state dir) and state dir (`~/.local/state/cla-worker/`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::util::{now_rfc3339, write_atomic};
+
+/// Files of one daemonized worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonPaths {
+    pub pidfile: PathBuf,
+    pub logfile: PathBuf,
+    pub statusfile: PathBuf,
+}
+
+fn is_root() -> bool {
+    #[cfg(unix)]
+    {
+        nix::unistd::geteuid().is_root()
+    }
+    #[cfg(not(unix))]
+    {
+        false
+    }
+}
+
+/// The paths for worker `id`, with explicit choices taking precedence.
+pub fn paths(id: &str, pidfile: Option<PathBuf>, logfile: Option<PathBuf>) -> DaemonPaths {
+    let (run_dir, log_dir) = if is_root() {
+        (
+            PathBuf::from("/run/cla-worker"),
+            PathBuf::from("/var/log/cla-worker"),
+        )
+    } else {
+        let base = directories::BaseDirs::new();
+        let state = base
+            .as_ref()
+            .and_then(|b| b.state_dir().map(Path::to_path_buf))
+            .or_else(|| base.as_ref().map(|b| b.data_local_dir().to_path_buf()))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("cla-worker");
+        let run = base
+            .as_ref()
+            .and_then(|b| b.runtime_dir().map(|d| d.join("cla-worker")))
+            .unwrap_or_else(|| state.clone());
+        (run, state)
+    };
+    let pidfile = pidfile.unwrap_or_else(|| run_dir.join(format!("cla-worker-{id}.pid")));
+    let statusfile = pidfile.with_extension("status.json");
+    let logfile = logfile.unwrap_or_else(|| log_dir.join(format!("cla-worker-{id}.log")));
+    DaemonPaths {
+        pidfile,
+        logfile,
+        statusfile,
+    }
+}
+
+/// The pid in a pidfile, if the file holds one.
+pub fn read_pid(pidfile: &Path) -> Option<u32> {
+    std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
+}
+
+/// True when `pid` is a live worker started with this pidfile. A pid reused by an unrelated process
+/// (after a crash left the pidfile behind) does not count, where the OS lets us tell (Linux).
+pub fn alive(pid: u32, pidfile: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use nix::errno::Errno;
+        use nix::sys::signal::kill;
+        use nix::unistd::Pid;
+        match kill(Pid::from_raw(pid as i32), None) {
+            Ok(()) | Err(Errno::EPERM) => {}
+            Err(_) => return false,
+        }
+        #[cfg(target_os = "linux")]
+        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let needle = pidfile.as_os_str().as_encoded_bytes();
+            return cmdline.windows(needle.len().max(1)).any(|w| w == needle);
+        }
+        true
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (pid, pidfile);
+        false
+    }
+}
+
+/// The pid of the running worker behind `pidfile`, if there is one.
+pub fn running(pidfile: &Path) -> Option<u32> {
+    read_pid(pidfile).filter(|pid| alive(*pid, pidfile))
+}
+
+/// Writes the pidfile (atomically) for this process.
+pub fn write_pidfile(pidfile: &Path) -> Result<()> {
+    write_atomic(pidfile, format!("{}\n", std::process::id()).as_bytes(), false)
+        .map_err(|e| Error::Other(format!("cannot write pidfile: {e}")))
+}
+
+/// The connection state a worker reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnState {
+    Connecting,
+    Connected,
+    Reconnecting,
+    Draining,
+}
+
+/// What `cla-worker status` shows, as the running worker last wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub id: String,
+    pub url: String,
+    pub state: ConnState,
+    /// When `state` last changed.
+    pub since: String,
+    /// When the process started.
+    pub started: String,
+    pub running: u32,
+    pub capacity: u32,
+    pub tags: Vec<String>,
+    pub envs: Vec<String>,
+    /// Why the last connection ended, while reconnecting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub version: String,
+}
+
+/// Keeps the status (in memory, and in the status file when there is one) current.
+pub(crate) struct Reporter {
+    path: Option<PathBuf>,
+    status: Mutex<Status>,
+}
+
+impl Reporter {
+    pub(crate) fn new(
+        path: Option<PathBuf>,
+        id: &str,
+        url: &str,
+        capacity: u32,
+        tags: &[String],
+        envs: &[String],
+    ) -> Reporter {
+        let now = now_rfc3339();
+        let status = Status {
+            pid: std::process::id(),
+            id: id.to_owned(),
+            url: url.to_owned(),
+            state: ConnState::Connecting,
+            since: now.clone(),
+            started: now,
+            running: 0,
+            capacity,
+            tags: tags.to_vec(),
+            envs: envs.to_vec(),
+            last_error: None,
+            version: crate::VERSION.to_owned(),
+        };
+        let r = Reporter {
+            path,
+            status: Mutex::new(status),
+        };
+        r.update(|_| {});
+        r
+    }
+
+    /// Changes the status and rewrites the file.
+    pub(crate) fn update(&self, change: impl FnOnce(&mut Status)) {
+        let snapshot = {
+            let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            change(&mut s);
+            s.clone()
+        };
+        if let Some(path) = &self.path {
+            let json = serde_json::to_vec_pretty(&snapshot).expect("status serializes");
+            if let Err(e) = write_atomic(path, &json, false) {
+                tracing::warn!("cannot write the status file: {e}");
+            }
+        }
+    }
+
+    /// A new connection state (stamps `since` when it changes).
+    pub(crate) fn state(&self, state: ConnState, last_error: Option<String>) {
+        self.update(|s| {
+            if s.state != state {
+                s.state = state;
+                s.since = now_rfc3339();
+            }
+            s.last_error = last_error;
+        });
+    }
+
+    /// Removes the status file (at exit).
+    pub(crate) fn remove(&self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Reads a status file.
+pub fn read_status(path: &Path) -> Option<Status> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_paths_win_and_the_status_file_sits_by_the_pidfile() {
+        let p = paths("w1", Some("/x/w.pid".into()), Some("/y/w.log".into()));
+        assert_eq!(p.pidfile, PathBuf::from("/x/w.pid"));
+        assert_eq!(p.statusfile, PathBuf::from("/x/w.status.json"));
+        assert_eq!(p.logfile, PathBuf::from("/y/w.log"));
+        let d = paths("w2", None, None);
+        assert!(d.pidfile.ends_with("cla-worker-w2.pid") && d.logfile.ends_with("cla-worker-w2.log"));
+    }
+
+    #[test]
+    fn pidfiles_of_dead_or_foreign_processes_do_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let pf = dir.path().join("w.pid");
+        assert_eq!(running(&pf), None);
+        std::fs::write(&pf, "garbage\n").unwrap();
+        assert_eq!(running(&pf), None);
+        // This test process is alive but was not started with that pidfile.
+        std::fs::write(&pf, format!("{}\n", std::process::id())).unwrap();
+        assert_eq!(running(&pf), None);
+    }
+
+    #[test]
+    fn reporter_writes_the_status_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.status.json");
+        let r = Reporter::new(Some(path.clone()), "w", "http://h:1", 2, &["t".into()], &[]);
+        assert_eq!(read_status(&path).unwrap().state, ConnState::Connecting);
+        r.state(ConnState::Connected, None);
+        r.update(|s| s.running = 1);
+        let s = read_status(&path).unwrap();
+        assert_eq!((s.state, s.running, s.capacity), (ConnState::Connected, 1, 2));
+        r.remove();
+        assert!(!path.exists());
+    }
+}
