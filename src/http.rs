@@ -78,6 +78,27 @@ impl HttpClient {
         &self.base
     }
 
+    /// `GET path` without decoding: the status and the `Date` header (for `doctor`).
+    pub async fn probe(&self, path: &str) -> Result<(u16, Option<String>), HttpError> {
+        let url = format!("{}{}", self.base, path);
+        let req = Request::get(&url)
+            .body(Full::new(Bytes::new()))
+            .map_err(|_| HttpError::BadUrl(url.clone()))?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| HttpError::Timeout(self.base.clone()))?
+            .map_err(|e| HttpError::Connect {
+                url: self.base.clone(),
+                reason: connect_reason(&e),
+            })?;
+        let date = resp
+            .headers()
+            .get(hyper::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .map(str::to_owned);
+        Ok((resp.status().as_u16(), date))
+    }
+
     /// `GET path`, decoding a JSON answer.
     pub async fn get<R: DeserializeOwned>(
         &self,

@@ -191,3 +191,51 @@ fn completions_and_man_page() {
         stdout(&out)
     );
 }
+
+#[test]
+fn doctor_against_a_running_and_a_stopped_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = Hub::start(dir.path());
+    let setup = register(&hub, dir.path(), "doc", "t");
+    let out = Command::new(WORKER)
+        .arg("-c")
+        .arg(&setup.config)
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    for check in [
+        "config",
+        "credentials",
+        "dns",
+        "tcp",
+        "http",
+        "clock",
+        "websocket",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with("ok") && l.contains(check)),
+            "{check} not ok:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("all checks passed") && !text.contains(&setup.token),
+        "{text}"
+    );
+    hub.proc.kill();
+    let out = Command::new(WORKER)
+        .arg("-c")
+        .arg(&setup.config)
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("tcp") && l.contains("cla-hub serve")),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -47,6 +47,8 @@ pub enum Command {
     Stop(StopArgs),
     /// Is a background worker running? Exit 0 with its state, 3 when it is not.
     Status(StatusArgs),
+    /// Check config, DNS, TCP, TLS, HTTP, clock skew and authentication against the hub, with fixes.
+    Doctor(UnregisterArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -229,6 +231,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     Command::Register(a) => register(a, &loaded).await,
                     Command::Unregister(a) => unregister(a, &loaded).await,
                     Command::Run(a) => run_worker(a, &loaded, args.strict).await,
+                    Command::Doctor(a) => doctor(a, &loaded).await,
                     _ => unreachable!("handled above"),
                 }
             })
@@ -339,6 +342,36 @@ async fn unregister(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<
         println!("removed from {}", path.display());
     }
     Ok(ExitCode::Success)
+}
+
+async fn doctor(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<ExitCode> {
+    use crate::worker::doctor::{self, Verdict};
+    let cli = Overrides {
+        url: a.who.url,
+        id: a.who.id,
+        token: a.who.token,
+        ..Default::default()
+    };
+    let checks = doctor::run(loaded, &cli).await;
+    let mut failed = 0;
+    for c in &checks {
+        let mark = match c.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Fail => {
+                failed += 1;
+                "FAIL"
+            }
+            Verdict::Skipped => "-   ",
+        };
+        super::print_out(&format!("{mark}  {:<12} {}\n", c.name, c.detail))?;
+    }
+    if failed == 0 {
+        super::print_out("all checks passed\n")?;
+        Ok(ExitCode::Success)
+    } else {
+        super::print_out(&format!("{failed} check(s) failed\n"))?;
+        Ok(ExitCode::Failure)
+    }
 }
 
 /// The command-line values of `run`/`start` that override the config.

@@ -3,6 +3,7 @@
 //! control, which differs per OS, is in `process.rs`.
 
 pub mod daemon;
+pub mod doctor;
 mod eval;
 mod exec;
 mod process;
