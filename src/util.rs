@@ -50,10 +50,34 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Resul
     }
     #[cfg(not(unix))]
     let _ = private;
+    // Replacing a file keeps its owner (root editing /etc/cla-worker.yml must leave it readable by the
+    // service's user). Only root may change owners; for anyone else the owner is already right.
+    #[cfg(unix)]
+    if let Ok(old) = std::fs::metadata(path) {
+        use std::os::unix::fs::MetadataExt;
+        let _ = std::os::unix::fs::fchown(tmp.as_file(), Some(old.uid()), Some(old.gid()));
+    }
     tmp.write_all(contents).map_err(|e| Error::io(path, e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// Checks that [`write_atomic`] can replace `path`: a temp file can be created in its directory. Used
+/// before an action whose result must be saved (registering returns a token shown only once).
+pub(crate) fn check_writable(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(Path::new("."));
+    tempfile::Builder::new().prefix(".cla-tmp-").tempfile_in(existing).map(drop).map_err(|e| {
+        Error::Other(format!(
+            "cannot write {}: {e} (creating files in {}); run as a user who can (e.g. sudo), or pick another file with -c",
+            path.display(),
+            existing.display()
+        ))
+    })
 }
 
 /// Splits comma-separated values, trims them and drops empty ones (`"a, b,,c"` → `[a, b, c]`).
@@ -78,6 +102,41 @@ mod tests {
     fn split_list_trims_and_dedups() {
         let v = vec!["a, b,,c".to_owned(), "b".to_owned(), " d ".to_owned()];
         assert_eq!(split_list(&v), ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn check_writable_names_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_writable(&dir.path().join("new/sub/cla-worker.yml")).is_ok());
+        #[cfg(unix)]
+        if !nix::unistd::geteuid().is_root() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o500)).unwrap();
+            let e = check_writable(&dir.path().join("c.yml")).unwrap_err().to_string();
+            assert!(e.contains("cannot write") && e.contains("sudo"), "{e}");
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn write_atomic_keeps_the_owner() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("owned.yml");
+        std::fs::write(&p, "x").unwrap();
+        // As root, hand the file to another user first; otherwise it is ours either way.
+        let (uid, gid) = if nix::unistd::geteuid().is_root() {
+            (65534, 65534)
+        } else {
+            let m = std::fs::metadata(&p).unwrap();
+            (m.uid(), m.gid())
+        };
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+        write_atomic(&p, b"y", true).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!((m.uid(), m.gid()), (uid, gid));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "y");
     }
 
     #[test]

@@ -266,14 +266,20 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         envs: envs.clone(),
         token: a.token,
     };
+    // The token is shown only once: make sure it can be saved before asking for it.
+    let save_to = a.save.as_ref().map(|explicit| {
+        explicit
+            .clone()
+            .or_else(|| loaded.path.clone())
+            .unwrap_or_else(|| PathBuf::from(config::FILE_NAME))
+    });
+    if let Some(path) = &save_to {
+        crate::util::check_writable(path)?;
+    }
     let resp = registration::register(&params).await?;
-    let saved = match &a.save {
+    let saved = match save_to {
         None => None,
-        Some(explicit) => {
-            let path = explicit
-                .clone()
-                .or_else(|| loaded.path.clone())
-                .unwrap_or_else(|| PathBuf::from(config::FILE_NAME));
+        Some(path) => {
             let reg = Registration {
                 id: resp.id.clone(),
                 token: Some(Secret::new(resp.token.clone())),
@@ -281,7 +287,14 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
                 tags,
                 envs,
             };
-            save::save_registration(&path, &reg)?;
+            if let Err(e) = save::save_registration(&path, &reg) {
+                // Registered, but not saved: the token must not be lost with the error.
+                eprintln!(
+                    "cla-worker: registered worker {} but could not save it: {e}\nkeep its token (shown only now): {}",
+                    resp.id, resp.token
+                );
+                return Ok(ExitCode::Failure);
+            }
             Some(path)
         }
     };
