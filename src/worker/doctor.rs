@@ -8,8 +8,8 @@ use crate::config::{LoadedConfig, Overrides, resolve};
 use crate::http::HttpClient;
 use crate::protocol::connection::Incoming;
 use crate::protocol::{
-    Connection, Frame, Hello, HubMessage, PROTOCOL_VERSION, ProtocolError, RejectCode, WORKER_ID_HEADER,
-    WS_PATH, WorkerMessage, decode_text,
+    Connection, Frame, HubMessage, ProtocolError, RejectCode, WORKER_ID_HEADER, WS_PATH, WorkerMessage,
+    decode_text,
 };
 
 /// Largest clock difference that passes.
@@ -240,18 +240,7 @@ async fn handshake(s: &crate::config::WorkerSettings) -> Check {
         Err(e) => return fail("websocket", e.to_string()),
     };
     let (mut w, mut r) = conn.split();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        agent: format!("cla-worker {} (doctor)", crate::VERSION),
-        tags: s.tags.clone(),
-        envs: s.envs.clone(),
-        capacity: s.capacity,
-        host: crate::util::hostname(),
-        os: std::env::consts::OS.to_owned(),
-        arch: std::env::consts::ARCH.to_owned(),
-        pid: std::process::id(),
-        resume: Vec::new(),
-    };
+    let hello = super::session::hello(s, " (doctor)");
     if let Err(e) = w.send(&WorkerMessage::Hello(hello)).await {
         return fail("websocket", e.to_string());
     }

@@ -236,19 +236,7 @@ async fn connect_once(
         Err(e) => return Ok(lost(e.to_string())),
     };
     let (mut writer, mut reader) = conn.split();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        agent: format!("cla-worker {}", crate::VERSION),
-        tags: s.tags.clone(),
-        envs: s.envs.clone(),
-        capacity: s.capacity,
-        host: crate::util::hostname(),
-        os: std::env::consts::OS.to_owned(),
-        arch: std::env::consts::ARCH.to_owned(),
-        pid: std::process::id(),
-        resume: Vec::new(),
-    };
-    if let Err(e) = writer.send(&WorkerMessage::Hello(hello)).await {
+    if let Err(e) = writer.send(&WorkerMessage::Hello(hello(s, ""))).await {
         return Ok(lost(e.to_string()));
     }
     let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, first_message(&mut reader)).await {
@@ -278,6 +266,22 @@ async fn connect_once(
     let end = live.serve(&mut reader, shutdown, seen, s, hup).await;
     live.finish(matches!(end, End::Lost { .. })).await;
     Ok(end)
+}
+
+/// This worker's `hello`; `agent_note` marks a special client (`doctor`).
+pub(crate) fn hello(s: &WorkerSettings, agent_note: &str) -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        agent: format!("cla-worker {}{agent_note}", crate::VERSION),
+        tags: s.tags.clone(),
+        envs: s.envs.clone(),
+        capacity: s.capacity,
+        host: crate::util::hostname(),
+        os: std::env::consts::OS.to_owned(),
+        arch: std::env::consts::ARCH.to_owned(),
+        pid: std::process::id(),
+        resume: Vec::new(),
+    }
 }
 
 fn lost(reason: String) -> End {
