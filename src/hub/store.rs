@@ -6,11 +6,11 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::api::{JobRecord, PasskeyView};
+use crate::protocol::api::{JobRecord, JobState, PasskeyView};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PASSKEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("passkeys");
@@ -104,8 +104,19 @@ impl Store {
         key: &str,
         value: &T,
     ) -> Result<(), StoreError> {
+        self.put_with(table, key, value, Durability::Immediate)
+    }
+
+    fn put_with<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+        durability: Durability,
+    ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value).expect("records serialize");
-        let tx = self.db.begin_write().map_err(db_err)?;
+        let mut tx = self.db.begin_write().map_err(db_err)?;
+        tx.set_durability(durability).map_err(db_err)?;
         tx.open_table(table)
             .map_err(db_err)?
             .insert(key, bytes.as_slice())
@@ -225,8 +236,13 @@ impl Store {
         Ok(self.all(WORKERS)?.into_iter().map(|(_, w)| w).collect())
     }
 
+    /// Stores a job. A new (queued) or ended job is fsynced before this returns; the steps in between
+    /// (offered, accepted, running) are not, to spare a job's round trip three fsyncs: after a crash such a
+    /// job falls back to its last durable state (queued), which a restarted hub reports as lost.
     pub fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
-        self.put(JOBS, &rec.id, rec)
+        let durable = rec.state == JobState::Queued || rec.state.is_terminal();
+        let durability = if durable { Durability::Immediate } else { Durability::None };
+        self.put_with(JOBS, &rec.id, rec, durability)
     }
 
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
