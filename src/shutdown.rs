@@ -1,4 +1,5 @@
-//! Process-wide shutdown: one [`CancellationToken`] cancelled by SIGINT or SIGTERM (Ctrl-C on Windows).
+//! Process-wide shutdown: one [`CancellationToken`] cancelled by SIGINT or SIGTERM (on Windows: Ctrl-C,
+//! Ctrl-Break or closing the console).
 //! Sessions, jobs and connections get `child_token()`s and `select!` on `cancelled()`.
 
 use tokio_util::sync::CancellationToken;
@@ -26,7 +27,24 @@ pub async fn wait_for_signal() {
             _ = term.recv() => {}
         }
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
+    {
+        // Ctrl-C, Ctrl-Break and closing the console window all mean "drain and exit".
+        use tokio::signal::windows::{ctrl_break, ctrl_close};
+        match (ctrl_break(), ctrl_close()) {
+            (Ok(mut brk), Ok(mut close)) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = brk.recv() => {}
+                    _ = close.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(any(unix, windows)))]
     {
         let _ = tokio::signal::ctrl_c().await;
     }
