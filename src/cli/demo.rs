@@ -45,7 +45,14 @@ pub async fn run(verbose: u8) -> Result<ExitCode> {
     let admin = AdminClient::locate(None, None, &data_dir)?;
     println!("    hub listening on http://{addr}");
 
-    let result = drive(&admin, tmp.path(), &shutdown).await;
+    // The worker stops first (it drains), then the hub: no reconnect attempts on the way out.
+    let worker_stop = CancellationToken::new();
+    let mut worker_task = None;
+    let result = drive(&admin, tmp.path(), &worker_stop, &mut worker_task).await;
+    worker_stop.cancel();
+    if let Some(t) = worker_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
 
     step("shutting down the worker and the hub, removing the temp dir");
     shutdown.cancel();
@@ -56,7 +63,12 @@ pub async fn run(verbose: u8) -> Result<ExitCode> {
     Ok(ExitCode::Success)
 }
 
-async fn drive(admin: &AdminClient, dir: &std::path::Path, shutdown: &CancellationToken) -> Result<()> {
+async fn drive(
+    admin: &AdminClient,
+    dir: &std::path::Path,
+    shutdown: &CancellationToken,
+    worker_task: &mut Option<tokio::task::JoinHandle<Result<()>>>,
+) -> Result<()> {
     step("$ cla-hub passkey create --project demo");
     let key = admin.passkey_create("demo").await?;
     println!(
@@ -106,11 +118,11 @@ async fn drive(admin: &AdminClient, dir: &std::path::Path, shutdown: &Cancellati
             ..Default::default()
         },
     )?;
-    tokio::spawn(run_worker(
+    *worker_task = Some(tokio::spawn(run_worker(
         settings,
         RunOptions::default(),
         shutdown.child_token(),
-    ));
+    )));
     wait_for("the worker to connect", || async {
         admin.workers().await.is_ok_and(|ws| {
             ws.iter()

@@ -241,7 +241,11 @@ impl Store {
     /// job falls back to its last durable state (queued), which a restarted hub reports as lost.
     pub fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
         let durable = rec.state == JobState::Queued || rec.state.is_terminal();
-        let durability = if durable { Durability::Immediate } else { Durability::None };
+        let durability = if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
         self.put_with(JOBS, &rec.id, rec, durability)
     }
 
