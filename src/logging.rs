@@ -83,15 +83,24 @@ impl RotatingFile {
 
     fn rotate(&mut self) -> std::io::Result<()> {
         if self.keep == 0 {
-            self.file.set_len(0)?;
+            let _ = self.file.set_len(0);
         } else {
             for n in (1..self.keep).rev() {
                 let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
             }
-            std::fs::rename(&self.path, self.numbered(1))?;
-            self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+            // The file may be gone (deleted by hand, its directory too): start a new one regardless.
+            let _ = std::fs::rename(&self.path, self.numbered(1));
         }
-        self.size = 0;
+        self.reopen()
+    }
+
+    /// Opens the log path again (recreating its directory), so logging survives a removed file or dir.
+    fn reopen(&mut self) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.size = self.file.metadata()?.len();
         Ok(())
     }
 }
@@ -100,6 +109,9 @@ impl Write for RotatingFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.size > 0 && self.size + buf.len() as u64 > self.max_bytes {
             self.rotate()?;
+        } else if !self.path.exists() {
+            // Deleted under us (logrotate without copytruncate, or by hand): write to a new file.
+            self.reopen()?;
         }
         let n = self.file.write(buf)?;
         self.size += n as u64;
@@ -139,5 +151,14 @@ mod tests {
                 && read(&path).ends_with("line 09 xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\nnext\n")
         );
         assert!(read(&dir.path().join("logs/w.log.1")).starts_with("line 06"));
+
+        // The whole directory removed: logging goes on in a new file.
+        std::fs::remove_dir_all(dir.path().join("logs")).unwrap();
+        f.write_all(b"after removal\n").unwrap();
+        assert_eq!(read(&path), "after removal\n");
+        for _ in 0..5 {
+            f.write_all(format!("{}\n", "y".repeat(39)).as_bytes()).unwrap();
+        }
+        assert!(dir.path().join("logs/w.log.1").exists());
     }
 }

@@ -16,6 +16,13 @@ pub fn on_signals() -> CancellationToken {
     token
 }
 
+/// Keeps SIGHUP from terminating the process before the worker listens for it (tokio's handler, once
+/// registered, stays for the life of the process; until a listener exists the signal is ignored).
+pub fn hold_sighup() {
+    #[cfg(unix)]
+    let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn wait_for_signal() {
     #[cfg(unix)]

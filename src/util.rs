@@ -27,8 +27,9 @@ pub(crate) fn username() -> String {
 }
 
 /// Writes `contents` to `path` atomically: a temp file in the same directory, fsynced, then renamed over
-/// the target. With `private`, the file is created with mode 0600 (Unix) before any byte is written, so a
-/// token is never readable by others, not even for a moment. Either the old or the new file is there
+/// the target. With `private`, a new file is created with mode 0600 (Unix) before any byte is written,
+/// and a replaced one keeps its owner and mode less any access for others, so a token is never readable
+/// by others, not even for a moment. Either the old or the new file is there
 /// afterwards, never half of one.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<()> {
     let dir = match path.parent() {
@@ -40,13 +41,23 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Resul
         .prefix(".cla-tmp-")
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
-    // tempfile creates files 0600 on Unix; widen only when the file is not private.
+    // tempfile creates files 0600 on Unix. A file being replaced keeps its mode (an admin's 0640 for a
+    // service group stays), less any access for others when private; a new one is 0600 when private,
+    // else 0644.
     #[cfg(unix)]
-    if !private {
+    {
         use std::os::unix::fs::PermissionsExt;
-        let _ = tmp
-            .as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644));
+        let mode = match std::fs::metadata(path) {
+            Ok(old) if private => Some(old.permissions().mode() & 0o7770),
+            Ok(old) => Some(old.permissions().mode() & 0o7777),
+            Err(_) if !private => Some(0o644),
+            Err(_) => None,
+        };
+        if let Some(mode) = mode {
+            let _ = tmp
+                .as_file()
+                .set_permissions(std::fs::Permissions::from_mode(mode));
+        }
     }
     #[cfg(not(unix))]
     let _ = private;
@@ -133,9 +144,12 @@ mod tests {
             (m.uid(), m.gid())
         };
         std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         write_atomic(&p, b"y", true).unwrap();
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!((m.uid(), m.gid()), (uid, gid));
+        assert_eq!(m.permissions().mode() & 0o777, 0o640, "the mode is kept");
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "y");
     }
 

@@ -15,6 +15,17 @@ fn worker_in(_dir: &Path, config: &Path) -> Command {
     c
 }
 
+/// Kills the daemon holding a pidfile when the test ends, failed or not.
+struct Reap(std::path::PathBuf);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(pid) = cla_worker::worker::daemon::running(&self.0) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
 /// Puts `pidfile:` and `logfile:` for worker `id` under `dir` into its config.
 fn daemon_files(dir: &Path, config: &Path, id: &str) {
     let mut text = std::fs::read_to_string(config).unwrap();
@@ -34,6 +45,10 @@ fn start_status_stop_side_by_side() {
     let b = register(&hub, dir.path(), "db", "t");
     daemon_files(dir.path(), &a.config, "da");
     daemon_files(dir.path(), &b.config, "db");
+    let _reap = (
+        Reap(dir.path().join("run/da.pid")),
+        Reap(dir.path().join("run/db.pid")),
+    );
 
     for w in [&a, &b] {
         let out = worker_in(dir.path(), &w.config).arg("start").output().unwrap();
@@ -48,6 +63,9 @@ fn start_status_stop_side_by_side() {
     }
     let pidfile = dir.path().join("run/da.pid");
     assert!(pidfile.exists(), "the pidfile named in the config");
+    // A SIGHUP the moment `start` returns must not kill it (handlers exist before the pidfile does).
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP).unwrap();
     hub.wait_worker_state("da", "idle", 20);
     hub.wait_worker_state("db", "idle", 20);
 
@@ -238,4 +256,61 @@ fn doctor_against_a_running_and_a_stopped_hub() {
         "{}",
         stdout(&out)
     );
+}
+
+#[test]
+fn concurrent_starts_leave_one_worker_and_paths_may_be_spelled_differently() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let w = register(&hub, dir.path(), "once", "t");
+    let _reap = Reap(dir.path().join("w.pid"));
+    let start = || {
+        Command::new(WORKER)
+            .current_dir(dir.path())
+            .arg("-c")
+            .arg(&w.config)
+            .args(["start", "--pidfile", "./w.pid", "--logfile", "w.log"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start(), start());
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    let ok = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(
+        ok,
+        1,
+        "exactly one start wins: {:?}",
+        outs.iter().map(stderr).collect::<Vec<_>>()
+    );
+    assert!(
+        outs.iter().any(|o| stderr(o).contains("already running")),
+        "{:?}",
+        outs.iter().map(stderr).collect::<Vec<_>>()
+    );
+    hub.wait_worker_state("once", "idle", 20);
+    // Another spelling of the same pidfile finds the same worker.
+    let status = |pidfile: &str| {
+        Command::new(WORKER)
+            .current_dir(dir.path())
+            .arg("-c")
+            .arg(&w.config)
+            .args(["status", "--pidfile", pidfile])
+            .status()
+            .unwrap()
+            .code()
+    };
+    assert_eq!(status("w.pid"), Some(0));
+    assert_eq!(status(&format!("{}/./w.pid", dir.path().display())), Some(0));
+    let out = Command::new(WORKER)
+        .current_dir(dir.path())
+        .arg("-c")
+        .arg(&w.config)
+        .args(["stop", "--pidfile", "w.pid"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(status("./w.pid"), Some(3));
+    assert!(!dir.path().join("w.pid").exists());
 }

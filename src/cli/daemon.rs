@@ -44,8 +44,6 @@ pub(crate) fn start(a: RunArgs, loaded: &LoadedConfig, verbose: u8, strict: bool
             paths.pidfile.display()
         )));
     }
-    // A pidfile left by a crash: replaced.
-    let _ = std::fs::remove_file(&paths.pidfile);
     for dir in [paths.pidfile.parent(), paths.logfile.parent()]
         .into_iter()
         .flatten()
@@ -105,18 +103,28 @@ pub(crate) fn start(a: RunArgs, loaded: &LoadedConfig, verbose: u8, strict: bool
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
+            // Lost a race with another start of the same worker: say so.
+            if let Some(pid) = daemon::running(&paths.pidfile) {
+                return Err(Error::Other(format!(
+                    "worker {id} is already running (pid {pid}, pidfile {})",
+                    paths.pidfile.display()
+                )));
+            }
             return Err(Error::Other(format!(
                 "worker {id} exited during start-up ({status}); the end of {}:\n{}",
                 paths.logfile.display(),
                 tail(&paths.logfile, 5)
             )));
         }
-        if daemon::read_pid(&paths.pidfile) == Some(child.id()) {
+        if daemon::running(&paths.pidfile) == Some(child.id()) {
             break;
         }
         if started.elapsed() > START_WAIT {
+            // Not left running unseen by status/stop.
+            let _ = child.kill();
+            let _ = child.wait();
             return Err(Error::Other(format!(
-                "worker {id} (pid {}) did not write its pidfile within {}s; see {}",
+                "worker {id} (pid {}) did not take its pidfile within {}s, and was stopped; see {}",
                 child.id(),
                 START_WAIT.as_secs(),
                 paths.logfile.display()
@@ -124,10 +132,12 @@ pub(crate) fn start(a: RunArgs, loaded: &LoadedConfig, verbose: u8, strict: bool
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    println!("started worker {id} (pid {})", child.id());
-    println!("  logfile: {}", paths.logfile.display());
-    println!("  pidfile: {}", paths.pidfile.display());
-    println!("check it with `cla-worker status --id {id}`, stop it with `cla-worker stop --id {id}`");
+    super::print_out(&format!(
+        "started worker {id} (pid {})\n  logfile: {}\n  pidfile: {}\ncheck it with `cla-worker status --id {id}`, stop it with `cla-worker stop --id {id}`\n",
+        child.id(),
+        paths.logfile.display(),
+        paths.pidfile.display()
+    ))?;
     Ok(ExitCode::Success)
 }
 
@@ -173,14 +183,15 @@ fn which(w: &Which, loaded: &LoadedConfig) -> Result<(String, DaemonPaths)> {
 pub(crate) fn stop(a: StopArgs, loaded: &LoadedConfig) -> Result<ExitCode> {
     let (id, paths) = which(&a.which, loaded)?;
     let Some(pid) = daemon::running(&paths.pidfile) else {
-        let _ = std::fs::remove_file(&paths.pidfile);
-        println!("worker {id} is not running");
+        super::print_out(&format!("worker {id} is not running\n"))?;
         return Ok(ExitCode::NotRunning);
     };
     signal_term(pid)?;
-    println!("stopping worker {id} (pid {pid}): it finishes or cancels its jobs, then exits");
+    super::print_out(&format!(
+        "stopping worker {id} (pid {pid}): it finishes or cancels its jobs, then exits\n"
+    ))?;
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
-    while daemon::alive(pid, &paths.pidfile) {
+    while daemon::running(&paths.pidfile) == Some(pid) {
         if Instant::now() > deadline {
             return Err(Error::Other(format!(
                 "worker {id} (pid {pid}) did not exit within {}s; it may still be draining long jobs (`kill -9 {pid}` forces it)",
@@ -189,8 +200,7 @@ pub(crate) fn stop(a: StopArgs, loaded: &LoadedConfig) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = std::fs::remove_file(&paths.pidfile);
-    println!("worker {id} stopped");
+    super::print_out(&format!("worker {id} stopped\n"))?;
     Ok(ExitCode::Success)
 }
 
@@ -213,7 +223,8 @@ fn signal_term(pid: u32) -> Result<()> {
 pub(crate) fn status(a: StatusArgs, loaded: &LoadedConfig) -> Result<ExitCode> {
     let (id, paths) = which(&a.which, loaded)?;
     let pid = daemon::running(&paths.pidfile);
-    let st = pid.and_then(|_| daemon::read_status(&paths.statusfile));
+    // A status file left by an earlier process is not this one's.
+    let st = pid.and_then(|pid| daemon::read_status(&paths.statusfile).filter(|s| s.pid == pid));
     if a.json {
         let v = serde_json::json!({
             "id": id,
@@ -224,14 +235,15 @@ pub(crate) fn status(a: StatusArgs, loaded: &LoadedConfig) -> Result<ExitCode> {
         });
         super::print_json(&v)?;
     } else {
-        match (pid, &st) {
-            (None, _) => println!("worker {id} is not running"),
-            (Some(pid), None) => println!(
-                "worker {id} is running (pid {pid}); no status file at {}",
+        let text = match (pid, &st) {
+            (None, _) => format!("worker {id} is not running\n"),
+            (Some(pid), None) => format!(
+                "worker {id} is running (pid {pid}); no status file at {}\n",
                 paths.statusfile.display()
             ),
-            (Some(pid), Some(s)) => print_status(pid, s),
-        }
+            (Some(pid), Some(s)) => status_text(pid, s),
+        };
+        super::print_out(&text)?;
     }
     Ok(if pid.is_some() {
         ExitCode::Success
@@ -240,7 +252,7 @@ pub(crate) fn status(a: StatusArgs, loaded: &LoadedConfig) -> Result<ExitCode> {
     })
 }
 
-fn print_status(pid: u32, s: &Status) {
+fn status_text(pid: u32, s: &Status) -> String {
     let ago = |t: &str| {
         humantime::parse_rfc3339(t)
             .ok()
@@ -252,27 +264,20 @@ fn print_status(pid: u32, s: &Status) {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
-    println!("worker {} is running (pid {pid}), {}", s.id, s.version);
-    println!("  hub:     {} — {state} for {}", s.url, ago(&s.since));
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    let mut out = format!("worker {} is running (pid {pid}), {}\n", s.id, s.version);
+    out += &format!("  hub:     {} — {state} for {}\n", s.url, ago(&s.since));
     if let Some(e) = &s.last_error {
-        println!("  last error: {e}");
+        out += &format!("  last error: {e}\n");
     }
-    println!("  jobs:    {} running, capacity {}", s.running, s.capacity);
-    println!(
-        "  tags:    {}",
-        if s.tags.is_empty() {
-            "-".into()
-        } else {
-            s.tags.join(", ")
-        }
-    );
-    println!(
-        "  envs:    {}",
-        if s.envs.is_empty() {
-            "-".into()
-        } else {
-            s.envs.join(", ")
-        }
-    );
-    println!("  uptime:  {} (since {})", ago(&s.started), s.started);
+    out += &format!("  jobs:    {} running, capacity {}\n", s.running, s.capacity);
+    out += &format!("  tags:    {}\n  envs:    {}\n", list(&s.tags), list(&s.envs));
+    out += &format!("  uptime:  {} (since {})\n", ago(&s.started), s.started);
+    out
 }

@@ -415,27 +415,19 @@ async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig, strict: bool) -> 
         status_file: None,
         reload: Some(reload),
     };
-    let pidfile = match &a.pidfile {
+    // Signal handlers first: a SIGTERM or SIGHUP arriving once the pidfile exists must not kill us.
+    let shutdown = crate::shutdown::on_signals();
+    crate::shutdown::hold_sighup();
+    let _pidfile = match &a.pidfile {
         Some(p) => {
-            let paths = crate::worker::daemon::paths(&settings.id, Some(p.clone()), a.logfile.clone());
-            if let Some(pid) = crate::worker::daemon::running(p) {
-                return Err(Error::Other(format!(
-                    "worker {} is already running (pid {pid}, pidfile {})",
-                    settings.id,
-                    p.display()
-                )));
-            }
-            crate::worker::daemon::write_pidfile(p)?;
-            opts.status_file = Some(paths.statusfile);
-            Some(p.clone())
+            let lock = crate::worker::daemon::PidLock::acquire(p)?;
+            opts.status_file =
+                Some(crate::worker::daemon::paths(&settings.id, Some(p.clone()), None).statusfile);
+            Some(lock)
         }
         None => None,
     };
-    let shutdown = crate::shutdown::on_signals();
     let result = agent::run(settings, opts, shutdown).await;
-    if let Some(p) = pidfile {
-        let _ = std::fs::remove_file(p);
-    }
     result?;
     tracing::info!("shutdown completed");
     Ok(ExitCode::Success)

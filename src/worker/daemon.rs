@@ -2,8 +2,13 @@
 //! file live, how a running worker is recognised, and the status file the running worker keeps current.
 //!
 //! Defaults (per worker id, so several workers run side by side): as root, `/run/cla-worker/` for the
-//! pidfile and status file and `/var/log/cla-worker/` for the log; otherwise the user's runtime dir
-//! (`$XDG_RUNTIME_DIR/cla-worker/`, else the state dir) and state dir (`~/.local/state/cla-worker/`).
+//! pidfile and status file and `/var/log/cla-worker/` for the log; otherwise the user's state dir
+//! (`~/.local/state/cla-worker/`) for all three — not the runtime dir, which depends on the session's
+//! environment and vanishes at logout.
+//!
+//! A running worker holds an exclusive `flock` on its pidfile for its whole life. That, not the pid in the
+//! file, is what "running" means: no race between two starts, no confusion from a reused pid or a path
+//! spelled differently, and a crash releases the lock by itself.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -68,41 +73,89 @@ pub fn read_pid(pidfile: &Path) -> Option<u32> {
     std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
 }
 
-/// True when `pid` is a live worker started with this pidfile. A pid reused by an unrelated process
-/// (after a crash left the pidfile behind) does not count, where the OS lets us tell (Linux).
-pub fn alive(pid: u32, pidfile: &Path) -> bool {
+/// The pid of the worker holding `pidfile`'s lock, if one does.
+pub fn running(pidfile: &Path) -> Option<u32> {
     #[cfg(unix)]
     {
-        use nix::errno::Errno;
-        use nix::sys::signal::kill;
-        use nix::unistd::Pid;
-        match kill(Pid::from_raw(pid as i32), None) {
-            Ok(()) | Err(Errno::EPERM) => {}
-            Err(_) => return false,
+        use nix::fcntl::{Flock, FlockArg};
+        let file = std::fs::File::open(pidfile).ok()?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            // We got the lock: nobody holds it (dropping the Flock releases it).
+            Ok(_) => None,
+            // Held: a worker runs. It writes its pid right after locking; give it a moment.
+            Err(_) => (0..50).find_map(|_| {
+                read_pid(pidfile).or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    None
+                })
+            }),
         }
-        #[cfg(target_os = "linux")]
-        if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            let needle = pidfile.as_os_str().as_encoded_bytes();
-            return cmdline.windows(needle.len().max(1)).any(|w| w == needle);
-        }
-        true
     }
     #[cfg(not(unix))]
     {
-        let _ = (pid, pidfile);
-        false
+        read_pid(pidfile)
     }
 }
 
-/// The pid of the running worker behind `pidfile`, if there is one.
-pub fn running(pidfile: &Path) -> Option<u32> {
-    read_pid(pidfile).filter(|pid| alive(*pid, pidfile))
+/// A pidfile held by this process: locked, holding our pid, removed when dropped.
+pub struct PidLock {
+    path: PathBuf,
+    #[cfg(unix)]
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
-/// Writes the pidfile (atomically) for this process.
-pub fn write_pidfile(pidfile: &Path) -> Result<()> {
-    write_atomic(pidfile, format!("{}\n", std::process::id()).as_bytes(), false)
-        .map_err(|e| Error::Other(format!("cannot write pidfile: {e}")))
+impl PidLock {
+    /// Takes the pidfile, or says which worker holds it.
+    pub fn acquire(path: &Path) -> Result<PidLock> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        #[cfg(unix)]
+        {
+            use nix::fcntl::{Flock, FlockArg};
+            use std::io::{Seek, Write};
+            let mut lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+                let pid = read_pid(path).map(|p| format!("pid {p}, ")).unwrap_or_default();
+                Error::Other(format!(
+                    "a worker is already running with this pidfile ({pid}{})",
+                    path.display()
+                ))
+            })?;
+            // Rewritten in place: the lock belongs to this inode.
+            lock.set_len(0).map_err(|e| Error::io(path, e))?;
+            lock.rewind().map_err(|e| Error::io(path, e))?;
+            writeln!(lock, "{}", std::process::id()).map_err(|e| Error::io(path, e))?;
+            lock.sync_all().map_err(|e| Error::io(path, e))?;
+            Ok(PidLock {
+                path: path.to_path_buf(),
+                _lock: lock,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            use std::io::Write;
+            let mut file = file;
+            file.set_len(0).map_err(|e| Error::io(path, e))?;
+            writeln!(file, "{}", std::process::id()).map_err(|e| Error::io(path, e))?;
+            Ok(PidLock {
+                path: path.to_path_buf(),
+            })
+        }
+    }
+}
+
+impl Drop for PidLock {
+    fn drop(&mut self) {
+        // Still locked by us: the file is ours to remove.
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// The connection state a worker reports.
@@ -225,17 +278,27 @@ mod tests {
         assert_eq!(p.logfile, PathBuf::from("/y/w.log"));
         let d = paths("w2", None, None);
         assert!(d.pidfile.ends_with("cla-worker-w2.pid") && d.logfile.ends_with("cla-worker-w2.log"));
+        assert_eq!(d.pidfile.parent(), d.statusfile.parent());
     }
 
     #[test]
-    fn pidfiles_of_dead_or_foreign_processes_do_not_count() {
+    fn only_a_held_pidfile_means_running() {
         let dir = tempfile::tempdir().unwrap();
-        let pf = dir.path().join("w.pid");
+        let pf = dir.path().join("sub/w.pid");
         assert_eq!(running(&pf), None);
-        std::fs::write(&pf, "garbage\n").unwrap();
-        assert_eq!(running(&pf), None);
-        // This test process is alive but was not started with that pidfile.
+        // A pid in an unlocked file (left by a crash, or reused) does not count.
+        std::fs::create_dir_all(pf.parent().unwrap()).unwrap();
         std::fs::write(&pf, format!("{}\n", std::process::id())).unwrap();
+        assert_eq!(running(&pf), None);
+        let held = PidLock::acquire(&pf).unwrap();
+        assert_eq!(running(&pf), Some(std::process::id()));
+        // The same file by another spelling is the same lock.
+        let other = dir.path().join("sub/../sub/w.pid");
+        assert_eq!(running(&other), Some(std::process::id()));
+        let e = PidLock::acquire(&other).err().unwrap().to_string();
+        assert!(e.contains("already running"), "{e}");
+        drop(held);
+        assert!(!pf.exists());
         assert_eq!(running(&pf), None);
     }
 

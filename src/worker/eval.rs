@@ -41,6 +41,17 @@ fn render(line: &ConsoleLine) -> String {
     }
 }
 
+fn own_executable() -> std::io::Result<std::path::PathBuf> {
+    #[cfg(target_os = "linux")]
+    {
+        let proc_exe = std::path::PathBuf::from("/proc/self/exe");
+        if proc_exe.exists() {
+            return Ok(proc_exe);
+        }
+    }
+    std::env::current_exe()
+}
+
 /// Runs one eval request to its end.
 pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: CancellationToken) -> JobResult {
     let start = Instant::now();
@@ -53,7 +64,9 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
         error,
         eval,
     };
-    let exe = match std::env::current_exe() {
+    // On Linux, /proc/self/exe still reaches this binary after it was replaced on disk by an upgrade
+    // (current_exe() would then name a deleted path).
+    let exe = match own_executable() {
         Ok(e) => e,
         Err(e) => {
             return result(

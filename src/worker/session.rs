@@ -505,10 +505,12 @@ impl Live {
         }
         self.send(WorkerMessage::Accepted { job: job.clone() }).await;
         let cancel = CancellationToken::new();
-        self.jobs
-            .lock()
-            .expect("jobs lock")
-            .insert(job.clone(), cancel.clone());
+        let running = {
+            let mut jobs = self.jobs.lock().expect("jobs lock");
+            jobs.insert(job.clone(), cancel.clone());
+            jobs.len() as u32
+        };
+        self.reporter.update(|s| s.running = running);
         let (ctx, jobs, reporter) = (self.ctx.clone(), self.jobs.clone(), self.reporter.clone());
         let span = tracing::info_span!("job", job_id = %job);
         self.tracker.spawn(tracing::Instrument::instrument(
