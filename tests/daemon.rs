@@ -314,3 +314,26 @@ fn concurrent_starts_leave_one_worker_and_paths_may_be_spelled_differently() {
     assert_eq!(status("./w.pid"), Some(3));
     assert!(!dir.path().join("w.pid").exists());
 }
+
+#[test]
+fn a_worker_failing_at_start_up_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yml");
+    std::fs::write(&config, "id: early\ntoken: clatk_x\nurl: https://hub.example:1\n").unwrap();
+    let out = Command::new(WORKER)
+        .arg("-c")
+        .arg(&config)
+        .args(["start", "--pidfile"])
+        .arg(dir.path().join("p.pid"))
+        .arg("--logfile")
+        .arg(dir.path().join("l.log"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // The child's own error (written before its logging starts) reaches the logfile, and so the user.
+    assert!(
+        stderr(&out).contains("exited during start-up") && stderr(&out).contains("needs TLS"),
+        "{}",
+        stderr(&out)
+    );
+}

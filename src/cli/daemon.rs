@@ -38,11 +38,14 @@ pub(crate) fn start(a: RunArgs, loaded: &LoadedConfig, verbose: u8, strict: bool
             .or_else(|| loaded.file.logfile.clone())
             .map(|p| absolute(&p)),
     );
-    if let Some(pid) = daemon::running(&paths.pidfile) {
-        return Err(Error::Other(format!(
+    let already = |pid: u32| {
+        Error::Other(format!(
             "worker {id} is already running (pid {pid}, pidfile {}); `cla-worker stop --id {id}` first",
             paths.pidfile.display()
-        )));
+        ))
+    };
+    if let Some(pid) = daemon::running(&paths.pidfile) {
+        return Err(already(pid));
     }
     for dir in [paths.pidfile.parent(), paths.logfile.parent()]
         .into_iter()
@@ -94,9 +97,13 @@ pub(crate) fn start(a: RunArgs, loaded: &LoadedConfig, verbose: u8, strict: bool
         None => cmd.env_remove("CLA_WORKER_TOKEN"),
     };
     cmd.env_remove("CLA_WORKER_CONFIG");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    // What the child says before its logging starts (or if it panics) goes to the logfile too.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.logfile)
+        .map_err(|e| Error::io(&paths.logfile, e))?;
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     detach(&mut cmd);
     let mut child = cmd.spawn()?;
 
@@ -105,10 +112,7 @@ pub(crate) fn start(a: RunArgs, loaded: &LoadedConfig, verbose: u8, strict: bool
         if let Some(status) = child.try_wait()? {
             // Lost a race with another start of the same worker: say so.
             if let Some(pid) = daemon::running(&paths.pidfile) {
-                return Err(Error::Other(format!(
-                    "worker {id} is already running (pid {pid}, pidfile {})",
-                    paths.pidfile.display()
-                )));
+                return Err(already(pid));
             }
             return Err(Error::Other(format!(
                 "worker {id} exited during start-up ({status}); the end of {}:\n{}",
