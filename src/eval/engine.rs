@@ -108,7 +108,7 @@ pub(super) fn stringify(v: &JsValue, ctx: &mut Context) -> Result<Option<String>
 
 /// How deeply a JSON text nests (a scalar is 0), counted without parsing it: parsers refuse documents
 /// nested much deeper, and the error must say what the problem is.
-fn depth(json: &str) -> usize {
+pub(crate) fn depth(json: &str) -> usize {
     let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
     for b in json.bytes() {
         if in_string {

@@ -24,6 +24,7 @@ use boa_engine::{
 
 use super::WorkerInfo;
 use crate::protocol::ConsoleLine;
+use crate::worker::process::{exit_status, shell};
 
 /// What a host call is about to do, for the policy check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,41 +237,13 @@ fn run(_: &JsValue, args: &[JsValue], ctx: &mut Context) -> JsResult<JsValue> {
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| fail("cla.run", "", e))?;
-    let rc = out.status.code().unwrap_or_else(|| signal_rc(&out.status));
+    let rc = exit_status(out.status).0.unwrap_or(-1);
     let result = serde_json::json!({
         "rc": rc,
         "stdout": String::from_utf8_lossy(&out.stdout),
         "stderr": String::from_utf8_lossy(&out.stderr),
     });
     JsValue::from_json(&result, ctx)
-}
-
-fn shell(line: &str) -> std::process::Command {
-    #[cfg(unix)]
-    {
-        let mut c = std::process::Command::new("/bin/sh");
-        c.arg("-c").arg(line);
-        c
-    }
-    #[cfg(windows)]
-    {
-        let mut c = std::process::Command::new("cmd");
-        c.arg("/C").arg(line);
-        c
-    }
-}
-
-fn signal_rc(status: &std::process::ExitStatus) -> i32 {
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::ExitStatusExt;
-        status.signal().map(|s| 128 + s).unwrap_or(-1)
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = status;
-        -1
-    }
 }
 
 /// Installs `console` and `cla` as globals, and saves the built-in `JSON.stringify`.

@@ -115,15 +115,6 @@ const MAX_CODE_BYTES: usize = 1 << 20;
 /// Largest stash accepted (it travels in the job's messages and record).
 const MAX_STASH_BYTES: usize = 2 << 20;
 
-/// How deeply a JSON value nests (a scalar is 0).
-fn json_depth(v: &serde_json::Value) -> usize {
-    match v {
-        serde_json::Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
-        serde_json::Value::Object(o) => 1 + o.values().map(json_depth).max().unwrap_or(0),
-        _ => 0,
-    }
-}
-
 fn validate(spec: &JobSpec) -> Result<(), ApiFail> {
     let bad = |m: String| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m);
     match &spec.task {
@@ -143,14 +134,17 @@ fn validate(spec: &JobSpec) -> Result<(), ApiFail> {
         Task::Eval(e) if !(e.stash.is_null() || e.stash.is_object()) => {
             return Err(bad("the stash must be a JSON object".into()));
         }
-        Task::Eval(e) if json_depth(&e.stash) > crate::eval::engine::MAX_DEPTH => {
-            return Err(bad(format!(
-                "the stash nests deeper than {} levels",
-                crate::eval::engine::MAX_DEPTH
-            )));
-        }
-        Task::Eval(e) if serde_json::to_vec(&e.stash).map_or(0, |v| v.len()) > MAX_STASH_BYTES => {
-            return Err(bad(format!("the stash is over {MAX_STASH_BYTES} bytes of JSON")));
+        Task::Eval(e) => {
+            let stash = serde_json::to_string(&e.stash).expect("JSON values serialize");
+            if stash.len() > MAX_STASH_BYTES {
+                return Err(bad(format!("the stash is over {MAX_STASH_BYTES} bytes of JSON")));
+            }
+            if crate::eval::engine::depth(&stash) > crate::eval::engine::MAX_DEPTH {
+                return Err(bad(format!(
+                    "the stash nests deeper than {} levels",
+                    crate::eval::engine::MAX_DEPTH
+                )));
+            }
         }
         _ => {}
     }
@@ -328,11 +322,15 @@ impl Hub {
     }
 
     /// Stores re-queued jobs, reports ended ones, and dispatches.
-    async fn after_requeue(&self, requeued: Option<JobRecord>, ended: Option<Ended>) {
-        if let Some(r) = requeued {
+    async fn after_requeue(
+        &self,
+        requeued: impl IntoIterator<Item = JobRecord>,
+        ended: impl IntoIterator<Item = Ended>,
+    ) {
+        for r in requeued {
             self.persist(&r);
         }
-        if let Some(e) = ended {
+        for e in ended {
             self.deliver(e).await;
         }
         self.dispatch().await;
@@ -459,13 +457,7 @@ impl Hub {
                 }
             }
         }
-        for r in &requeued {
-            self.persist(r);
-        }
-        for e in ended {
-            self.deliver(e).await;
-        }
-        self.dispatch().await;
+        self.after_requeue(requeued, ended).await;
     }
 
     /// Cancels a job: a queued one ends at once, a started one is killed by its worker (tree and all).
@@ -671,4 +663,43 @@ fn end_job(st: &mut State, id: &str, finish: impl FnOnce(&mut JobRecord)) -> Opt
         subscribers: j.subscribers,
         waiters: j.waiters,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::api::EvalTask;
+
+    fn eval_spec(stash: serde_json::Value) -> JobSpec {
+        JobSpec {
+            target: Target {
+                worker: Some("w".into()),
+                tags: vec![],
+                env: None,
+            },
+            task: Task::Eval(EvalTask {
+                code: "1".into(),
+                stash,
+            }),
+            workdir: None,
+            env_vars: Default::default(),
+            timeout_secs: None,
+        }
+    }
+
+    #[test]
+    fn stash_limits() {
+        assert!(validate(&eval_spec(serde_json::json!({"a": [1, {"b": 2}]}))).is_ok());
+        let mut deep = serde_json::json!(1);
+        for _ in 0..70 {
+            deep = serde_json::json!({ "a": deep });
+        }
+        let e = validate(&eval_spec(deep)).unwrap_err();
+        assert!(e.1.error.contains("nests deeper than 64"), "{}", e.1.error);
+        let big = serde_json::json!({ "s": "x".repeat(MAX_STASH_BYTES) });
+        let e = validate(&eval_spec(big)).unwrap_err();
+        assert!(e.1.error.contains("bytes of JSON"), "{}", e.1.error);
+        let e = validate(&eval_spec(serde_json::json!([1]))).unwrap_err();
+        assert!(e.1.error.contains("must be a JSON object"), "{}", e.1.error);
+    }
 }

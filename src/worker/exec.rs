@@ -89,7 +89,7 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
         eval: None,
     };
     let mut cmd = match &req.command {
-        CommandLine::Shell { cmd } => shell(cmd),
+        CommandLine::Shell { cmd } => Command::from(shell(cmd)),
         CommandLine::Argv { argv } => {
             let Some((program, args)) = argv.split_first() else {
                 return result(

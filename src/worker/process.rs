@@ -20,17 +20,18 @@ pub(crate) fn own_group(cmd: &mut Command) {
     let _ = cmd;
 }
 
-/// The shell command for a one-string command line.
-pub(crate) fn shell(cmd: &str) -> Command {
+/// The shell command for a one-string command line (`sh -c` / `cmd /C`). A std `Command`, so that the
+/// eval child's synchronous `cla.run` uses it as well as the async exec (`tokio::process::Command::from`).
+pub(crate) fn shell(cmd: &str) -> std::process::Command {
     #[cfg(unix)]
     {
-        let mut c = Command::new("/bin/sh");
+        let mut c = std::process::Command::new("/bin/sh");
         c.arg("-c").arg(cmd);
         c
     }
     #[cfg(windows)]
     {
-        let mut c = Command::new("cmd");
+        let mut c = std::process::Command::new("cmd");
         c.arg("/C").arg(cmd);
         c
     }

@@ -159,7 +159,7 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
     ));
     let mut hup = Hup::new();
     let mut backoff = Backoff::default();
-    let mut seen = Seen::default();
+    let mut seen = BoundedIds::new(SEEN_CAPACITY);
     tracing::info!(id = %settings.id, url = %settings.url, tags = ?settings.tags, capacity = settings.capacity, "cla-worker {} starting", crate::VERSION);
     let result = loop {
         let end = match connect_once(
@@ -213,7 +213,7 @@ async fn connect_once(
     opts: &RunOptions,
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
-    seen: &mut Seen,
+    seen: &mut BoundedIds,
     reporter: &Arc<Reporter>,
     hup: &mut Hup,
 ) -> Result<End> {
@@ -314,7 +314,7 @@ struct Live {
     /// Cancelled when the writer fails: the connection is dead.
     dead: CancellationToken,
     /// Jobs cancelled before their offer arrived.
-    cancelled_early: HashSet<String>,
+    cancelled_early: BoundedIds,
     writer: tokio::task::JoinHandle<()>,
 }
 
@@ -345,7 +345,7 @@ impl Live {
             jobs: Arc::default(),
             tracker: TaskTracker::new(),
             dead,
-            cancelled_early: HashSet::new(),
+            cancelled_early: BoundedIds::new(EARLY_CANCELS),
             writer,
         }
     }
@@ -358,7 +358,7 @@ impl Live {
         &mut self,
         reader: &mut ConnectionReader,
         shutdown: &CancellationToken,
-        seen: &mut Seen,
+        seen: &mut BoundedIds,
         settings: &mut WorkerSettings,
         hup: &mut Hup,
     ) -> End {
@@ -449,9 +449,6 @@ impl Live {
                     None => {
                         // The offer may still be on its way (sent after the cancel): remember it, bounded.
                         tracing::debug!(job = %job, "cancel for a job not running here (yet)");
-                        if self.cancelled_early.len() >= 1024 {
-                            self.cancelled_early.clear();
-                        }
                         self.cancelled_early.insert(job);
                     }
                 },
@@ -471,8 +468,14 @@ impl Live {
     }
 
     /// Accepts (or refuses) an offered job and runs `work` for it as a tracked task.
-    async fn start_job<F, Fut>(&mut self, job: String, what: String, draining: bool, seen: &mut Seen, work: F)
-    where
+    async fn start_job<F, Fut>(
+        &mut self,
+        job: String,
+        what: String,
+        draining: bool,
+        seen: &mut BoundedIds,
+        work: F,
+    ) where
         F: FnOnce(ExecCtx, CancellationToken) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobResult> + Send + 'static,
     {
@@ -569,16 +572,23 @@ async fn write_loop(mut writer: ConnectionWriter, mut rx: mpsc::Receiver<Out>, d
     writer.close().await;
 }
 
-/// Job ids this worker has accepted, so a re-offer after a reconnect is answered instead of run twice.
-/// Bounded: the oldest ids are forgotten first (a re-offer comes within seconds of a reconnect).
-#[derive(Default)]
-pub(crate) struct Seen {
+/// A set of job ids that forgets its oldest entries past a capacity. Used for the ids this worker has
+/// accepted (so a re-offer after a reconnect is answered instead of run twice; re-offers come within
+/// seconds) and for cancels that arrived before their offer.
+pub(crate) struct BoundedIds {
     ids: HashSet<String>,
     order: std::collections::VecDeque<String>,
+    capacity: usize,
 }
 
-impl Seen {
-    const CAPACITY: usize = 10_000;
+impl BoundedIds {
+    fn new(capacity: usize) -> Self {
+        BoundedIds {
+            ids: HashSet::new(),
+            order: Default::default(),
+            capacity,
+        }
+    }
 
     /// Records `id`; false if it was known already.
     fn insert(&mut self, id: String) -> bool {
@@ -586,7 +596,7 @@ impl Seen {
             return false;
         }
         self.order.push_back(id);
-        if self.order.len() > Self::CAPACITY
+        if self.order.len() > self.capacity
             && let Some(old) = self.order.pop_front()
         {
             self.ids.remove(&old);
@@ -594,12 +604,20 @@ impl Seen {
         true
     }
 
-    fn remove(&mut self, id: &str) {
-        if self.ids.remove(id) {
+    /// Forgets `id`; true if it was known.
+    fn remove(&mut self, id: &str) -> bool {
+        let known = self.ids.remove(id);
+        if known {
             self.order.retain(|o| o != id);
         }
+        known
     }
 }
+
+/// Accepted job ids remembered across reconnects.
+const SEEN_CAPACITY: usize = 10_000;
+/// Early cancels remembered.
+const EARLY_CANCELS: usize = 1024;
 
 /// Full-jitter exponential backoff: the n-th wait is uniform in [0, min(cap, base·2ⁿ)].
 #[derive(Debug, Default)]
@@ -626,6 +644,17 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounded_ids_forget_the_oldest() {
+        let mut ids = BoundedIds::new(2);
+        assert!(ids.insert("a".into()) && ids.insert("b".into()));
+        assert!(!ids.insert("a".into()), "known ids are reported");
+        assert!(ids.insert("c".into()));
+        assert!(ids.insert("a".into()), "the oldest was forgotten");
+        assert!(ids.remove("c") && !ids.remove("c"));
+        assert!(ids.ids.len() <= 2 && ids.order.len() <= 2);
+    }
 
     #[test]
     fn backoff_is_bounded_and_resets() {
