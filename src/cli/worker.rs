@@ -13,8 +13,6 @@ use crate::secret::Secret;
 use crate::worker::registration::{self, RegisterParams};
 use crate::worker::{self as agent, RunOptions};
 
-pub use crate::worker::Reload;
-
 /// cla-worker: a pull agent that connects out to a cla-hub and runs what it is sent.
 #[derive(Debug, Parser)]
 #[command(name = "cla-worker", version, about, propagate_version = true)]
@@ -405,7 +403,7 @@ async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig, strict: bool) -> 
     let settings = config::resolve(loaded, &cli)?;
     // SIGHUP: the same file again, the same flags on top.
     let (path, cli_again) = (loaded.path.clone(), cli.clone());
-    let reload: crate::worker::Reload = std::sync::Arc::new(move || {
+    let reload: agent::Reload = std::sync::Arc::new(move || {
         let fresh = config::load(path.as_deref(), false, strict)?;
         let s = config::resolve(&fresh, &cli_again)?;
         Ok((s.tags, s.envs))
