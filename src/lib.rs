@@ -28,6 +28,7 @@ pub mod protocol;
 pub mod secret;
 pub mod shutdown;
 pub mod token;
+pub mod transfer;
 pub(crate) mod util;
 pub mod worker;
 

@@ -15,3 +15,4 @@ mod end_to_end;
 mod eval;
 mod protocol_golden;
 mod resilience;
+mod transfer;

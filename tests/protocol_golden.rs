@@ -1,6 +1,8 @@
 //! Golden JSON of every protocol message: field names and tags are the contract between versions.
 
-use cla_worker::protocol::api::{AdminEvent, AdminRequest, EvalTask, JobSpec, RegisterRequest, Target, Task};
+use cla_worker::protocol::api::{
+    AdminEvent, AdminRequest, EvalTask, FetchTask, JobSpec, RegisterRequest, ShipTask, Target, Task,
+};
 use cla_worker::protocol::*;
 use serde_json::json;
 
@@ -60,6 +62,7 @@ fn worker_to_hub() {
             signal: Some(15),
             duration_ms: 1000,
             error: Some("timed out after 1s".into()),
+            transfer: None,
             eval: None,
         }),
         json!({"type":"finished","job":"j1","outcome":"timed_out","rc":143,"signal":15,"duration_ms":1000,
@@ -73,6 +76,7 @@ fn worker_to_hub() {
             signal: None,
             duration_ms: 3,
             error: None,
+            transfer: None,
             eval: None,
         }),
         json!({"type":"finished","job":"j","outcome":"succeeded","rc":0,"duration_ms":3}),
@@ -183,6 +187,7 @@ fn eval_messages() {
             signal: None,
             duration_ms: 4,
             error: Some("Error: boom".into()),
+            transfer: None,
             eval: Some(EvalOutput {
                 result: json!(null),
                 stash: json!({"a": 2}),
@@ -294,4 +299,138 @@ fn job_tasks_are_unambiguous() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("not both"), "{e}");
+}
+
+#[test]
+fn transfers() {
+    golden(
+        HubMessage::Ship(ShipRequest {
+            job: "j1".into(),
+            dest: "/opt/app/".into(),
+            mkdir: true,
+            stream: 5,
+        }),
+        json!({"type":"ship","job":"j1","dest":"/opt/app/","mkdir":true,"stream":5}),
+    );
+    golden(
+        HubMessage::Fetch(FetchRequest {
+            job: "j1".into(),
+            path: "logs".into(),
+            stream: 6,
+        }),
+        json!({"type":"fetch","job":"j1","path":"logs","stream":6}),
+    );
+    let frames = [
+        (
+            TransferOp::Begin { files: 2, bytes: 10 },
+            json!({"op":"begin","files":2,"bytes":10}),
+        ),
+        (
+            TransferOp::Dir {
+                path: "d".into(),
+                mode: 0o755,
+                mtime_ns: 1,
+            },
+            json!({"op":"dir","path":"d","mode":493,"mtime_ns":1}),
+        ),
+        (
+            TransferOp::File {
+                path: "d/f".into(),
+                size: 10,
+                mode: 0o644,
+                mtime_ns: -5,
+            },
+            json!({"op":"file","path":"d/f","size":10,"mode":420,"mtime_ns":-5}),
+        ),
+        (
+            TransferOp::FileEnd { sha256: "ab".into() },
+            json!({"op":"file_end","sha256":"ab"}),
+        ),
+        (
+            TransferOp::Symlink {
+                path: "d/l".into(),
+                target: "f".into(),
+            },
+            json!({"op":"symlink","path":"d/l","target":"f"}),
+        ),
+        (
+            TransferOp::End {
+                files: 1,
+                bytes: 10,
+                sha256: "cd".into(),
+            },
+            json!({"op":"end","files":1,"bytes":10,"sha256":"cd"}),
+        ),
+        (
+            TransferOp::Ack { consumed: 99 },
+            json!({"op":"ack","consumed":99}),
+        ),
+        (
+            TransferOp::Abort {
+                error: "disk full".into(),
+            },
+            json!({"op":"abort","error":"disk full"}),
+        ),
+        (
+            TransferOp::Committed(TransferSummary {
+                path: "/x".into(),
+                files: 1,
+                dirs: 0,
+                symlinks: 0,
+                skipped: 0,
+                bytes: 10,
+                sha256: "cd".into(),
+            }),
+            json!({"op":"committed","path":"/x","files":1,"dirs":0,"symlinks":0,"bytes":10,"sha256":"cd"}),
+        ),
+    ];
+    for (op, mut expected) in frames {
+        expected["job"] = json!("j1");
+        let frame = TransferFrame { job: "j1".into(), op };
+        let mut hub = expected.clone();
+        hub["type"] = json!("transfer");
+        golden(HubMessage::Transfer(frame.clone()), hub.clone());
+        golden(WorkerMessage::Transfer(frame.clone()), hub.clone());
+        golden(AdminRequest::Transfer(frame.clone()), hub.clone());
+        golden(AdminEvent::Transfer(frame), hub);
+    }
+    golden(
+        JobSpec {
+            target: Target {
+                worker: Some("w1".into()),
+                tags: vec![],
+                env: None,
+            },
+            task: Task::Ship(ShipTask {
+                dest: "/opt/".into(),
+                mkdir: false,
+                source: Some("dist".into()),
+            }),
+            workdir: None,
+            env_vars: Default::default(),
+            timeout_secs: None,
+        },
+        json!({"worker":"w1","ship":{"dest":"/opt/","mkdir":false,"source":"dist"}}),
+    );
+    golden(
+        JobSpec {
+            target: Target::default(),
+            task: Task::Fetch(FetchTask {
+                path: "logs".into(),
+                dest: None,
+            }),
+            workdir: None,
+            env_vars: Default::default(),
+            timeout_secs: None,
+        },
+        json!({"fetch":{"path":"logs"}}),
+    );
+    // One task per job.
+    let both = r#"{"worker":"w","cmd":"ls","fetch":{"path":"x"}}"#;
+    assert!(
+        serde_json::from_str::<JobSpec>(both)
+            .unwrap_err()
+            .to_string()
+            .contains("not several")
+    );
 }

@@ -286,6 +286,7 @@ fn quoted(t: &Task) -> String {
     match t {
         Task::Exec(CommandLine::Shell { cmd }) => format!("'{cmd}'"),
         Task::Eval(e) => format!("'{}'", e.code),
+        Task::Ship(_) | Task::Fetch(_) => t.display(),
         Task::Exec(CommandLine::Argv { argv }) => argv
             .iter()
             .map(|a| {

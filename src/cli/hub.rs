@@ -59,6 +59,10 @@ pub enum Command {
     Exec(ExecArgs),
     /// Evaluate JavaScript on a worker; prints the result as JSON.
     Eval(EvalArgs),
+    /// Send a file or directory to a worker: verified (SHA-256) and atomic on the worker.
+    Ship(ShipArgs),
+    /// Bring a file or directory back from a worker: verified (SHA-256) and atomic here.
+    Fetch(FetchArgs),
     /// List jobs.
     Jobs(JobsArgs),
     /// Look at or cancel one job.
@@ -92,7 +96,7 @@ pub enum PasskeyCommand {
     Revoke { passkey: String },
 }
 
-/// Where a job runs (`exec`, `eval`).
+/// Where a job runs (`exec`, `eval`, `ship`, `fetch`).
 #[derive(Debug, ClapArgs)]
 pub struct TargetArgs {
     /// Run on this worker.
@@ -125,6 +129,38 @@ pub struct ExecArgs {
     /// The command: one string runs through the worker's shell, several words run as argv.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ShipArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Fail when the destination's parent directory does not exist, instead of creating it.
+    #[arg(long)]
+    pub no_mkdir: bool,
+    /// The local file or directory.
+    #[arg(value_name = "LOCAL")]
+    pub local: PathBuf,
+    /// The destination on the worker (relative to its workdir). A file goes into REMOTE when it is a
+    /// directory or ends with `/`; a directory's contents go to REMOTE (merged if it exists), or to
+    /// REMOTE/NAME when REMOTE ends with `/`.
+    #[arg(value_name = "REMOTE")]
+    pub remote: String,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Fail when the destination's parent directory does not exist, instead of creating it.
+    #[arg(long)]
+    pub no_mkdir: bool,
+    /// The file or directory on the worker (relative to its workdir).
+    #[arg(value_name = "REMOTE")]
+    pub remote: String,
+    /// Where it goes here (same rules as ship's REMOTE).
+    #[arg(value_name = "LOCAL")]
+    pub local: String,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -189,6 +225,8 @@ async fn execute(args: Args) -> Result<ExitCode> {
             let spec = jobs::eval_spec(&a)?;
             jobs::eval(&client()?, spec, json).await
         }
+        Command::Ship(a) => super::transfer::ship_cmd(&client()?, a, json).await,
+        Command::Fetch(a) => super::transfer::fetch_cmd(&client()?, a, json).await,
         Command::Jobs(a) => jobs::list(&client()?, a, json).await,
         Command::Job(j) => jobs::job(&client()?, j, json).await,
         Command::Demo => super::demo::run(args.verbose).await,

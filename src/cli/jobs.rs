@@ -14,8 +14,8 @@ use crate::hub::client::{AdminClient, ExecEvent};
 use crate::protocol::CommandLine;
 use crate::protocol::api::{EvalTask, JobRecord, JobSpec, JobState, Target, Task};
 
-/// The target flags shared by `exec` and `eval`.
-fn target(a: &TargetArgs) -> Result<Target> {
+/// The target flags shared by `exec`, `eval`, `ship` and `fetch`.
+pub(crate) fn target(a: &TargetArgs) -> Result<Target> {
     let tags = super::list(&a.tags, &[]);
     if a.worker.is_none() && tags.is_empty() {
         return Err(Error::Usage(

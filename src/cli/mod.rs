@@ -6,6 +6,7 @@ pub mod demo;
 pub mod hub;
 mod jobs;
 mod table;
+mod transfer;
 pub mod worker;
 
 use crate::error::Error;

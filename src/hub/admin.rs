@@ -18,7 +18,7 @@ use super::server::{Admin, parse_body, upgrade};
 use super::store::PasskeyRecord;
 use crate::protocol::api::{
     AdminEvent, AdminRequest, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
-    PasskeyView, WorkerState, WorkerView,
+    PasskeyView, TRANSFER_STREAM, WorkerState, WorkerView,
 };
 use crate::protocol::connection::Incoming;
 use crate::protocol::{Connection, Frame, ProtocolError, decode_text};
@@ -44,7 +44,7 @@ pub(crate) async fn workers(_: Admin, State(hub): State<Arc<Hub>>) -> Result<Jso
                 } else {
                     WorkerState::Busy
                 },
-                running: s.running.len() as u32,
+                running: (s.running.len() - s.transfers.len()) as u32,
                 capacity: s.hello.capacity,
                 tags: s.hello.tags.clone(),
                 envs: s.hello.envs.clone(),
@@ -242,6 +242,7 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
         }
     };
     let (tx, mut rx) = mpsc::channel(64);
+    let transfer = spec.task.is_transfer();
     let job = match hub.create_job(spec, Some(tx)).await {
         Ok(r) => r.id,
         Err(fail) => {
@@ -262,6 +263,7 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
                 let sent = match ev {
                     Some(JobEvent::Started { worker }) => writer.send(&AdminEvent::Started { job: job.clone(), worker }).await,
                     Some(JobEvent::Output { stream, data }) => writer.send_binary(stream, &data).await,
+                    Some(JobEvent::Transfer(frame)) => writer.send(&AdminEvent::Transfer(frame)).await,
                     Some(JobEvent::Ended(record)) => {
                         let _ = writer.send(&AdminEvent::Ended(record)).await;
                         break;
@@ -269,18 +271,37 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
                     None => break,
                 };
                 if sent.is_err() {
-                    // The client went away; the job goes on (see `job show`, `job cancel`).
+                    // The client went away. A command goes on (see `job show`, `job cancel`); a transfer
+                    // cannot, as the client is one of its ends.
+                    if transfer {
+                        hub.transfer_client_gone(&job).await;
+                    }
                     return;
                 }
             }
             msg = reader.read() => match msg {
-                Ok(Some(Incoming::Frame(Frame::Text(t)))) => {
-                    if let Ok(AdminRequest::Cancel) = decode_text::<AdminRequest>(&t) {
+                Ok(Some(Incoming::Frame(Frame::Text(t)))) => match decode_text::<AdminRequest>(&t) {
+                    Ok(AdminRequest::Cancel) => {
                         let _ = hub.cancel_job(&job).await;
                     }
+                    Ok(AdminRequest::Transfer(mut frame)) if transfer => {
+                        // A client speaks for its own job only.
+                        frame.job = job.clone();
+                        hub.transfer_from_client(frame).await;
+                    }
+                    Ok(other) => tracing::debug!(job = %job, ?other, "unexpected message on an exec stream ignored"),
+                    Err(e) => tracing::debug!(job = %job, "bad message on an exec stream ignored: {e}"),
+                },
+                Ok(Some(Incoming::Frame(Frame::Binary { stream: TRANSFER_STREAM, data }))) if transfer => {
+                    hub.transfer_data_from_client(&job, data).await;
                 }
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return,
+                Ok(None) | Err(_) => {
+                    if transfer {
+                        hub.transfer_client_gone(&job).await;
+                    }
+                    return;
+                }
             },
         }
     }
@@ -295,6 +316,9 @@ async fn first_request(reader: &mut crate::protocol::ConnectionReader) -> Result
                     return match decode_text::<AdminRequest>(&t)? {
                         AdminRequest::Exec(spec) => Ok(*spec),
                         AdminRequest::Cancel => Err(ProtocolError::Malformed("nothing to cancel yet".into())),
+                        AdminRequest::Transfer(_) => Err(ProtocolError::Malformed(
+                            "the first message must be `exec`".into(),
+                        )),
                     };
                 }
                 Some(_) => continue,

@@ -13,11 +13,15 @@ use crate::error::{Error, Result};
 use crate::http::HttpClient;
 use crate::protocol::api::{
     AdminEvent, AdminRequest, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
-    PasskeyView, STDERR_STREAM, STDOUT_STREAM, WorkerView,
+    PasskeyView, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, WorkerView,
 };
 use crate::protocol::connection::Incoming;
-use crate::protocol::{Connection, Frame, ProtocolError, decode_text};
+use crate::protocol::{
+    Connection, ConnectionReader, ConnectionWriter, Frame, ProtocolError, TransferFrame, TransferOp,
+    decode_text,
+};
 use crate::secret::Secret;
+use crate::transfer::{Link, Piece};
 
 /// What an exec stream reports as it goes.
 #[derive(Debug)]
@@ -204,7 +208,188 @@ impl AdminClient {
                         return Ok(*record);
                     }
                     AdminEvent::Error(e) => return Err(Error::Other(e.error)),
+                    AdminEvent::Transfer(_) => {}
                 },
+            }
+        }
+    }
+}
+
+impl AdminClient {
+    /// Creates a ship or fetch job and waits until a worker has started it: `Ok(stream)` to move the
+    /// files through, or `Err(record)` when the job ended first (no worker took it, the source is missing,
+    /// it was cancelled). `cancel` asks the hub to cancel the job, now or later; the stream then goes on
+    /// until the job has really ended.
+    pub async fn open_transfer(
+        &self,
+        spec: &JobSpec,
+        cancel: CancellationToken,
+    ) -> Result<std::result::Result<TransferStream, Box<JobRecord>>> {
+        let url = format!("{}/api/v1/admin/exec", self.url());
+        let conn = Connection::connect(&url, &[("authorization", &self.auth())]).await?;
+        let (mut writer, reader) = conn.split();
+        writer.send(&AdminRequest::Exec(Box::new(spec.clone()))).await?;
+        let mut stream = TransferStream {
+            writer,
+            reader,
+            job: String::new(),
+            worker: String::new(),
+            cancel,
+            cancel_sent: false,
+            ended: None,
+            error: None,
+        };
+        loop {
+            match stream.next_event().await? {
+                None => {
+                    let why = stream.error.take().unwrap_or_else(|| {
+                        "the hub closed the stream before the transfer started".to_owned()
+                    });
+                    return Err(Error::Other(why));
+                }
+                Some(AdminEvent::Created { job }) => stream.job = job,
+                Some(AdminEvent::Started { worker, .. }) => {
+                    stream.worker = worker;
+                    return Ok(Ok(stream));
+                }
+                Some(AdminEvent::Ended(record)) => return Ok(Err(record)),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// The client's end of a running ship or fetch: a [`Link`] for [`crate::transfer`], then the job's end.
+pub struct TransferStream {
+    writer: ConnectionWriter,
+    reader: ConnectionReader,
+    /// The job, and the worker that runs it.
+    pub job: String,
+    pub worker: String,
+    cancel: CancellationToken,
+    cancel_sent: bool,
+    ended: Option<Box<JobRecord>>,
+    error: Option<String>,
+}
+
+impl TransferStream {
+    /// The next event of the stream (file bytes come as `Transfer` frames' companions through
+    /// [`Link::recv`]; here they are skipped). Sends the cancel request when `cancel` fires.
+    async fn next_event(&mut self) -> Result<Option<AdminEvent>> {
+        loop {
+            let incoming = tokio::select! {
+                _ = self.cancel.cancelled(), if !self.cancel_sent => {
+                    self.cancel_sent = true;
+                    self.writer.send(&AdminRequest::Cancel).await?;
+                    continue;
+                }
+                r = self.reader.read() => r?,
+            };
+            match incoming {
+                None => return Ok(None),
+                Some(Incoming::Alive | Incoming::Frame(Frame::Binary { .. })) => {}
+                Some(Incoming::Frame(Frame::Text(t))) => match decode_text::<AdminEvent>(&t)? {
+                    AdminEvent::Error(e) => {
+                        self.error = Some(e.error);
+                        return Ok(None);
+                    }
+                    ev => return Ok(Some(ev)),
+                },
+            }
+        }
+    }
+
+    /// Tells the hub the received files are verified and in place (fetch).
+    pub async fn committed(&mut self, summary: crate::protocol::TransferSummary) -> Result<()> {
+        let frame = TransferFrame {
+            job: self.job.clone(),
+            op: TransferOp::Committed(summary),
+        };
+        Ok(self.writer.send(&AdminRequest::Transfer(frame)).await?)
+    }
+
+    /// Waits for the job's end and returns its record.
+    pub async fn finish(mut self) -> Result<JobRecord> {
+        if let Some(r) = self.ended.take() {
+            self.writer.close().await;
+            return Ok(*r);
+        }
+        loop {
+            match self.next_event().await? {
+                Some(AdminEvent::Ended(r)) => {
+                    self.writer.close().await;
+                    return Ok(*r);
+                }
+                Some(_) => {}
+                None => {
+                    let why = self
+                        .error
+                        .take()
+                        .unwrap_or_else(|| "the hub closed the stream before the transfer ended".to_owned());
+                    return Err(Error::Other(why));
+                }
+            }
+        }
+    }
+}
+
+impl Link for TransferStream {
+    async fn send(&mut self, piece: Piece) -> std::result::Result<(), String> {
+        let sent = match piece {
+            Piece::Op(op) => {
+                let frame = TransferFrame {
+                    job: self.job.clone(),
+                    op,
+                };
+                self.writer.send(&AdminRequest::Transfer(frame)).await
+            }
+            Piece::Data(d) => self.writer.send_binary(TRANSFER_STREAM, &d).await,
+        };
+        sent.map_err(|e| format!("the connection to the hub failed: {e}"))
+    }
+
+    async fn recv(&mut self) -> Option<Piece> {
+        if self.ended.is_some() {
+            return None;
+        }
+        loop {
+            let incoming = tokio::select! {
+                _ = self.cancel.cancelled(), if !self.cancel_sent => {
+                    self.cancel_sent = true;
+                    if self.writer.send(&AdminRequest::Cancel).await.is_err() {
+                        return None;
+                    }
+                    continue;
+                }
+                r = self.reader.read() => r,
+            };
+            match incoming {
+                Ok(Some(Incoming::Frame(Frame::Binary {
+                    stream: TRANSFER_STREAM,
+                    data,
+                }))) => return Some(Piece::Data(data)),
+                Ok(Some(Incoming::Frame(Frame::Text(t)))) => match decode_text::<AdminEvent>(&t) {
+                    Ok(AdminEvent::Transfer(f)) => return Some(Piece::Op(f.op)),
+                    Ok(AdminEvent::Ended(r)) => {
+                        self.ended = Some(r);
+                        return None;
+                    }
+                    Ok(AdminEvent::Error(e)) => {
+                        self.error = Some(e.error);
+                        return None;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.error = Some(e.to_string());
+                        return None;
+                    }
+                },
+                Ok(Some(_)) => {}
+                Ok(None) => return None,
+                Err(e) => {
+                    self.error = Some(e.to_string());
+                    return None;
+                }
             }
         }
     }

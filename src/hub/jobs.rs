@@ -16,9 +16,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Hub, Outbound, Session, State};
 use crate::protocol::api::{
-    ApiError, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, Target, Task,
+    ApiError, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, Target, Task,
 };
-use crate::protocol::{CommandLine, EvalRequest, ExecRequest, Hello, HubMessage, JobResult, Outcome};
+use crate::protocol::{
+    CommandLine, EvalRequest, ExecRequest, FetchRequest, Hello, HubMessage, JobResult, Outcome, ShipRequest,
+    TransferFrame, TransferOp, TransferSummary,
+};
 use crate::util::now_rfc3339;
 
 /// An error answer of the API: status plus the one-line [`ApiError`].
@@ -57,6 +60,8 @@ pub enum JobEvent {
         data: Bytes,
     },
     Ended(Box<JobRecord>),
+    /// A step of the job's transfer, from the worker.
+    Transfer(TransferFrame),
 }
 
 /// A job that has not ended.
@@ -70,6 +75,12 @@ pub(crate) struct LiveJob {
     refused_by: HashSet<String>,
     /// A cancel was asked for after the job left the queue: if it comes back to the queue, it ends instead.
     cancel_requested: bool,
+    /// Transfers: the binary stream of this job on its worker's session.
+    stream: Option<u64>,
+    /// Fetches: the receiving client's verdict (`committed` or `abort`).
+    verdict: Option<Result<TransferSummary, String>>,
+    /// Fetches: the worker's result, held until the client's verdict comes.
+    parked: Option<JobResult>,
 }
 
 impl LiveJob {
@@ -134,6 +145,10 @@ fn validate(spec: &JobSpec) -> Result<(), ApiFail> {
         Task::Eval(e) if !(e.stash.is_null() || e.stash.is_object()) => {
             return Err(bad("the stash must be a JSON object".into()));
         }
+        Task::Ship(t) if t.dest.trim().is_empty() => return Err(bad("ship needs a destination path".into())),
+        Task::Fetch(t) if t.path.trim().is_empty() => {
+            return Err(bad("fetch needs a path on the worker".into()));
+        }
         Task::Eval(e) => {
             let stash = serde_json::to_string(&e.stash).expect("JSON values serialize");
             if stash.len() > MAX_STASH_BYTES {
@@ -172,6 +187,14 @@ impl Hub {
         subscriber: Option<mpsc::Sender<JobEvent>>,
     ) -> Result<JobRecord, ApiFail> {
         validate(&spec)?;
+        if spec.task.is_transfer() && subscriber.is_none() {
+            return Err(ApiFail::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "ship and fetch stream through the client that starts them: use `cla-hub ship` / `cla-hub fetch` \
+                 (the exec stream), not a detached job",
+            ));
+        }
         let record = {
             let st = self.state();
             if !st
@@ -198,6 +221,7 @@ impl Hub {
                 ended: None,
                 error: None,
                 eval: None,
+                transfer: None,
             }
         };
         self.store.put_job(&record)?;
@@ -213,6 +237,9 @@ impl Hub {
                     waiters: Vec::new(),
                     refused_by: HashSet::new(),
                     cancel_requested: false,
+                    stream: None,
+                    verdict: None,
+                    parked: None,
                 },
             );
             st.queue.push_back(record.id.clone());
@@ -254,11 +281,17 @@ impl Hub {
                 if job.record.state != JobState::Queued {
                     continue;
                 }
+                let transfer = job.record.spec.task.is_transfer();
                 let pick = sessions
                     .values_mut()
                     .filter(|s| {
+                        let has_room = if transfer {
+                            s.transfers.len() < crate::transfer::MAX_CONCURRENT
+                        } else {
+                            ((s.running.len() - s.transfers.len()) as u32) < s.hello.capacity
+                        };
                         !s.draining
-                            && (s.running.len() as u32) < s.hello.capacity
+                            && has_room
                             && !job.refused_by.contains(&s.session)
                             && matches(&job.record.spec.target, &s.id, &s.hello)
                     })
@@ -371,15 +404,18 @@ impl Hub {
                 return;
             };
             let Some(j) = jobs.get_mut(&job_id) else { return };
-            let (buf, truncated) = if which == STDOUT_STREAM {
-                (&mut j.stdout, &mut j.record.stdout_truncated)
-            } else {
-                (&mut j.stderr, &mut j.record.stderr_truncated)
-            };
-            let room = cap.saturating_sub(buf.len());
-            buf.extend_from_slice(&data[..room.min(data.len())]);
-            if data.len() > room {
-                *truncated = true;
+            // File bytes (TRANSFER_STREAM) are relayed, not kept.
+            if which != TRANSFER_STREAM {
+                let (buf, truncated) = if which == STDOUT_STREAM {
+                    (&mut j.stdout, &mut j.record.stdout_truncated)
+                } else {
+                    (&mut j.stderr, &mut j.record.stderr_truncated)
+                };
+                let room = cap.saturating_sub(buf.len());
+                buf.extend_from_slice(&data[..room.min(data.len())]);
+                if data.len() > room {
+                    *truncated = true;
+                }
             }
             j.subscribers.retain(|s| !s.is_closed());
             (which, j.subscribers.clone())
@@ -394,38 +430,141 @@ impl Hub {
         }
     }
 
-    /// The job ended on the worker.
+    /// The job ended on the worker. A fetch that the worker sent completely ends only with its receiving
+    /// client's verdict (see [`Hub::transfer_from_client`]).
     pub(crate) async fn job_finished(&self, worker: &str, result: JobResult) {
         let ended = {
             let mut guard = self.state();
             let st = &mut *guard;
-            if st
-                .jobs
-                .get(&result.job)
-                .is_none_or(|j| j.record.worker.as_deref() != Some(worker))
-            {
+            let Some(j) = st.jobs.get_mut(&result.job) else {
                 return;
+            };
+            if j.record.worker.as_deref() != Some(worker) {
+                return;
+            }
+            let hold = matches!(j.record.spec.task, Task::Fetch(_))
+                && result.outcome == Outcome::Succeeded
+                && j.verdict.is_none();
+            if hold {
+                j.parked = Some(result.clone());
             }
             if let Some(s) = st.sessions.get_mut(worker) {
                 release(s, &result.job);
             }
-            end_job(st, &result.job, |r| {
-                r.state = match result.outcome {
-                    Outcome::Succeeded => JobState::Succeeded,
-                    Outcome::Failed | Outcome::Error => JobState::Failed,
-                    Outcome::TimedOut => JobState::TimedOut,
-                    Outcome::Cancelled => JobState::Cancelled,
-                };
-                r.rc = result.rc;
-                r.signal = result.signal;
-                r.error = result.error.clone();
-                r.eval = result.eval.clone();
-            })
+            if hold { None } else { finish_with(st, result) }
         };
         if let Some(e) = ended {
             self.deliver(e).await;
         }
         self.dispatch().await;
+    }
+
+    /// A transfer frame from the worker: relayed to the job's client.
+    pub(crate) async fn transfer_from_worker(&self, worker: &str, frame: TransferFrame) {
+        let subs = {
+            let mut st = self.state();
+            match st.jobs.get_mut(&frame.job) {
+                Some(j) if j.record.worker.as_deref() == Some(worker) => {
+                    j.subscribers.retain(|s| !s.is_closed());
+                    j.subscribers.clone()
+                }
+                _ => {
+                    tracing::debug!(job = %frame.job, worker, "transfer frame for no live job dropped");
+                    return;
+                }
+            }
+        };
+        for s in subs {
+            let _ = s.send(JobEvent::Transfer(frame.clone())).await;
+        }
+    }
+
+    /// The worker session and stream of a started transfer job.
+    fn transfer_route(&self, job: &str) -> Option<(mpsc::Sender<Outbound>, u64)> {
+        let st = self.state();
+        let j = st.jobs.get(job)?;
+        let stream = j.stream?;
+        let worker = j.record.worker.as_deref()?;
+        st.sessions
+            .get(worker)
+            .filter(|s| s.running.contains(job))
+            .map(|s| (s.tx.clone(), stream))
+    }
+
+    /// File bytes from the job's client (a ship): relayed to the worker. The session's bounded channel
+    /// pushes back on the client when the worker's connection is slower.
+    pub(crate) async fn transfer_data_from_client(&self, job: &str, data: Bytes) {
+        match self.transfer_route(job) {
+            Some((tx, stream)) => {
+                let _ = tx.send(Outbound::Data(stream, data)).await;
+            }
+            None => tracing::debug!(job, "file bytes for a transfer that is not running dropped"),
+        }
+    }
+
+    /// A transfer frame from the job's client: relayed to the worker; a fetch's verdict (`committed`,
+    /// or the client's `abort`) is also kept for the job's end.
+    pub(crate) async fn transfer_from_client(&self, frame: TransferFrame) {
+        let ended = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let Some(j) = st.jobs.get_mut(&frame.job) else {
+                return;
+            };
+            if matches!(j.record.spec.task, Task::Fetch(_)) {
+                match &frame.op {
+                    TransferOp::Committed(summary) => j.verdict = Some(Ok(summary.clone())),
+                    TransferOp::Abort { error } => {
+                        j.verdict = Some(Err(format!("the receiving client stopped the fetch: {error}")))
+                    }
+                    _ => {}
+                }
+            }
+            match (&frame.op, j.parked.take()) {
+                (TransferOp::Committed(_) | TransferOp::Abort { .. }, Some(result)) => {
+                    finish_with(st, result)
+                }
+                (_, parked) => {
+                    j.parked = parked;
+                    None
+                }
+            }
+        };
+        if let Some(e) = ended {
+            self.deliver(e).await;
+            return;
+        }
+        if matches!(frame.op, TransferOp::Committed(_)) {
+            return;
+        }
+        match self.transfer_route(&frame.job) {
+            Some((tx, _)) => {
+                let _ = tx.send(Outbound::Message(HubMessage::Transfer(frame))).await;
+            }
+            None => {
+                tracing::debug!(job = %frame.job, "transfer frame for a transfer that is not running dropped")
+            }
+        }
+    }
+
+    /// The client of a transfer went away: the transfer cannot go on. A fetch it was receiving fails, and
+    /// the job is cancelled on the worker (a ship's partial files are removed there).
+    pub(crate) async fn transfer_client_gone(&self, job: &str) {
+        let ended = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let Some(j) = st.jobs.get_mut(job) else { return };
+            if matches!(j.record.spec.task, Task::Fetch(_)) && j.verdict.is_none() {
+                j.verdict = Some(Err("the client receiving the files disconnected".into()));
+            }
+            j.parked.take().and_then(|result| finish_with(st, result))
+        };
+        if let Some(e) = ended {
+            self.deliver(e).await;
+            return;
+        }
+        tracing::warn!(job, "transfer client disconnected: cancelling the job");
+        let _ = self.cancel_job(job).await;
     }
 
     /// A worker's session ended: offered jobs go back to the queue, accepted and running ones are lost.
@@ -476,6 +615,14 @@ impl Hub {
                     end_job(st, id, |r| {
                         r.state = JobState::Cancelled;
                         r.error = Some("cancelled before it started".into());
+                    })
+                    .map(|e| Action::Ended(Box::new(e)))
+                }
+                Some(_) if st.jobs.get(id).is_some_and(|j| j.parked.is_some()) => {
+                    // A fetch the worker has sent completely, waiting for its client: it ends here.
+                    end_job(st, id, |r| {
+                        r.state = JobState::Cancelled;
+                        r.error = Some("cancelled while the client was receiving".into());
                     })
                     .map(|e| Action::Ended(Box::new(e)))
                 }
@@ -594,14 +741,49 @@ fn unknown_job(id: &str) -> ApiFail {
     )
 }
 
+/// Ends a live job with the worker's result (and, for a fetch, its client's verdict).
+fn finish_with(st: &mut State, result: JobResult) -> Option<Ended> {
+    let verdict = st.jobs.get_mut(&result.job).and_then(|j| j.verdict.take());
+    end_job(st, &result.job, |r| {
+        r.state = match result.outcome {
+            Outcome::Succeeded => JobState::Succeeded,
+            Outcome::Failed | Outcome::Error => JobState::Failed,
+            Outcome::TimedOut => JobState::TimedOut,
+            Outcome::Cancelled => JobState::Cancelled,
+        };
+        r.rc = result.rc;
+        r.signal = result.signal;
+        r.error = result.error.clone();
+        r.eval = result.eval.clone();
+        r.transfer = result.transfer.clone();
+        match verdict {
+            // The receiving client has the last word on a fetch.
+            Some(Ok(summary)) if result.outcome == Outcome::Succeeded => r.transfer = Some(summary),
+            Some(Err(e)) if r.state == JobState::Succeeded || r.state == JobState::Cancelled => {
+                r.state = JobState::Failed;
+                r.error = Some(e);
+                r.transfer = None;
+            }
+            _ => {}
+        }
+    })
+}
+
 /// Assigns `job` to `session`: stream ids, running slot, `offered` state. Returns the request to send.
 fn offer(session: &mut Session, job: &mut LiveJob) -> HubMessage {
+    let id = job.record.id.clone();
+    session.running.insert(id.clone());
+    if job.record.spec.task.is_transfer() {
+        let stream = session.next_stream;
+        session.next_stream += 1;
+        session.streams.insert(stream, (id.clone(), TRANSFER_STREAM));
+        session.transfers.insert(id.clone());
+        job.stream = Some(stream);
+    }
     let (stdout, stderr) = (session.next_stream, session.next_stream + 1);
     session.next_stream += 2;
-    let id = job.record.id.clone();
     session.streams.insert(stdout, (id.clone(), STDOUT_STREAM));
     session.streams.insert(stderr, (id.clone(), STDERR_STREAM));
-    session.running.insert(id.clone());
     job.record.state = JobState::Offered;
     job.record.worker = Some(session.id.clone());
     let spec = &job.record.spec;
@@ -623,6 +805,17 @@ fn offer(session: &mut Session, job: &mut LiveJob) -> HubMessage {
             stash: e.stash.clone(),
             timeout_ms,
             stdout,
+        }),
+        Task::Ship(t) => HubMessage::Ship(ShipRequest {
+            job: id,
+            dest: t.dest.clone(),
+            mkdir: t.mkdir,
+            stream: job.stream.expect("set above"),
+        }),
+        Task::Fetch(t) => HubMessage::Fetch(FetchRequest {
+            job: id,
+            path: t.path.clone(),
+            stream: job.stream.expect("set above"),
         }),
     }
 }
@@ -650,6 +843,7 @@ fn requeue_or_cancel(st: &mut State, id: &str) -> (Option<JobRecord>, Option<End
 /// Frees the job's slot and stream ids on its session.
 fn release(session: &mut Session, job: &str) {
     session.running.remove(job);
+    session.transfers.remove(job);
     session.streams.retain(|_, (j, _)| j != job);
 }
 

@@ -68,6 +68,8 @@ pub fn default_data_dir() -> PathBuf {
 #[derive(Debug)]
 pub(crate) enum Outbound {
     Message(HubMessage),
+    /// Bytes on a binary stream (a ship's file data).
+    Data(u64, bytes::Bytes),
 }
 
 /// A connected worker, as the hub tracks it.
@@ -78,6 +80,8 @@ pub(crate) struct Session {
     pub hello: Hello,
     pub connected_since: String,
     pub running: HashSet<String>,
+    /// The transfers among `running` (they have their own limit instead of the worker's capacity).
+    pub transfers: HashSet<String>,
     pub draining: bool,
     /// Binary stream id → (job id, admin stream id: stdout or stderr).
     pub streams: HashMap<u64, (String, u64)>,

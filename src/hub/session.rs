@@ -68,6 +68,7 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
                     hello: hello.clone(),
                     connected_since: now_rfc3339(),
                     running: Default::default(),
+                    transfers: Default::default(),
                     draining: false,
                     streams: Default::default(),
                     next_stream: 1,
@@ -188,6 +189,7 @@ async fn write_loop(
             _ = close.cancelled() => break,
             msg = rx.recv() => match msg {
                 Some(Outbound::Message(m)) => writer.send(&m).await,
+                Some(Outbound::Data(stream, data)) => writer.send_binary(stream, &data).await,
                 None => break,
             },
             _ = ping.tick() => writer.ping().await,
@@ -264,6 +266,7 @@ async fn handle(hub: &Arc<Hub>, id: &str, text: &str) {
         WorkerMessage::Refused { job, reason } => hub.job_refused(id, &job, &reason).await,
         WorkerMessage::Started { job, .. } => hub.job_started(id, &job).await,
         WorkerMessage::Finished(result) => hub.job_finished(id, result).await,
+        WorkerMessage::Transfer(frame) => hub.transfer_from_worker(id, frame).await,
         WorkerMessage::Draining => {
             if let Some(s) = hub.state().sessions.get_mut(id) {
                 s.draining = true;

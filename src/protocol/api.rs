@@ -7,13 +7,15 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::message::{CommandLine, EvalOutput, RawCommand};
+use super::message::{CommandLine, EvalOutput, RawCommand, TransferFrame, TransferSummary};
 use crate::secret::Secret;
 
 /// Binary stream id of stdout on the admin exec stream.
 pub const STDOUT_STREAM: u64 = 1;
 /// Binary stream id of stderr on the admin exec stream.
 pub const STDERR_STREAM: u64 = 2;
+/// Binary stream id of file bytes on the admin exec stream (ship and fetch).
+pub const TRANSFER_STREAM: u64 = 3;
 
 /// `POST /api/v1/register` body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,6 +174,8 @@ impl Target {
 pub enum Task {
     Exec(CommandLine),
     Eval(EvalTask),
+    Ship(ShipTask),
+    Fetch(FetchTask),
 }
 
 /// The wire form of [`Task`], checked when it is read.
@@ -183,12 +187,26 @@ pub struct RawTask {
     pub code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stash: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ship: Option<ShipTask>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<FetchTask>,
 }
 
 impl TryFrom<RawTask> for Task {
     type Error = String;
     fn try_from(r: RawTask) -> Result<Self, String> {
         let has_command = r.command.cmd.is_some() || r.command.argv.is_some();
+        let given = [has_command, r.code.is_some(), r.ship.is_some(), r.fetch.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err("give one of `cmd`, `argv`, `code`, `ship` or `fetch`, not several".into());
+        }
+        if let Some(ship) = r.ship {
+            return Ok(Task::Ship(ship));
+        }
+        if let Some(fetch) = r.fetch {
+            return Ok(Task::Fetch(fetch));
+        }
         match (r.code, has_command) {
             (Some(_), true) => Err("give one of `cmd`, `argv` or `code`, not several".into()),
             (Some(code), false) => Ok(Task::Eval(EvalTask {
@@ -206,13 +224,20 @@ impl From<Task> for RawTask {
         match t {
             Task::Exec(c) => RawTask {
                 command: c.into(),
-                code: None,
-                stash: None,
+                ..RawTask::default()
             },
             Task::Eval(e) => RawTask {
-                command: RawCommand::default(),
                 code: Some(e.code),
                 stash: (!e.stash.is_null()).then_some(e.stash),
+                ..RawTask::default()
+            },
+            Task::Ship(t) => RawTask {
+                ship: Some(t),
+                ..RawTask::default()
+            },
+            Task::Fetch(t) => RawTask {
+                fetch: Some(t),
+                ..RawTask::default()
             },
         }
     }
@@ -226,11 +251,45 @@ pub struct EvalTask {
     pub stash: serde_json::Value,
 }
 
+/// Files to send to the worker (`cla-hub ship`); the bytes come from the client that created the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShipTask {
+    /// The destination on the worker (see [`super::message::ShipRequest::dest`]).
+    pub dest: String,
+    /// Create missing parent directories (default true).
+    #[serde(default = "yes")]
+    pub mkdir: bool,
+    /// The client's source path, for listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// A file or directory to bring back from the worker (`cla-hub fetch`) to the client that created the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FetchTask {
+    /// The path on the worker.
+    pub path: String,
+    /// The client's destination path, for listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
 impl Task {
+    /// True for ship and fetch, which need their client connected for the whole job.
+    pub fn is_transfer(&self) -> bool {
+        matches!(self, Task::Ship(_) | Task::Fetch(_))
+    }
+
     /// A short human rendering for logs and listings.
     pub fn display(&self) -> String {
         match self {
             Task::Exec(c) => c.display(),
+            Task::Ship(t) => format!("ship {} → {}", t.source.as_deref().unwrap_or("(client)"), t.dest),
+            Task::Fetch(t) => format!("fetch {} → {}", t.path, t.dest.as_deref().unwrap_or("(client)")),
             Task::Eval(e) => {
                 let first = e.code.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
                 let cut: String = first.chars().take(60).collect();
@@ -342,6 +401,9 @@ pub struct JobRecord {
     /// An eval job's result, stash, console and error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalOutput>,
+    /// What a ship or fetch moved, as its receiver verified it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferSummary>,
 }
 
 /// Admin client → hub on the exec stream.
@@ -352,6 +414,9 @@ pub enum AdminRequest {
     Exec(Box<JobSpec>),
     /// Cancel the streamed job (Ctrl-C on the CLI).
     Cancel,
+    /// A step of the job's transfer (ship: the client's entries and `end`; fetch: its acks and verdict).
+    /// File bytes travel as binary frames on [`TRANSFER_STREAM`].
+    Transfer(TransferFrame),
 }
 
 /// Hub → admin client on the exec stream.
@@ -364,6 +429,8 @@ pub enum AdminEvent {
     Started { job: String, worker: String },
     /// The job ended; every output frame came before this.
     Ended(Box<JobRecord>),
+    /// A step of the job's transfer, relayed from the worker.
+    Transfer(TransferFrame),
     /// The job could not be created or streamed.
     Error(ApiError),
 }

@@ -21,6 +21,8 @@ pub const WS_PATH: &str = "/ws/v1";
 pub const WORKER_ID_HEADER: &str = "x-cla-worker-id";
 
 /// Worker → hub.
+// One message exists per frame for a moment, so the size of the largest variant (`finished`) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WorkerMessage {
@@ -38,6 +40,8 @@ pub enum WorkerMessage {
     Draining,
     /// The worker's tags and envs changed (SIGHUP reloaded its config); the session goes on.
     Update { tags: Vec<String>, envs: Vec<String> },
+    /// A step of a transfer: file data the worker sends (fetch), or its acknowledgements (ship).
+    Transfer(TransferFrame),
     /// Answer to a message the worker could not handle.
     Error { code: ErrorCode, message: String },
 }
@@ -54,6 +58,12 @@ pub enum HubMessage {
     Exec(ExecRequest),
     /// Evaluate JavaScript (boa) with a stash.
     Eval(EvalRequest),
+    /// Receive files: `transfer` frames and binary chunks on `stream` follow (see `docs/protocol.md`).
+    Ship(ShipRequest),
+    /// Send a file or directory back: the worker answers with `transfer` frames and chunks on `stream`.
+    Fetch(FetchRequest),
+    /// A step of a transfer: file data for a ship, or acknowledgements for a fetch.
+    Transfer(TransferFrame),
     /// Stop a running job: kill its whole process tree (TERM, grace, KILL).
     Cancel { job: String, reason: String },
     /// Exit the worker process with code 10.
@@ -262,6 +272,9 @@ pub struct JobResult {
     /// What an eval produced (eval jobs only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalOutput>,
+    /// What a ship or fetch moved (transfer jobs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferSummary>,
 }
 
 impl JobResult {
@@ -275,6 +288,7 @@ impl JobResult {
             duration_ms: 0,
             error: Some(error.into()),
             eval: None,
+            transfer: None,
         }
     }
 }
@@ -326,4 +340,94 @@ pub struct EvalError {
     /// The JS stack, innermost frame first (`at f (unknown at :1:24)`).
     #[serde(default)]
     pub stack: Vec<String>,
+}
+
+/// `ship`: the worker receives a file or directory and writes it at `dest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShipRequest {
+    pub job: String,
+    /// Where it goes. A file lands at `dest`, or inside it when `dest` ends with `/` or is a directory; a
+    /// directory's contents land in `dest` (created or merged), or in `dest/NAME` when `dest` ends with `/`.
+    pub dest: String,
+    /// Create missing parent directories of the destination (default); false refuses instead.
+    #[serde(default = "yes")]
+    pub mkdir: bool,
+    /// Binary stream id of the file bytes.
+    pub stream: u64,
+}
+
+/// `fetch`: the worker sends the file or directory at `path`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    pub job: String,
+    pub path: String,
+    /// Binary stream id the worker sends the file bytes on.
+    pub stream: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One step of a transfer, for job `job`. The sender sends `begin`, the entries (`dir`, `file` + binary
+/// chunks + `file_end`, `symlink`) and then `end`; the receiver sends `ack`s as it writes, and `committed` or
+/// `abort` at the end. The same frames travel hub ↔ worker and admin client ↔ hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferFrame {
+    pub job: String,
+    #[serde(flatten)]
+    pub op: TransferOp,
+}
+
+/// What a [`TransferFrame`] says. Entry paths are relative, `/`-separated, and start with the name of
+/// the transferred file or directory (`dist`, `dist/app.js`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum TransferOp {
+    /// The first frame: what the sender is about to send (for progress and ETA).
+    Begin { files: u64, bytes: u64 },
+    /// A directory. Its mode and mtime are applied once its contents are in place.
+    Dir { path: String, mode: u32, mtime_ns: i64 },
+    /// A regular file of `size` bytes: its bytes follow as binary frames, then `file_end`.
+    File {
+        path: String,
+        size: u64,
+        mode: u32,
+        mtime_ns: i64,
+    },
+    /// The end of the current file's bytes, with the SHA-256 of all of them (hex).
+    FileEnd { sha256: String },
+    /// A symbolic link, kept as a link (never followed).
+    Symlink { path: String, target: String },
+    /// Nothing more follows; totals for the receiver to check (`sha256`: see [`TransferSummary`]).
+    End { files: u64, bytes: u64, sha256: String },
+    /// Receiver → sender: this much of the stream is written (in window units: bytes plus
+    /// [`crate::transfer::FRAME_COST`] per frame); the sender may have at most a window more in flight.
+    Ack { consumed: u64 },
+    /// Either side gives up; the receiver removes what it wrote.
+    Abort { error: String },
+    /// Receiver → hub (fetch): everything is verified and in place.
+    Committed(TransferSummary),
+}
+
+/// What a transfer moved, as the receiver verified it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TransferSummary {
+    /// The destination path on the receiving side.
+    pub path: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Special files (sockets, fifos, devices) the sender skipped.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped: u64,
+    pub bytes: u64,
+    /// For a single file, its SHA-256; for a directory, the SHA-256 of its manifest: one line
+    /// `SHA256  PATH\n` per file (PATH below the directory), in the order sent (depth first; in each
+    /// directory its files and links, then its subdirectories, names sorted bytewise).
+    pub sha256: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

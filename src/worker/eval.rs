@@ -63,6 +63,7 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
         duration_ms: start.elapsed().as_millis() as u64,
         error,
         eval,
+        transfer: None,
     };
     // On Linux, /proc/self/exe still reaches this binary after it was replaced on disk by an upgrade
     // (current_exe() would then name a deleted path).

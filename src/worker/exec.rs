@@ -50,6 +50,8 @@ pub(crate) struct ExecCtx {
     pub envs: Vec<String>,
     pub workdir: Option<PathBuf>,
     pub out: mpsc::Sender<Out>,
+    /// Where the session delivers the pieces of running transfers.
+    pub routes: super::transfer::Routes,
 }
 
 impl ExecCtx {
@@ -87,6 +89,7 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
         duration_ms: start.elapsed().as_millis() as u64,
         error,
         eval: None,
+        transfer: None,
     };
     let mut cmd = match &req.command {
         CommandLine::Shell { cmd } => Command::from(shell(cmd)),

@@ -1,5 +1,5 @@
 //! The agent: registration, the session with the hub (connect, backoff, dispatch) and the request
-//! handlers. One file per request kind (`exec.rs`, `eval.rs`; ship/fetch join later); process-tree
+//! handlers. One file per request kind (`exec.rs`, `eval.rs`, `transfer.rs` for ship and fetch); process-tree
 //! control, which differs per OS, is in `process.rs`.
 
 pub mod daemon;
@@ -9,5 +9,6 @@ mod exec;
 pub(crate) mod process;
 pub mod registration;
 pub mod session;
+mod transfer;
 
 pub use session::{Reload, RunOptions, run};

@@ -18,13 +18,16 @@ use tokio_util::task::TaskTracker;
 use super::daemon::{ConnState, Reporter};
 use super::eval;
 use super::exec::{self, ExecCtx};
+use super::transfer;
 use crate::config::WorkerSettings;
 use crate::error::{Error, Result};
 use crate::protocol::connection::Incoming;
 use crate::protocol::{
     Connection, ConnectionReader, ConnectionWriter, ErrorCode, Frame, Hello, HubMessage, JobResult, Outcome,
-    PROTOCOL_VERSION, ProtocolError, RejectCode, WORKER_ID_HEADER, WS_PATH, WorkerMessage, decode_text,
+    PROTOCOL_VERSION, ProtocolError, RejectCode, TransferFrame, WORKER_ID_HEADER, WS_PATH, WorkerMessage,
+    decode_text,
 };
+use crate::transfer::Piece;
 
 /// Backoff bounds (DESIGN.md §4).
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -309,7 +312,8 @@ struct Live {
     opts: RunOptions,
     ctx: ExecCtx,
     capacity: usize,
-    jobs: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    /// Running jobs: their cancel token, and whether they are transfers (which have their own limit).
+    jobs: Arc<Mutex<HashMap<String, (CancellationToken, bool)>>>,
     tracker: TaskTracker,
     /// Cancelled when the writer fails: the connection is dead.
     dead: CancellationToken,
@@ -340,6 +344,7 @@ impl Live {
                 envs: s.envs.clone(),
                 workdir: s.workdir.clone(),
                 out: tx,
+                routes: Arc::default(),
             },
             capacity: s.capacity as usize,
             jobs: Arc::default(),
@@ -404,8 +409,10 @@ impl Live {
             };
             let text = match frame {
                 Frame::Text(t) => t,
-                Frame::Binary { stream, .. } => {
-                    tracing::debug!(stream, "unexpected binary frame from the hub ignored");
+                Frame::Binary { stream, data } => {
+                    if !transfer::route(&self.ctx.routes, None, Some(stream), Piece::Data(data)) {
+                        tracing::debug!(stream, "binary frame for no running transfer ignored");
+                    }
                     continue;
                 }
             };
@@ -430,7 +437,7 @@ impl Live {
                     let (job, what) = (req.job.clone(), req.command.display());
                     let work =
                         move |ctx: ExecCtx, cancel| async move { exec::handle(req, &ctx, cancel).await };
-                    self.start_job(job, what, draining, seen, work).await
+                    self.start_job(job, what, false, draining, seen, work).await
                 }
                 HubMessage::Eval(req) => {
                     let (job, what) = (
@@ -439,10 +446,27 @@ impl Live {
                     );
                     let work =
                         move |ctx: ExecCtx, cancel| async move { eval::handle(req, &ctx, cancel).await };
-                    self.start_job(job, what, draining, seen, work).await
+                    self.start_job(job, what, false, draining, seen, work).await
+                }
+                HubMessage::Ship(req) => {
+                    let (job, what) = (req.job.clone(), format!("ship → {}", req.dest));
+                    let work =
+                        move |ctx: ExecCtx, cancel| async move { transfer::ship(req, &ctx, cancel).await };
+                    self.start_job(job, what, true, draining, seen, work).await
+                }
+                HubMessage::Fetch(req) => {
+                    let (job, what) = (req.job.clone(), format!("fetch {}", req.path));
+                    let work =
+                        move |ctx: ExecCtx, cancel| async move { transfer::fetch(req, &ctx, cancel).await };
+                    self.start_job(job, what, true, draining, seen, work).await
+                }
+                HubMessage::Transfer(TransferFrame { job, op }) => {
+                    if !transfer::route(&self.ctx.routes, Some(&job), None, Piece::Op(op)) {
+                        tracing::debug!(job = %job, "transfer frame for no running transfer ignored");
+                    }
                 }
                 HubMessage::Cancel { job, reason } => match self.jobs.lock().expect("jobs lock").get(&job) {
-                    Some(t) => {
+                    Some((t, _)) => {
                         tracing::info!(job = %job, "cancel: {reason}");
                         t.cancel();
                     }
@@ -472,6 +496,7 @@ impl Live {
         &mut self,
         job: String,
         what: String,
+        is_transfer: bool,
         draining: bool,
         seen: &mut BoundedIds,
         work: F,
@@ -493,11 +518,23 @@ impl Live {
             self.send(WorkerMessage::Finished(result)).await;
             return;
         }
-        let running = self.jobs.lock().expect("jobs lock").len();
+        let running = self
+            .jobs
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .filter(|(_, t)| *t == is_transfer)
+            .count();
+        let limit = if is_transfer {
+            crate::transfer::MAX_CONCURRENT
+        } else {
+            self.capacity
+        };
         let refusal = if draining {
             Some("the worker is draining".to_owned())
-        } else if running >= self.capacity {
-            Some(format!("at capacity ({running}/{})", self.capacity))
+        } else if running >= limit {
+            let what = if is_transfer { "transfers" } else { "capacity" };
+            Some(format!("at {what} limit ({running}/{limit})"))
         } else {
             None
         };
@@ -510,7 +547,7 @@ impl Live {
         let cancel = CancellationToken::new();
         let running = {
             let mut jobs = self.jobs.lock().expect("jobs lock");
-            jobs.insert(job.clone(), cancel.clone());
+            jobs.insert(job.clone(), (cancel.clone(), is_transfer));
             jobs.len() as u32
         };
         self.reporter.update(|s| s.running = running);
@@ -534,7 +571,7 @@ impl Live {
     }
 
     fn cancel_all(&self) {
-        for t in self.jobs.lock().expect("jobs lock").values() {
+        for (t, _) in self.jobs.lock().expect("jobs lock").values() {
             t.cancel();
         }
     }
