@@ -9,7 +9,8 @@
 //! |---|---|
 //! | [`protocol`] | wire types (worker ↔ hub, admin client ↔ hub), the frame codec and the WebSocket [`protocol::Connection`] |
 //! | [`config`] | the worker's layered YAML config: search order, validation, atomic `--save` |
-//! | [`worker`] | the agent runtime: registration, session with backoff, request handlers (exec) |
+//! | [`worker`] | the agent runtime: registration, session with backoff, request handlers (exec, eval, ship/fetch) |
+//! | [`transfer`] | ship and fetch: one sender and one receiver (verified, atomic, flow-controlled) over any [`transfer::Link`] |
 //! | [`hub`] | the server runtime: HTTP + WebSocket listener, registry of connected workers, jobs, embedded store |
 //! | [`cli`] | clap argument types for both binaries and one `execute` per verb; nothing below it sees clap |
 //! | [`http`] | a small JSON-over-HTTP client used by `register`, `unregister` and the hub's admin commands |

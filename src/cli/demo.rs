@@ -256,6 +256,68 @@ async fn drive(
         ),
     }
 
+    // Ship a small release to the worker and fetch it back: both sides verify every file's SHA-256.
+    let release = dir.join("release");
+    std::fs::create_dir_all(release.join("bin"))?;
+    std::fs::write(release.join("VERSION"), "1.4.2\n")?;
+    std::fs::write(release.join("bin/start.sh"), "#!/bin/sh\nexec ./app \"$@\"\n")?;
+    let blob: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(release.join("bin/app"), blob)?;
+    #[cfg(unix)]
+    for f in ["bin/start.sh", "bin/app"] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(release.join(f), std::fs::Permissions::from_mode(0o755))?;
+    }
+    let remote = dir.join("worker-disk/opt/app/");
+    let remote_s = remote.display().to_string();
+    step(&format!(
+        "$ cla-hub ship --tags demo {} {remote_s}",
+        release.display()
+    ));
+    let tags = by_tag(shell("true"), None).target;
+    let t0 = Instant::now();
+    let shipped = super::transfer::ship(
+        admin,
+        tags.clone(),
+        release.clone(),
+        remote_s.clone(),
+        true,
+        CancellationToken::new(),
+        |_| {},
+    )
+    .await?;
+    let shipped_digest = report_transfer("ship", release.display().to_string(), &shipped, t0);
+    let back = dir.join("fetched/");
+    let there = remote.join("release").display().to_string();
+    step(&format!("$ cla-hub fetch --tags demo {there} {}", back.display()));
+    let t0 = Instant::now();
+    let fetched = super::transfer::fetch(
+        admin,
+        tags,
+        there.clone(),
+        back.display().to_string(),
+        true,
+        CancellationToken::new(),
+        |_| {},
+    )
+    .await?;
+    let fetched_digest = report_transfer("fetch", there, &fetched, t0);
+    let same_meta = ["VERSION", "bin/start.sh", "bin/app"].iter().all(|f| {
+        let meta = |root: &std::path::Path| {
+            std::fs::metadata(root.join(f))
+                .ok()
+                .map(|m| (m.len(), m.modified().ok(), m.permissions()))
+        };
+        meta(&release).is_some() && meta(&release) == meta(&dir.join("fetched/release"))
+    });
+    if shipped_digest.is_some() && shipped_digest == fetched_digest && same_meta {
+        println!(
+            "    the round trip is exact: the same manifest SHA-256 on both sides, and sizes, modes and mtimes match"
+        );
+    }
+
     step("$ cla-hub exec --detach …  then  cla-hub job show ID --wait");
     let job = admin
         .submit(&by_tag(shell("sleep 0.2; echo detached work done"), None))
@@ -280,6 +342,30 @@ async fn drive(
         );
     }
     Ok(())
+}
+
+/// Prints a transfer job's summary line (or why it failed); its digest when it succeeded.
+fn report_transfer(
+    direction: &'static str,
+    from: String,
+    record: &crate::protocol::api::JobRecord,
+    t0: Instant,
+) -> Option<String> {
+    match &record.transfer {
+        Some(s) if record.state == crate::protocol::api::JobState::Succeeded => {
+            let r = super::transfer::Report::new(direction, record, from, s, t0.elapsed());
+            println!("    {}", r.line());
+            Some(s.sha256.clone())
+        }
+        _ => {
+            println!(
+                "    [{}: {}]",
+                record.state.as_str(),
+                record.error.as_deref().unwrap_or("")
+            );
+            None
+        }
+    }
 }
 
 fn quoted(t: &Task) -> String {

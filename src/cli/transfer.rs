@@ -40,7 +40,7 @@ pub(crate) struct Report {
 }
 
 impl Report {
-    fn new(
+    pub(crate) fn new(
         direction: &'static str,
         record: &JobRecord,
         from: String,
