@@ -18,7 +18,7 @@ use super::server::{Admin, parse_body, upgrade};
 use super::store::PasskeyRecord;
 use crate::protocol::api::{
     AdminEvent, AdminRequest, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
-    PasskeyView, TRANSFER_STREAM, WorkerState, WorkerView,
+    PasskeyView, WorkerState, WorkerView,
 };
 use crate::protocol::connection::Incoming;
 use crate::protocol::{Connection, Frame, ProtocolError, decode_text};
@@ -261,9 +261,13 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
         tokio::select! {
             ev = rx.recv() => {
                 let sent = match ev {
-                    Some(JobEvent::Started { worker }) => writer.send(&AdminEvent::Started { job: job.clone(), worker }).await,
+                    Some(JobEvent::Started { worker, stream }) => writer.send(&AdminEvent::Started { job: job.clone(), worker, stream }).await,
                     Some(JobEvent::Output { stream, data }) => writer.send_binary(stream, &data).await,
                     Some(JobEvent::Transfer(frame)) => writer.send(&AdminEvent::Transfer(frame)).await,
+                    Some(JobEvent::Chunk(chunk)) => {
+                        let stream = chunk.stream();
+                        writer.send_chunk(chunk, stream).await
+                    }
                     Some(JobEvent::Ended(record)) => {
                         let _ = writer.send(&AdminEvent::Ended(record)).await;
                         break;
@@ -292,8 +296,8 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
                     Ok(other) => tracing::debug!(job = %job, ?other, "unexpected message on an exec stream ignored"),
                     Err(e) => tracing::debug!(job = %job, "bad message on an exec stream ignored: {e}"),
                 },
-                Ok(Some(Incoming::Frame(Frame::Binary { stream: TRANSFER_STREAM, data }))) if transfer => {
-                    hub.transfer_data_from_client(&job, data).await;
+                Ok(Some(Incoming::Frame(Frame::Binary(chunk)))) if transfer => {
+                    hub.transfer_data_from_client(&job, chunk).await;
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {

@@ -195,14 +195,14 @@ impl AdminClient {
                     .into());
                 }
                 Some(Incoming::Alive) => {}
-                Some(Incoming::Frame(Frame::Binary { stream, data })) => match stream {
-                    STDOUT_STREAM => on_event(ExecEvent::Stdout(data)),
-                    STDERR_STREAM => on_event(ExecEvent::Stderr(data)),
+                Some(Incoming::Frame(Frame::Binary(chunk))) => match chunk.stream() {
+                    STDOUT_STREAM => on_event(ExecEvent::Stdout(chunk.data())),
+                    STDERR_STREAM => on_event(ExecEvent::Stderr(chunk.data())),
                     _ => {}
                 },
                 Some(Incoming::Frame(Frame::Text(t))) => match decode_text::<AdminEvent>(&t)? {
                     AdminEvent::Created { job } => on_event(ExecEvent::Created(job)),
-                    AdminEvent::Started { job, worker } => on_event(ExecEvent::Started { job, worker }),
+                    AdminEvent::Started { job, worker, .. } => on_event(ExecEvent::Started { job, worker }),
                     AdminEvent::Ended(record) => {
                         writer.close().await;
                         return Ok(*record);
@@ -234,6 +234,7 @@ impl AdminClient {
             reader,
             job: String::new(),
             worker: String::new(),
+            stream: TRANSFER_STREAM,
             cancel,
             cancel_sent: false,
             ended: None,
@@ -248,8 +249,11 @@ impl AdminClient {
                     return Err(Error::Other(why));
                 }
                 Some(AdminEvent::Created { job }) => stream.job = job,
-                Some(AdminEvent::Started { worker, .. }) => {
+                Some(AdminEvent::Started {
+                    worker, stream: s, ..
+                }) => {
                     stream.worker = worker;
+                    stream.stream = s.unwrap_or(TRANSFER_STREAM);
                     return Ok(Ok(stream));
                 }
                 Some(AdminEvent::Ended(record)) => return Ok(Err(record)),
@@ -266,6 +270,8 @@ pub struct TransferStream {
     /// The job, and the worker that runs it.
     pub job: String,
     pub worker: String,
+    /// The binary stream of the file data (announced in `started`).
+    stream: u64,
     cancel: CancellationToken,
     cancel_sent: bool,
     ended: Option<Box<JobRecord>>,
@@ -287,7 +293,7 @@ impl TransferStream {
             };
             match incoming {
                 None => return Ok(None),
-                Some(Incoming::Alive | Incoming::Frame(Frame::Binary { .. })) => {}
+                Some(Incoming::Alive | Incoming::Frame(Frame::Binary(_))) => {}
                 Some(Incoming::Frame(Frame::Text(t))) => match decode_text::<AdminEvent>(&t)? {
                     AdminEvent::Error(e) => {
                         self.error = Some(e.error);
@@ -343,7 +349,7 @@ impl Link for TransferStream {
                 };
                 self.writer.send(&AdminRequest::Transfer(frame)).await
             }
-            Piece::Data(d) => self.writer.send_binary(TRANSFER_STREAM, &d).await,
+            Piece::Data(chunk) => self.writer.send_chunk(chunk, self.stream).await,
         };
         sent.map_err(|e| format!("the connection to the hub failed: {e}"))
     }
@@ -364,10 +370,9 @@ impl Link for TransferStream {
                 r = self.reader.read() => r,
             };
             match incoming {
-                Ok(Some(Incoming::Frame(Frame::Binary {
-                    stream: TRANSFER_STREAM,
-                    data,
-                }))) => return Some(Piece::Data(data)),
+                Ok(Some(Incoming::Frame(Frame::Binary(chunk)))) if chunk.stream() == self.stream => {
+                    return Some(Piece::Data(chunk));
+                }
                 Ok(Some(Incoming::Frame(Frame::Text(t)))) => match decode_text::<AdminEvent>(&t) {
                     Ok(AdminEvent::Transfer(f)) => return Some(Piece::Op(f.op)),
                     Ok(AdminEvent::Ended(r)) => {

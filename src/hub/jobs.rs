@@ -19,8 +19,8 @@ use crate::protocol::api::{
     ApiError, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, Target, Task,
 };
 use crate::protocol::{
-    CommandLine, EvalRequest, ExecRequest, FetchRequest, Hello, HubMessage, JobResult, Outcome, ShipRequest,
-    TransferFrame, TransferOp, TransferSummary,
+    Chunk, CommandLine, EvalRequest, ExecRequest, FetchRequest, Hello, HubMessage, JobResult, Outcome,
+    ShipRequest, TransferFrame, TransferOp, TransferSummary,
 };
 use crate::util::now_rfc3339;
 
@@ -53,6 +53,8 @@ impl From<crate::hub::store::StoreError> for ApiFail {
 pub enum JobEvent {
     Started {
         worker: String,
+        /// A transfer's binary stream id, the same on both legs (the hub relays chunks unchanged).
+        stream: Option<u64>,
     },
     /// Bytes on [`STDOUT_STREAM`] or [`STDERR_STREAM`].
     Output {
@@ -62,6 +64,8 @@ pub enum JobEvent {
     Ended(Box<JobRecord>),
     /// A step of the job's transfer, from the worker.
     Transfer(TransferFrame),
+    /// A chunk of a fetch's file data, from the worker (on the job's stream).
+    Chunk(Chunk),
 }
 
 /// A job that has not ended.
@@ -371,13 +375,13 @@ impl Hub {
 
     /// The job's process is running.
     pub(crate) async fn job_started(&self, worker: &str, job: &str) {
-        let (record, subs) = {
+        let (record, subs, stream) = {
             let mut st = self.state();
             match st.jobs.get_mut(job) {
                 Some(j) if j.record.worker.as_deref() == Some(worker) => {
                     j.record.state = JobState::Running;
                     j.record.started = Some(now_rfc3339());
-                    (j.snapshot(), j.subscribers.clone())
+                    (j.snapshot(), j.subscribers.clone(), j.stream)
                 }
                 _ => return,
             }
@@ -387,14 +391,18 @@ impl Hub {
             let _ = s
                 .send(JobEvent::Started {
                     worker: worker.to_owned(),
+                    stream,
                 })
                 .await;
         }
     }
 
-    /// Output bytes for a stream of `worker`'s session.
-    pub(crate) async fn job_output(&self, worker: &str, stream: u64, data: Bytes) {
+    /// A binary frame of `worker`'s session: output of a job (kept up to the cap and streamed), or a
+    /// fetch's file data (relayed as it is).
+    pub(crate) async fn job_output(&self, worker: &str, chunk: Chunk) {
         let cap = self.cfg.max_output_bytes;
+        let stream = chunk.stream();
+        let data = chunk.data();
         let (which, subs) = {
             let mut guard = self.state();
             let State { sessions, jobs, .. } = &mut *guard;
@@ -420,6 +428,13 @@ impl Hub {
             j.subscribers.retain(|s| !s.is_closed());
             (which, j.subscribers.clone())
         };
+        if which == TRANSFER_STREAM {
+            drop(data);
+            for s in subs {
+                let _ = s.send(JobEvent::Chunk(chunk.clone())).await;
+            }
+            return;
+        }
         for s in subs {
             let _ = s
                 .send(JobEvent::Output {
@@ -493,10 +508,10 @@ impl Hub {
 
     /// File bytes from the job's client (a ship): relayed to the worker. The session's bounded channel
     /// pushes back on the client when the worker's connection is slower.
-    pub(crate) async fn transfer_data_from_client(&self, job: &str, data: Bytes) {
+    pub(crate) async fn transfer_data_from_client(&self, job: &str, chunk: Chunk) {
         match self.transfer_route(job) {
             Some((tx, stream)) => {
-                let _ = tx.send(Outbound::Data(stream, data)).await;
+                let _ = tx.send(Outbound::Chunk(chunk, stream)).await;
             }
             None => tracing::debug!(job, "file bytes for a transfer that is not running dropped"),
         }

@@ -68,8 +68,8 @@ pub fn default_data_dir() -> PathBuf {
 #[derive(Debug)]
 pub(crate) enum Outbound {
     Message(HubMessage),
-    /// Bytes on a binary stream (a ship's file data).
-    Data(u64, bytes::Bytes),
+    /// A chunk of a ship's file data, for this stream.
+    Chunk(crate::protocol::Chunk, u64),
 }
 
 /// A connected worker, as the hub tracks it.

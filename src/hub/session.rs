@@ -131,7 +131,7 @@ async fn read_hello(reader: &mut ConnectionReader) -> Result<Hello, ProtocolErro
                         )),
                     };
                 }
-                Some(Incoming::Frame(Frame::Binary { .. })) => {
+                Some(Incoming::Frame(Frame::Binary(_))) => {
                     return Err(ProtocolError::Malformed("binary frame before `hello`".into()));
                 }
             }
@@ -189,7 +189,7 @@ async fn write_loop(
             _ = close.cancelled() => break,
             msg = rx.recv() => match msg {
                 Some(Outbound::Message(m)) => writer.send(&m).await,
-                Some(Outbound::Data(stream, data)) => writer.send_binary(stream, &data).await,
+                Some(Outbound::Chunk(chunk, stream)) => writer.send_chunk(chunk, stream).await,
                 None => break,
             },
             _ = ping.tick() => writer.ping().await,
@@ -233,7 +233,7 @@ async fn read_loop(
         };
         match incoming {
             Incoming::Alive => {}
-            Incoming::Frame(Frame::Binary { stream, data }) => hub.job_output(id, stream, data).await,
+            Incoming::Frame(Frame::Binary(chunk)) => hub.job_output(id, chunk).await,
             Incoming::Frame(Frame::Text(text)) => handle(hub, id, &text).await,
         }
     }

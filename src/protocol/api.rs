@@ -14,7 +14,8 @@ use crate::secret::Secret;
 pub const STDOUT_STREAM: u64 = 1;
 /// Binary stream id of stderr on the admin exec stream.
 pub const STDERR_STREAM: u64 = 2;
-/// Binary stream id of file bytes on the admin exec stream (ship and fetch).
+/// Marks a transfer's stream in the hub's stream table (on the wire, a transfer uses the id announced in
+/// its `started` event).
 pub const TRANSFER_STREAM: u64 = 3;
 
 /// `POST /api/v1/register` body.
@@ -425,8 +426,14 @@ pub enum AdminRequest {
 pub enum AdminEvent {
     /// The job exists, with this id.
     Created { job: String },
-    /// A worker took the job and started it.
-    Started { job: String, worker: String },
+    /// A worker took the job and started it. For a ship or fetch, `stream` is the binary stream id of
+    /// the file data, on this stream as on the worker's session.
+    Started {
+        job: String,
+        worker: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream: Option<u64>,
+    },
     /// The job ended; every output frame came before this.
     Ended(Box<JobRecord>),
     /// A step of the job's transfer, relayed from the worker.

@@ -15,8 +15,73 @@ use super::ProtocolError;
 pub enum Frame {
     /// A JSON message, still encoded.
     Text(String),
-    /// Bulk bytes for a stream.
-    Binary { stream: u64, data: Bytes },
+    /// Bulk bytes for a stream, kept as the whole frame (see [`Chunk`]).
+    Binary(Chunk),
+}
+
+/// A binary frame kept whole: `[stream: u64 BE][payload]`. Forwarding one (the hub relaying file data), or
+/// sending one whose buffer was filled in place ([`Chunk::room`]), costs no copy of the payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk(Bytes);
+
+impl Chunk {
+    /// Bytes before the payload.
+    pub const HEADER: usize = 8;
+
+    /// A chunk holding a copy of `payload`.
+    pub fn new(stream: u64, payload: &[u8]) -> Chunk {
+        Chunk(encode_binary(stream, payload))
+    }
+
+    /// A received frame; an error if it is too short to hold a stream id.
+    pub fn from_frame(frame: Bytes) -> Result<Chunk, ProtocolError> {
+        if frame.len() < Self::HEADER {
+            return Err(ProtocolError::ShortBinary(frame.len()));
+        }
+        Ok(Chunk(frame))
+    }
+
+    /// An empty buffer for a payload of up to `capacity` bytes, with room for the header in front: append
+    /// the payload, then make it a chunk with [`Chunk::filled`].
+    pub fn room(capacity: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::HEADER + capacity);
+        v.extend_from_slice(&[0; Self::HEADER]);
+        v
+    }
+
+    /// A chunk from a buffer made by [`Chunk::room`] (stream 0 until it is addressed).
+    pub fn filled(buf: Vec<u8>) -> Chunk {
+        debug_assert!(buf.len() >= Self::HEADER);
+        Chunk(Bytes::from(buf))
+    }
+
+    pub fn stream(&self) -> u64 {
+        u64::from_be_bytes(self.0[..Self::HEADER].try_into().expect("length checked"))
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.0[Self::HEADER..]
+    }
+
+    /// The payload as its own `Bytes` (shares the buffer).
+    pub fn data(&self) -> Bytes {
+        self.0.slice(Self::HEADER..)
+    }
+
+    /// The frame addressed to `stream`: as it is when it already is, rewritten in place when the buffer is
+    /// not shared, copied otherwise.
+    pub fn into_frame(self, stream: u64) -> Bytes {
+        if self.stream() == stream {
+            return self.0;
+        }
+        match self.0.try_into_mut() {
+            Ok(mut m) => {
+                m[..Self::HEADER].copy_from_slice(&stream.to_be_bytes());
+                m.freeze()
+            }
+            Err(shared) => encode_binary(stream, &shared[Self::HEADER..]),
+        }
+    }
 }
 
 /// Encodes a message as a JSON text frame.

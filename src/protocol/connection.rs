@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::ProtocolError;
-use super::codec::{Frame, decode_binary, encode_binary, encode_text};
+use super::codec::{Chunk, Frame, encode_binary, encode_text};
 use super::message::SUBPROTOCOL;
 
 /// Any byte stream a WebSocket can run over (TCP now, TLS later), boxed so one type serves all.
@@ -153,10 +153,7 @@ impl ConnectionReader {
             };
             return match msg {
                 Message::Text(t) => Ok(Some(Incoming::Frame(Frame::Text(t.as_str().to_owned())))),
-                Message::Binary(b) => {
-                    let (stream, data) = decode_binary(b)?;
-                    Ok(Some(Incoming::Frame(Frame::Binary { stream, data })))
-                }
+                Message::Binary(b) => Ok(Some(Incoming::Frame(Frame::Binary(Chunk::from_frame(b)?)))),
                 Message::Ping(_) | Message::Pong(_) => Ok(Some(Incoming::Alive)),
                 Message::Close(_) => Ok(None),
                 Message::Frame(_) => continue,
@@ -185,6 +182,14 @@ impl ConnectionWriter {
     pub async fn send_binary(&mut self, stream: u64, data: &[u8]) -> Result<(), ProtocolError> {
         self.sink
             .send(Message::Binary(encode_binary(stream, data)))
+            .await
+            .map_err(transport)
+    }
+
+    /// Sends a chunk on `stream` (without copying its payload when it can; see [`Chunk::into_frame`]).
+    pub async fn send_chunk(&mut self, chunk: Chunk, stream: u64) -> Result<(), ProtocolError> {
+        self.sink
+            .send(Message::Binary(chunk.into_frame(stream)))
             .await
             .map_err(transport)
     }

@@ -10,7 +10,7 @@ pub mod codec;
 pub mod connection;
 pub mod message;
 
-pub use codec::{Frame, decode_binary, decode_text, encode_binary, encode_text};
+pub use codec::{Chunk, Frame, decode_binary, decode_text, encode_binary, encode_text};
 pub use connection::{Connection, ConnectionReader, ConnectionWriter};
 pub use message::*;
 

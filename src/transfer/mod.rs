@@ -19,12 +19,10 @@ mod send;
 
 use std::future::Future;
 
-use bytes::Bytes;
-
 pub use receive::{Received, receive};
 pub use send::{Source, send};
 
-use crate::protocol::TransferOp;
+use crate::protocol::{Chunk, TransferOp};
 
 /// Size of the data chunks a sender reads and sends.
 pub const CHUNK: usize = 1 << 20;
@@ -41,11 +39,12 @@ pub const FRAME_COST: u64 = 512;
 /// The receiver acks each time it has consumed this much more (a quarter window).
 const ACK_EVERY: u64 = WINDOW / 4;
 
-/// One thing on a transfer's way: a frame, or a chunk of the current file's bytes.
+/// One thing on a transfer's way: a frame, or a chunk of the current file's bytes (kept as a whole binary
+/// frame, so that no hop copies it just to put a stream id in front).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
     Op(TransferOp),
-    Data(Bytes),
+    Data(Chunk),
 }
 
 impl Piece {
@@ -53,7 +52,7 @@ impl Piece {
     pub fn cost(&self) -> u64 {
         match self {
             Piece::Op(_) => FRAME_COST,
-            Piece::Data(d) => d.len() as u64 + FRAME_COST,
+            Piece::Data(d) => d.payload().len() as u64 + FRAME_COST,
         }
     }
 }

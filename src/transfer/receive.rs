@@ -209,7 +209,7 @@ impl Stage {
     fn apply(&mut self, piece: Piece) -> Result<bool, String> {
         let op = match piece {
             Piece::Data(d) => {
-                self.write(&d)?;
+                self.write(d.payload())?;
                 return Ok(false);
             }
             Piece::Op(op) => op,

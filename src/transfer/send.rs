@@ -5,14 +5,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
-use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::path::wire_name;
 use super::{CHUNK, Link, Piece, Progress, TransferError, WINDOW, hex, hooks};
-use crate::protocol::{TransferOp, TransferSummary};
+use crate::protocol::{Chunk, TransferOp, TransferSummary};
 
 /// Pieces read ahead of the window (bounded: the reader waits when the network is slower).
 const READ_AHEAD: usize = 4;
@@ -285,12 +284,12 @@ fn read_file(
         }
         // Fill a whole chunk (reads may return less), so frames stay large; `read_to_end` into spare
         // capacity skips zeroing the buffer first.
-        let mut buf = Vec::with_capacity(CHUNK);
+        let mut buf = Chunk::room(CHUNK);
         (&mut f)
             .take(CHUNK as u64)
             .read_to_end(&mut buf)
             .map_err(|e| io_error(path, e))?;
-        let filled = buf.len();
+        let filled = buf.len() - Chunk::HEADER;
         if filled == 0 {
             break;
         }
@@ -298,11 +297,11 @@ fn read_file(
         if total > size {
             break;
         }
-        hasher.update(&buf);
+        hasher.update(&buf[Chunk::HEADER..]);
         if std::mem::take(corrupt) {
-            buf[0] ^= 0xff;
+            buf[Chunk::HEADER] ^= 0xff;
         }
-        if !put(Piece::Data(Bytes::from(buf))) {
+        if !put(Piece::Data(Chunk::filled(buf))) {
             return Ok(None);
         }
         if filled < CHUNK {
@@ -335,7 +334,7 @@ pub async fn send(
         {
             sent += piece.cost();
             if let Piece::Data(d) = &piece {
-                done += d.len() as u64;
+                done += d.payload().len() as u64;
                 progress(Progress { done, total });
             }
             let end = match &piece {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::TransferOp;
+use crate::protocol::{Chunk, TransferOp};
 
 use super::*;
 
@@ -172,19 +172,16 @@ async fn hostile_entries_are_refused_and_leave_nothing() {
             ],
             "comes before its directory",
         ),
+        (vec![dir("d"), Piece::Data(Chunk::new(0, b"x"))], "outside a file"),
         (
-            vec![dir("d"), Piece::Data(Bytes::from_static(b"x"))],
-            "outside a file",
-        ),
-        (
-            vec![dir("d"), file("d/f", 1), Piece::Data(Bytes::from_static(b"xy"))],
+            vec![dir("d"), file("d/f", 1), Piece::Data(Chunk::new(0, b"xy"))],
             "more bytes than",
         ),
         (
             vec![
                 dir("d"),
                 file("d/f", 1),
-                Piece::Data(Bytes::from_static(b"x")),
+                Piece::Data(Chunk::new(0, b"x")),
                 Piece::Op(TransferOp::FileEnd {
                     sha256: "00".repeat(32),
                 }),

@@ -121,6 +121,8 @@ fn reload(
 pub(crate) enum Out {
     Message(Box<WorkerMessage>),
     Data(u64, Bytes),
+    /// A chunk of a fetch's file data, for this stream.
+    Chunk(crate::protocol::Chunk, u64),
 }
 
 impl Out {
@@ -409,8 +411,9 @@ impl Live {
             };
             let text = match frame {
                 Frame::Text(t) => t,
-                Frame::Binary { stream, data } => {
-                    if !transfer::route(&self.ctx.routes, None, Some(stream), Piece::Data(data)) {
+                Frame::Binary(chunk) => {
+                    let stream = chunk.stream();
+                    if !transfer::route(&self.ctx.routes, None, Some(stream), Piece::Data(chunk)) {
                         tracing::debug!(stream, "binary frame for no running transfer ignored");
                     }
                     continue;
@@ -597,6 +600,7 @@ async fn write_loop(mut writer: ConnectionWriter, mut rx: mpsc::Receiver<Out>, d
         let sent = match out {
             Out::Message(m) => writer.send(&*m).await,
             Out::Data(stream, data) => writer.send_binary(stream, &data).await,
+            Out::Chunk(chunk, stream) => writer.send_chunk(chunk, stream).await,
         };
         if let Err(e) = sent {
             tracing::debug!("write to hub failed: {e}");

@@ -79,7 +79,7 @@ impl Link for SessionLink {
                 job: self.job.clone(),
                 op,
             })),
-            Piece::Data(d) => Out::Data(self.stream, d),
+            Piece::Data(chunk) => Out::Chunk(chunk, self.stream),
         };
         self.out
             .send(out)
