@@ -32,9 +32,10 @@ fn worker_to_hub() {
             arch: "x86_64".into(),
             pid: 42,
             resume: vec![],
+            features: vec!["transfer".into()],
         }),
         json!({"type":"hello","version":1,"agent":"cla-worker 0.1.0","tags":["linux"],"envs":["QA"],"capacity":2,
-               "host":"h1","os":"linux","arch":"x86_64","pid":42,"resume":[]}),
+               "host":"h1","os":"linux","arch":"x86_64","pid":42,"resume":[],"features":["transfer"]}),
     );
     golden(
         WorkerMessage::Accepted { job: "j1".into() },

@@ -86,6 +86,7 @@ fn malformed_and_unknown_frames_are_answered_not_fatal() {
             arch: "x".into(),
             pid: 1,
             resume: vec![],
+            features: vec![],
         };
         w.send(&WorkerMessage::Hello(hello)).await.unwrap();
         let mut next_text = async || loop {

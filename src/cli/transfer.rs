@@ -195,6 +195,7 @@ pub(crate) async fn fetch(
     cancel: CancellationToken,
     progress: impl FnMut(Progress) + Send,
 ) -> Result<JobRecord> {
+    let remote_path = remote.clone();
     let spec = JobSpec {
         target,
         task: Task::Fetch(FetchTask {
@@ -209,15 +210,29 @@ pub(crate) async fn fetch(
         Ok(s) => s,
         Err(record) => return Ok(*record),
     };
+    // The worker sends what was asked for under its own name: it may not choose another one here.
+    let expect_name = std::path::Path::new(&remote_path)
+        .components()
+        .next_back()
+        .and_then(|c| match c {
+            std::path::Component::Normal(n) => n.to_str().map(str::to_owned),
+            _ => None,
+        });
     let to = Received {
         dest: local,
         base: None,
         mkdir,
+        expect_name,
     };
     // A cancel goes to the hub; the worker stops sending and the receiver drops what it staged.
     match transfer::receive(to, &mut stream, &CancellationToken::new(), progress).await {
         Ok(summary) => stream.committed(summary).await?,
-        Err(e) => tracing::debug!("receiving stopped: {e}"),
+        Err(e) => {
+            // The hub holds a fetch the worker has finished sending until this side's verdict.
+            tracing::debug!("receiving stopped: {e}");
+            let abort = crate::protocol::TransferOp::Abort { error: e.to_string() };
+            let _ = crate::transfer::Link::send(&mut stream, crate::transfer::Piece::Op(abort)).await;
+        }
     }
     stream.finish().await
 }

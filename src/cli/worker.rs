@@ -413,6 +413,7 @@ async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig, strict: bool) -> 
         status_file: None,
         reload: Some(reload),
     };
+    agent::session::check(&settings)?;
     // Signal handlers first: a SIGTERM or SIGHUP arriving once the pidfile exists must not kill us.
     let shutdown = crate::shutdown::on_signals();
     crate::shutdown::hold_sighup();

@@ -241,8 +241,16 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
             return writer.close().await;
         }
     };
-    let (tx, mut rx) = mpsc::channel(64);
     let transfer = spec.task.is_transfer();
+    // A worker's session reader waits when this channel is full, which would stall its other jobs. A
+    // transfer's window bounds what can be in flight to (window / frame cost) frames, so a channel that
+    // large never fills for a worker that keeps the protocol (tokio allocates its slots as they are used).
+    let capacity = if transfer {
+        (crate::transfer::WINDOW / crate::transfer::FRAME_COST) as usize + 64
+    } else {
+        64
+    };
+    let (tx, mut rx) = mpsc::channel(capacity);
     let job = match hub.create_job(spec, Some(tx)).await {
         Ok(r) => r.id,
         Err(fail) => {

@@ -19,8 +19,8 @@ use crate::protocol::api::{
     ApiError, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, Target, Task,
 };
 use crate::protocol::{
-    Chunk, CommandLine, EvalRequest, ExecRequest, FetchRequest, Hello, HubMessage, JobResult, Outcome,
-    ShipRequest, TransferFrame, TransferOp, TransferSummary,
+    Chunk, CommandLine, EvalRequest, ExecRequest, FEATURE_TRANSFER, FetchRequest, Hello, HubMessage,
+    JobResult, Outcome, ShipRequest, TransferFrame, TransferOp, TransferSummary,
 };
 use crate::util::now_rfc3339;
 
@@ -118,9 +118,12 @@ fn new_job_id() -> String {
     format!("{ms:011x}{}", crate::token::random_hex(3))
 }
 
-/// True when the worker described by `hello` may run a job for `target`.
-pub(crate) fn matches(target: &Target, worker_id: &str, hello: &Hello) -> bool {
-    target.worker.as_deref().is_none_or(|w| w == worker_id)
+/// True when the worker described by `hello` may run `spec`: it matches the target and knows the task.
+pub(crate) fn matches(spec: &JobSpec, worker_id: &str, hello: &Hello) -> bool {
+    let target = &spec.target;
+    let knows = !spec.task.is_transfer() || hello.features.iter().any(|f| f == FEATURE_TRANSFER);
+    knows
+        && target.worker.as_deref().is_none_or(|w| w == worker_id)
         && target.tags.iter().all(|t| hello.tags.contains(t))
         && target.env.as_ref().is_none_or(|e| hello.envs.contains(e))
 }
@@ -201,11 +204,7 @@ impl Hub {
         }
         let record = {
             let st = self.state();
-            if !st
-                .sessions
-                .values()
-                .any(|s| matches(&spec.target, &s.id, &s.hello))
-            {
+            if !st.sessions.values().any(|s| matches(&spec, &s.id, &s.hello)) {
                 drop(st);
                 return Err(self.no_worker(&spec.target));
             }
@@ -297,7 +296,7 @@ impl Hub {
                         !s.draining
                             && has_room
                             && !job.refused_by.contains(&s.session)
-                            && matches(&job.record.spec.target, &s.id, &s.hello)
+                            && matches(&job.record.spec, &s.id, &s.hello)
                     })
                     .min_by_key(|s| s.running.len());
                 let Some(session) = pick else {
@@ -619,6 +618,7 @@ impl Hub {
         enum Action {
             Ended(Box<Ended>),
             Tell(mpsc::Sender<Outbound>, Box<JobRecord>),
+            TellClient(Vec<mpsc::Sender<JobEvent>>, Box<JobRecord>),
         }
         let action = {
             let mut guard = self.state();
@@ -634,12 +634,13 @@ impl Hub {
                     .map(|e| Action::Ended(Box::new(e)))
                 }
                 Some(_) if st.jobs.get(id).is_some_and(|j| j.parked.is_some()) => {
-                    // A fetch the worker has sent completely, waiting for its client: it ends here.
-                    end_job(st, id, |r| {
-                        r.state = JobState::Cancelled;
-                        r.error = Some("cancelled while the client was receiving".into());
-                    })
-                    .map(|e| Action::Ended(Box::new(e)))
+                    // A fetch the worker has sent completely: its client still receives. It is told to stop,
+                    // and its verdict ends the job (cancelled if it stopped in time, succeeded if the files
+                    // were already in place).
+                    let j = st.jobs.get_mut(id).expect("matched above");
+                    j.cancel_requested = true;
+                    j.subscribers.retain(|s| !s.is_closed());
+                    Some(Action::TellClient(j.subscribers.clone(), Box::new(j.snapshot())))
                 }
                 Some((_, worker)) => {
                     let tx = worker.and_then(|w| st.sessions.get(&w)).map(|s| s.tx.clone());
@@ -663,6 +664,18 @@ impl Hub {
                     reason: "cancelled by an admin".into(),
                 };
                 let _ = tx.send(Outbound::Message(msg)).await;
+                Ok(*record)
+            }
+            Some(Action::TellClient(subs, record)) => {
+                let frame = TransferFrame {
+                    job: id.to_owned(),
+                    op: TransferOp::Abort {
+                        error: "cancelled by an admin".into(),
+                    },
+                };
+                for s in subs {
+                    let _ = s.send(JobEvent::Transfer(frame.clone())).await;
+                }
                 Ok(*record)
             }
             None => match self.store.job(id)? {
@@ -758,7 +771,10 @@ fn unknown_job(id: &str) -> ApiFail {
 
 /// Ends a live job with the worker's result (and, for a fetch, its client's verdict).
 fn finish_with(st: &mut State, result: JobResult) -> Option<Ended> {
-    let verdict = st.jobs.get_mut(&result.job).and_then(|j| j.verdict.take());
+    let (verdict, cancel_requested) = match st.jobs.get_mut(&result.job) {
+        Some(j) => (j.verdict.take(), j.cancel_requested),
+        None => (None, false),
+    };
     end_job(st, &result.job, |r| {
         r.state = match result.outcome {
             Outcome::Succeeded => JobState::Succeeded,
@@ -775,7 +791,11 @@ fn finish_with(st: &mut State, result: JobResult) -> Option<Ended> {
             // The receiving client has the last word on a fetch.
             Some(Ok(summary)) if result.outcome == Outcome::Succeeded => r.transfer = Some(summary),
             Some(Err(e)) if r.state == JobState::Succeeded || r.state == JobState::Cancelled => {
-                r.state = JobState::Failed;
+                r.state = if cancel_requested {
+                    JobState::Cancelled
+                } else {
+                    JobState::Failed
+                };
                 r.error = Some(e);
                 r.transfer = None;
             }

@@ -88,7 +88,17 @@ pub struct Hello {
     /// Jobs the worker still runs or has unacknowledged results for (filled by the resume logic).
     #[serde(default)]
     pub resume: Vec<String>,
+    /// Request kinds beyond exec and eval this worker handles ([`FEATURES`]); the hub offers a job only to
+    /// a worker that can run it, so an older worker is never sent what it would not understand.
+    #[serde(default)]
+    pub features: Vec<String>,
 }
+
+/// What this build's workers announce in `hello`.
+pub const FEATURES: &[&str] = &[FEATURE_TRANSFER];
+
+/// `ship` and `fetch`.
+pub const FEATURE_TRANSFER: &str = "transfer";
 
 /// The hub's acceptance of a session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,6 +16,8 @@ use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -41,6 +43,9 @@ pub struct Received {
     pub base: Option<PathBuf>,
     /// Create missing parent directories.
     pub mkdir: bool,
+    /// The name the transfer's root must have (a fetch asks for `…/NAME`): a sender cannot pick another
+    /// name to write under the destination.
+    pub expect_name: Option<String>,
 }
 
 /// Receives a transfer from `link` into `to`: acks as it writes, verifies every file, commits at `end`.
@@ -53,7 +58,8 @@ pub async fn receive(
 ) -> Result<TransferSummary, TransferError> {
     let (tx, rx) = mpsc::channel::<Piece>(QUEUE);
     let (report, mut reports) = mpsc::unbounded_channel::<(u64, Progress)>();
-    let stage = Stage::new(&to);
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let stage = Stage::new(&to, cancelled.clone());
     let mut writer = tokio::task::spawn_blocking(move || stage.run(rx, report));
     let mut tx = Some(tx);
     let mut acked = 0u64;
@@ -61,8 +67,12 @@ pub async fn receive(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {
+                cancelled.store(true, Ordering::SeqCst);
                 drop(tx.take());
-                let _ = (&mut writer).await;
+                // The writer may have committed just before: then the transfer did complete.
+                if let Ok(Ok(summary)) = (&mut writer).await {
+                    return Ok(summary);
+                }
                 break Err(TransferError::Cancelled);
             }
             done = &mut writer => {
@@ -103,12 +113,15 @@ pub async fn receive(
                     }
                 };
                 if let Some(why) = stop {
+                    cancelled.store(true, Ordering::SeqCst);
                     drop(tx.take());
-                    // If the writer had already failed on what arrived, that is the reason to report.
-                    return Err(TransferError::Failed(match (&mut writer).await {
-                        Ok(Err(e)) if e != STOPPED => e,
-                        _ => format!("{why}; nothing was kept"),
-                    }));
+                    // If the writer had already failed on what arrived, that is the reason to report; if it
+                    // had committed, the transfer did complete.
+                    return match (&mut writer).await {
+                        Ok(Ok(summary)) => Ok(summary),
+                        Ok(Err(e)) if e != STOPPED && e != "cancelled" => Err(TransferError::Failed(e)),
+                        _ => Err(TransferError::Failed(format!("{why}; nothing was kept"))),
+                    };
                 }
             }
         }
@@ -145,6 +158,7 @@ struct Stage {
     dest: PathBuf,
     into: bool,
     mkdir: bool,
+    expect_name: Option<String>,
     root_name: Option<String>,
     root: Option<Root>,
     /// Parent directories of the destination this transfer created, outermost first.
@@ -160,11 +174,15 @@ struct Stage {
     progress: Progress,
     consumed: u64,
     committed: bool,
+    /// The target directory existed: entries are merged into it, and its own mode and mtime are left.
+    merging: bool,
+    /// Set by the async side on a cancel: checked before the commit.
+    cancelled: Arc<AtomicBool>,
     fail_after: Option<u64>,
 }
 
 impl Stage {
-    fn new(to: &Received) -> Stage {
+    fn new(to: &Received, cancelled: Arc<AtomicBool>) -> Stage {
         let dest = match &to.base {
             Some(b) => b.join(&to.dest),
             None => PathBuf::from(&to.dest),
@@ -174,6 +192,7 @@ impl Stage {
             into: super::path::into_dir(&to.dest),
             mkdir: to.mkdir,
             root_name: None,
+            expect_name: to.expect_name.clone(),
             root: None,
             created: Vec::new(),
             dirs: HashSet::new(),
@@ -185,6 +204,8 @@ impl Stage {
             progress: Progress::default(),
             consumed: 0,
             committed: false,
+            merging: false,
+            cancelled,
             fail_after: hooks::fail_write_after(),
         }
     }
@@ -246,6 +267,14 @@ impl Stage {
                     "protocol error: the first entry `{wire}` is not the transfer's root"
                 ));
             }
+            if let Some(want) = &self.expect_name
+                && want != parts[0]
+            {
+                return Err(format!(
+                    "refused the transfer: its root is named `{}`, but `{want}` was asked for",
+                    parts[0].escape_debug()
+                ));
+            }
             self.start(parts[0], is_dir)?;
             return Ok(Vec::new());
         }
@@ -302,7 +331,15 @@ impl Stage {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         self.make_parent(&parent)?;
-        let temp = temp_beside(&target);
+        // A directory merged into an existing one is staged inside it: same file system (it may be a
+        // mount point), and its parent need not be writable.
+        let merging = is_dir && target.is_dir();
+        let temp = if merging {
+            target.join(format!(".cla-{}.part", crate::token::random_hex(4)))
+        } else {
+            temp_beside(&target)
+        };
+        self.merging = merging;
         self.root_name = Some(name.to_owned());
         if is_dir {
             create_dir(&temp)?;
@@ -338,8 +375,12 @@ impl Stage {
             }
         }
         for dir in missing.into_iter().rev() {
-            std::fs::create_dir(&dir).map_err(|e| io_error("creating", &dir, e))?;
-            self.created.push(dir);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => self.created.push(dir),
+                // Another transfer made it meanwhile: fine, and not ours to remove.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+                Err(e) => return Err(io_error("creating", &dir, e)),
+            }
         }
         if !parent.is_dir() {
             return Err(format!("{} is not a directory", parent.display()));
@@ -468,6 +509,9 @@ impl Stage {
             ));
         }
         self.summary.sha256 = digest;
+        if self.cancelled.load(Ordering::SeqCst) {
+            return Err("cancelled".into());
+        }
         self.commit()
     }
 
@@ -479,21 +523,23 @@ impl Stage {
                 target.clone()
             }
             Root::Dir { target, staging } => {
-                match std::fs::symlink_metadata(target) {
-                    Err(_) => {
-                        std::fs::rename(staging, target).map_err(|e| io_error("renaming into", target, e))?
-                    }
-                    Ok(_) => {
-                        check_merge(staging, target)?;
-                        merge(staging, target)?;
-                        let _ = std::fs::remove_dir_all(staging);
-                    }
+                if self.merging {
+                    check_merge(staging, target, true)?;
+                    merge(staging, target, staging)?;
+                    let _ = std::fs::remove_dir_all(staging);
+                } else {
+                    std::fs::rename(staging, target).map_err(|e| io_error("renaming into", target, e))?;
                 }
+                // The files are in place: directory modes and times are best effort from here on, and an
+                // existing destination directory keeps its own.
                 let mut meta = std::mem::take(&mut self.dir_meta);
+                meta.retain(|(rel, ..)| !(self.merging && rel.is_empty()));
                 meta.sort_by_key(|(rel, ..)| std::cmp::Reverse(rel.len()));
                 for (rel, mode, mtime_ns) in meta {
                     let p = join(target, &rel.iter().map(String::as_str).collect::<Vec<_>>());
-                    set_mode(&p, None, mode)?;
+                    if let Err(e) = set_mode(&p, None, mode) {
+                        tracing::warn!("{e}");
+                    }
                     set_dir_mtime(&p, mtime_ns);
                 }
                 target.clone()
@@ -528,11 +574,15 @@ impl Drop for Stage {
 }
 
 /// Refuses a merge that would put a file or link where a directory is (checked before anything moves).
-fn check_merge(staged: &Path, target: &Path) -> Result<(), String> {
-    if !std::fs::symlink_metadata(target)
-        .map(|m| m.is_dir())
-        .unwrap_or(false)
-    {
+/// The destination itself may be a link to a directory (`current -> releases/7`); links below it are
+/// entries like any other.
+fn check_merge(staged: &Path, target: &Path, top: bool) -> Result<(), String> {
+    let meta = if top {
+        std::fs::metadata(target)
+    } else {
+        std::fs::symlink_metadata(target)
+    };
+    if !meta.map(|m| m.is_dir()).unwrap_or(false) {
         return Ok(());
     }
     for entry in std::fs::read_dir(staged).map_err(|e| io_error("reading", staged, e))? {
@@ -548,7 +598,7 @@ fn check_merge(staged: &Path, target: &Path) -> Result<(), String> {
                     t.display()
                 ));
             }
-            Some(m) if m.is_dir() => check_merge(&entry.path(), &t)?,
+            Some(m) if m.is_dir() => check_merge(&entry.path(), &t, false)?,
             _ => {}
         }
     }
@@ -556,15 +606,19 @@ fn check_merge(staged: &Path, target: &Path) -> Result<(), String> {
 }
 
 /// Moves staged entries into an existing directory: files and links replace what is there (atomically
-/// each), directories are merged (or replace a file or link of the same name).
-fn merge(staged: &Path, target: &Path) -> Result<(), String> {
+/// each), directories are merged (or replace a file or link of the same name). `staging` (inside the
+/// target) is skipped.
+fn merge(staged: &Path, target: &Path, staging: &Path) -> Result<(), String> {
     for entry in std::fs::read_dir(staged).map_err(|e| io_error("reading", staged, e))? {
         let entry = entry.map_err(|e| io_error("reading", staged, e))?;
         let from = entry.path();
+        if from == staging {
+            continue;
+        }
         let to = target.join(entry.file_name());
         let is_dir = entry.file_type().map(|f| f.is_dir()).unwrap_or(false);
         match std::fs::symlink_metadata(&to) {
-            Ok(m) if is_dir && m.is_dir() => merge(&from, &to)?,
+            Ok(m) if is_dir && m.is_dir() => merge(&from, &to, staging)?,
             Ok(_) if is_dir => {
                 std::fs::remove_file(&to).map_err(|e| io_error("replacing", &to, e))?;
                 std::fs::rename(&from, &to).map_err(|e| io_error("renaming into", &to, e))?;

@@ -18,9 +18,20 @@ const READ_AHEAD: usize = 4;
 
 /// What a planned entry is.
 enum Kind {
-    Dir { mode: u32, mtime_ns: i64 },
-    File { size: u64, mode: u32, mtime_ns: i64 },
-    Symlink { target: String },
+    Dir {
+        mode: u32,
+        mtime_ns: i64,
+    },
+    File {
+        size: u64,
+        mode: u32,
+        mtime_ns: i64,
+        /// (device, inode) as planned: the file read must be this one (Unix).
+        id: (u64, u64),
+    },
+    Symlink {
+        target: String,
+    },
 }
 
 struct Item {
@@ -98,6 +109,17 @@ fn mtime_ns(m: &std::fs::Metadata) -> i64 {
 }
 
 #[cfg(unix)]
+fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+#[cfg(not(unix))]
+fn file_id(_m: &std::fs::Metadata) -> (u64, u64) {
+    (0, 0)
+}
+
+#[cfg(unix)]
 fn mode(m: &std::fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     m.permissions().mode() & 0o777
@@ -139,6 +161,7 @@ fn plan(root: &Path) -> Result<(Vec<Item>, u64), String> {
                 size: meta.len(),
                 mode: mode(&meta),
                 mtime_ns: mtime_ns(&meta),
+                id: file_id(&meta),
             },
         });
         return Ok((items, 0));
@@ -183,6 +206,7 @@ fn plan(root: &Path) -> Result<(Vec<Item>, u64), String> {
                         size: m.len(),
                         mode: mode(&m),
                         mtime_ns: mtime_ns(&m),
+                        id: file_id(&m),
                     },
                     path,
                 });
@@ -231,7 +255,12 @@ fn read_all(
                 path: item.wire,
                 target,
             },
-            Kind::File { size, mode, mtime_ns } => {
+            Kind::File {
+                size,
+                mode,
+                mtime_ns,
+                id,
+            } => {
                 let header = TransferOp::File {
                     path: item.wire.clone(),
                     size,
@@ -241,7 +270,7 @@ fn read_all(
                 if !put(Piece::Op(header)) {
                     return;
                 }
-                match read_file(&item.path, size, &put, &mut corrupt) {
+                match read_file(&item.path, size, id, &put, &mut corrupt) {
                     Ok(Some(sha)) => {
                         manifest.update(super::manifest_line(&sha, &item.wire));
                         last_sha = sha.clone();
@@ -271,10 +300,20 @@ fn read_all(
 fn read_file(
     path: &Path,
     size: u64,
+    id: (u64, u64),
     put: &impl Fn(Piece) -> bool,
     corrupt: &mut bool,
 ) -> Result<Option<String>, String> {
     let mut f = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
+    // The file opened must be the one planned: a path swapped for a link (or another file) since then
+    // would otherwise send something else — anything the worker's user can read.
+    let now = f.metadata().map_err(|e| io_error(path, e))?;
+    if file_id(&now) != id || !now.is_file() {
+        return Err(format!(
+            "{}: the file was replaced while the transfer ran; send it again",
+            path.display()
+        ));
+    }
     let mut hasher = Sha256::new();
     let mut total = 0u64;
     let delay = hooks::chunk_delay();

@@ -1,6 +1,6 @@
 //! The engine end to end over an in-memory link: round trips, flow control, and hostile input.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -36,6 +36,7 @@ fn to(dest: &Path) -> Received {
         dest: dest.display().to_string(),
         base: None,
         mkdir: true,
+        expect_name: None,
     }
 }
 
@@ -232,4 +233,58 @@ async fn a_merge_never_replaces_a_directory_with_a_file() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert!(names.iter().all(|n| !n.ends_with(".part")), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_cannot_choose_another_root_name() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join(".ssh");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("authorized_keys"), b"evil").unwrap();
+    let source = Source::open(src).await.unwrap();
+    let (mut s, mut r) = pair();
+    let c = CancellationToken::new();
+    let home = d.path().join("home");
+    let mut want = to(&PathBuf::from(format!("{}/", home.display())));
+    want.expect_name = Some("app".into());
+    let (_, got) = tokio::join!(
+        send(source, &mut s, &c, |_| {}),
+        receive(want, &mut r, &c, |_| {})
+    );
+    assert!(got.unwrap_err().to_string().contains("but `app` was asked for"));
+    assert!(!home.exists());
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_goes_through_a_linked_destination_and_keeps_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let release = d.path().join("releases/7");
+    std::fs::create_dir_all(&release).unwrap();
+    std::fs::set_permissions(&release, std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::write(release.join("old"), b"old").unwrap();
+    std::os::unix::fs::symlink(&release, d.path().join("current")).unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("sub/new"), b"new").unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let source = Source::open(src).await.unwrap();
+    let (mut s, mut r) = pair();
+    let c = CancellationToken::new();
+    let (_, got) = tokio::join!(
+        send(source, &mut s, &c, |_| {}),
+        receive(to(&d.path().join("current")), &mut r, &c, |_| {})
+    );
+    got.unwrap();
+    assert_eq!(std::fs::read(release.join("sub/new")).unwrap(), b"new");
+    assert_eq!(std::fs::read(release.join("old")).unwrap(), b"old");
+    assert!(d.path().join("current").is_symlink(), "the link is kept");
+    let mode = std::fs::metadata(&release).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o750, "an existing destination keeps its mode");
+    let names: Vec<_> = std::fs::read_dir(&release)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "no staging left inside: {names:?}");
 }

@@ -144,15 +144,22 @@ enum End {
     },
 }
 
-/// Runs the worker until `shutdown` fires (Ok), the registration is revoked, or the hub orders a
-/// shutdown (errors the binary maps to exit codes 1 and 10).
-pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
+/// Refuses settings this build cannot run with (checked before a daemon takes its pidfile, so `start`
+/// sees the failure instead of a worker that looked started).
+pub fn check(settings: &WorkerSettings) -> Result<()> {
     if settings.url.starts_with("https://") {
         return Err(Error::Usage(format!(
             "hub URL {} needs TLS, which this build does not support yet: use http://",
             settings.url
         )));
     }
+    Ok(())
+}
+
+/// Runs the worker until `shutdown` fires (Ok), the registration is revoked, or the hub orders a
+/// shutdown (errors the binary maps to exit codes 1 and 10).
+pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
+    check(&settings)?;
     let s = &settings;
     let reporter = Arc::new(Reporter::new(
         opts.status_file.clone(),
@@ -286,6 +293,10 @@ pub(crate) fn hello(s: &WorkerSettings, agent_note: &str) -> Hello {
         arch: std::env::consts::ARCH.to_owned(),
         pid: std::process::id(),
         resume: Vec::new(),
+        features: crate::protocol::FEATURES
+            .iter()
+            .map(|f| (*f).to_owned())
+            .collect(),
     }
 }
 

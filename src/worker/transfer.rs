@@ -126,6 +126,7 @@ pub(crate) async fn ship(req: ShipRequest, ctx: &ExecCtx, cancel: CancellationTo
         dest: req.dest.clone(),
         base: ctx.workdir.clone(),
         mkdir: req.mkdir,
+        expect_name: None,
     };
     let done = transfer::receive(to, &mut link, &cancel, |_| {}).await;
     result(&req.job, start, done)
