@@ -6,9 +6,8 @@
 //! Measures so far: exec round trip of `true` vs a local `sh -c true`, eval of `1+1`, and the idle
 //! worker's RSS and threads. (Throughput, transfers and fleet scale join as those features land.)
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cla_worker::hub::client::AdminClient;
@@ -16,16 +15,9 @@ use cla_worker::protocol::CommandLine;
 use cla_worker::protocol::api::{EvalTask, JobSpec, JobState, Target, Task};
 use tokio_util::sync::CancellationToken;
 
-const HUB: &str = env!("CARGO_BIN_EXE_cla-hub");
-const WORKER: &str = env!("CARGO_BIN_EXE_cla-worker");
+mod common;
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Hub, proc_status, run_worker};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -48,74 +40,14 @@ fn sample(n: usize, warm: usize, mut f: impl FnMut()) -> Vec<f64> {
     v
 }
 
-fn proc_status(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn start_hub(dir: &Path) -> (Kill, String) {
-    let mut child = Command::new(HUB)
-        .arg("--data-dir")
-        .arg(dir.join("hub"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start cla-hub");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("hub exited").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (Kill(child), format!("http://{addr}"))
-}
-
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (n_exec, n_eval) = if quick { (50, 20) } else { (500, 200) };
     let dir = tempfile::tempdir().unwrap();
-    let (_hub, url) = start_hub(dir.path());
-    let data_dir = dir.path().join("hub");
-    let hub_cmd = |args: &[&str]| {
-        let out = Command::new(HUB)
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let key = hub_cmd(&["passkey", "create", "--project", "bench"])
-        .trim()
-        .to_owned();
+    let hub = Hub::start(dir.path());
+    let data_dir = hub.data_dir.clone();
     let config = dir.path().join("w.yml");
-    let reg = Command::new(WORKER)
-        .arg("-c")
-        .arg(&config)
-        .args([
-            "register",
-            "--url",
-            &url,
-            "--passkey",
-            &key,
-            "--id",
-            "bench",
-            "--tags",
-            "bench",
-            "--save",
-        ])
-        .output()
-        .unwrap();
-    assert!(reg.status.success());
+    hub.register(&config, "bench");
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -123,15 +55,8 @@ fn main() {
         .unwrap();
     let admin = AdminClient::locate(None, None, &data_dir).unwrap();
     let connect_start = Instant::now();
-    let worker = Command::new(WORKER)
-        .arg("-c")
-        .arg(&config)
-        .arg("run")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let worker_pid = worker.id();
-    let _worker = Kill(worker);
+    let worker = run_worker(&config);
+    let worker_pid = worker.0.id();
     let connect_ms = rt.block_on(async {
         loop {
             if admin

@@ -7,23 +7,16 @@
 //! the disk is not what is measured (as for the `cp` baseline). Prints a table and writes
 //! `target/bench/transfer.json`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-const HUB: &str = env!("CARGO_BIN_EXE_cla-hub");
-const WORKER: &str = env!("CARGO_BIN_EXE_cla-worker");
+mod common;
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Hub, proc_status, run_worker};
 
 fn arg(name: &str) -> Option<u64> {
     let args: Vec<String> = std::env::args().collect();
@@ -31,20 +24,6 @@ fn arg(name: &str) -> Option<u64> {
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -109,70 +88,13 @@ fn main() {
     let d = dir.path();
 
     // Hub and worker, fresh: their peak RSS is what this run makes them use.
-    let mut hub = Command::new(HUB)
-        .arg("--data-dir")
-        .arg(d.join("hub"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(hub.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("hub exited").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let hub_pid = hub.id();
-    let _hub = Kill(hub);
-    let hub_cmd = |args: &[&str]| {
-        let out = Command::new(HUB)
-            .arg("--data-dir")
-            .arg(d.join("hub"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cla-hub {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let key = hub_cmd(&["passkey", "create", "--project", "bench"])
-        .trim()
-        .to_owned();
+    let hub = Hub::start(d);
     let config = d.join("w.yml");
-    let url = format!("http://{addr}");
-    let reg = Command::new(WORKER)
-        .arg("-c")
-        .arg(&config)
-        .args([
-            "register",
-            "--url",
-            &url,
-            "--passkey",
-            &key,
-            "--id",
-            "bench",
-            "--save",
-        ])
-        .output()
-        .unwrap();
-    assert!(reg.status.success());
-    let worker = Command::new(WORKER)
-        .arg("-c")
-        .arg(&config)
-        .arg("run")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let worker_pid = worker.id();
-    let _worker = Kill(worker);
+    hub.register(&config, "bench");
+    let worker = run_worker(&config);
+    let worker_pid = worker.0.id();
     for _ in 0..200 {
-        if hub_cmd(&["workers", "--json"]).contains("\"idle\"") {
+        if hub.cmd(&["workers", "--json"]).contains("\"idle\"") {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -214,7 +136,7 @@ fn main() {
         let remote = d.join("remote.bin");
         let run = |args: &[&str]| -> f64 {
             let mut out = None;
-            let t = timed(|| out = Some(hub_cmd(args)));
+            let t = timed(|| out = Some(hub.cmd(args)));
             let v: serde_json::Value = serde_json::from_str(&out.unwrap()).unwrap();
             assert_eq!(v["sha256"], want.as_str(), "verified digest");
             assert_eq!(v["bytes"], size);
@@ -261,8 +183,8 @@ fn main() {
         "fetch_vs_sha256": mb(fetch_s) / mb(sha_s),
         "ship_vs_sha256_2x": mb(ship_s) / mb(sha2x_s),
         "fetch_vs_sha256_2x": mb(fetch_s) / mb(sha2x_s),
-        "hub_peak_rss_kib": peak_rss_kib(hub_pid),
-        "worker_peak_rss_kib": peak_rss_kib(worker_pid),
+        "hub_peak_rss_kib": proc_status(hub.pid(), "VmHWM:").unwrap_or(0),
+        "worker_peak_rss_kib": proc_status(worker_pid, "VmHWM:").unwrap_or(0),
     });
     println!("{:<20} {:>12}", "metric", "value");
     for (k, v) in results.as_object().unwrap() {

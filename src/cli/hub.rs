@@ -297,7 +297,10 @@ pub(crate) async fn workers(c: &AdminClient, json: bool) -> Result<ExitCode> {
             vec![
                 w.id.clone(),
                 w.state.label().to_owned(),
-                format!("{}/{}", w.running, w.capacity),
+                match w.transfers {
+                    0 => format!("{}/{}", w.running, w.capacity),
+                    n => format!("{}/{} +{n} transfers", w.running, w.capacity),
+                },
                 or_dash(w.tags.join(",")),
                 or_dash(w.envs.join(",")),
                 or_dash(w.host.clone().unwrap_or_default()),

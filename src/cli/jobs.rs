@@ -3,8 +3,6 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
-use tokio_util::sync::CancellationToken;
-
 use super::hub::{EvalArgs, ExecArgs, JobCommand, JobsArgs, TargetArgs};
 use super::print_json;
 use super::table::{or_dash, render};
@@ -91,18 +89,7 @@ pub(crate) fn eval_spec(a: &EvalArgs) -> Result<JobSpec> {
 /// the hub to cancel (the worker kills the tree) and keeps waiting for the end; a second one stops
 /// waiting (`None`).
 async fn stream(c: &AdminClient, spec: &JobSpec, mut stdout_sink: impl Write) -> Result<Option<JobRecord>> {
-    let cancel = CancellationToken::new();
-    let give_up = CancellationToken::new();
-    let (c1, g1) = (cancel.clone(), give_up.clone());
-    let signals = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("cla-hub: cancelling the job (Ctrl-C again to stop waiting)");
-            c1.cancel();
-        }
-        if tokio::signal::ctrl_c().await.is_ok() {
-            g1.cancel();
-        }
-    });
+    let (cancel, give_up, signals) = super::on_ctrl_c("cancelling the job");
     let streaming = c.exec(spec, cancel, |ev| match ev {
         ExecEvent::Stdout(b) => {
             let _ = stdout_sink.write_all(&b);

@@ -27,6 +27,32 @@ pub fn report(bin: &str, err: &Error) -> ExitCode {
     }
 }
 
+/// Ctrl-C while a job streams: the first fires `cancel` (the hub is asked to cancel the job, and the
+/// stream goes on to its real end), a second one fires `give_up` (stop waiting). Abort the task when done.
+pub(crate) fn on_ctrl_c(
+    doing: &'static str,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let (cancel, give_up) = (
+        tokio_util::sync::CancellationToken::new(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let (c, g) = (cancel.clone(), give_up.clone());
+    let task = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("cla-hub: {doing} (Ctrl-C again to stop waiting)");
+            c.cancel();
+        }
+        if tokio::signal::ctrl_c().await.is_ok() {
+            g.cancel();
+        }
+    });
+    (cancel, give_up, task)
+}
+
 /// Splits repeated/comma-separated flag values (`--tags a,b --tag c`) into one list.
 pub(crate) fn list(a: &[String], b: &[String]) -> Vec<String> {
     crate::util::split_list(a.iter().chain(b))

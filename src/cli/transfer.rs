@@ -129,23 +129,6 @@ fn bar(total: u64, json: bool) -> ProgressBar {
     bar
 }
 
-/// Ctrl-C: the first asks the hub to cancel the job (the receiver removes what it wrote); a second one
-/// stops waiting.
-fn on_ctrl_c() -> (CancellationToken, CancellationToken, tokio::task::JoinHandle<()>) {
-    let (cancel, give_up) = (CancellationToken::new(), CancellationToken::new());
-    let (c, g) = (cancel.clone(), give_up.clone());
-    let task = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("cla-hub: cancelling the transfer (Ctrl-C again to stop waiting)");
-            c.cancel();
-        }
-        if tokio::signal::ctrl_c().await.is_ok() {
-            g.cancel();
-        }
-    });
-    (cancel, give_up, task)
-}
-
 /// Ships `local` to `remote` on a worker of `target`: the job's record, with what the worker verified.
 pub(crate) async fn ship(
     c: &AdminClient,
@@ -282,40 +265,46 @@ fn conclude(
 
 pub(crate) async fn ship_cmd(c: &AdminClient, a: ShipArgs, json: bool) -> Result<ExitCode> {
     let target = target(&a.target)?;
-    let (cancel, give_up, signals) = on_ctrl_c();
-    let bar = bar(0, json);
-    let b = bar.clone();
-    let start = Instant::now();
     let from = a.local.display().to_string();
-    let work = ship(c, target, a.local, a.remote, !a.no_mkdir, cancel, move |p| {
-        b.set_length(p.total);
-        b.set_position(p.done);
-    });
-    let record = tokio::select! {
-        r = work => r,
-        _ = give_up.cancelled() => return Ok(ExitCode::Interrupted),
-    };
-    bar.finish_and_clear();
-    signals.abort();
-    conclude("ship", from, &record?, start.elapsed(), json)
+    run_cmd("ship", from, json, |cancel, progress| {
+        ship(c, target, a.local, a.remote, !a.no_mkdir, cancel, progress)
+    })
+    .await
 }
 
 pub(crate) async fn fetch_cmd(c: &AdminClient, a: FetchArgs, json: bool) -> Result<ExitCode> {
     let target = target(&a.target)?;
-    let (cancel, give_up, signals) = on_ctrl_c();
+    let from = a.remote.clone();
+    run_cmd("fetch", from, json, |cancel, progress| {
+        fetch(c, target, a.remote, a.local, !a.no_mkdir, cancel, progress)
+    })
+    .await
+}
+
+type OnProgress = Box<dyn FnMut(Progress) + Send>;
+
+/// Runs a transfer with the progress bar and Ctrl-C handling, then reports it.
+async fn run_cmd<F, Fut>(direction: &'static str, from: String, json: bool, start: F) -> Result<ExitCode>
+where
+    F: FnOnce(CancellationToken, OnProgress) -> Fut,
+    Fut: std::future::Future<Output = Result<JobRecord>>,
+{
+    let (cancel, give_up, signals) = super::on_ctrl_c("cancelling the transfer");
     let bar = bar(0, json);
     let b = bar.clone();
-    let start = Instant::now();
-    let from = a.remote.clone();
-    let work = fetch(c, target, a.remote, a.local, !a.no_mkdir, cancel, move |p| {
-        b.set_length(p.total);
-        b.set_position(p.done);
-    });
+    let started = Instant::now();
+    let work = start(
+        cancel,
+        Box::new(move |p: Progress| {
+            b.set_length(p.total);
+            b.set_position(p.done);
+        }),
+    );
     let record = tokio::select! {
         r = work => r,
         _ = give_up.cancelled() => return Ok(ExitCode::Interrupted),
     };
     bar.finish_and_clear();
     signals.abort();
-    conclude("fetch", from, &record?, start.elapsed(), json)
+    conclude(direction, from, &record?, started.elapsed(), json)
 }

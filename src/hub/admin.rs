@@ -52,6 +52,7 @@ pub(crate) async fn workers(_: Admin, State(hub): State<Arc<Hub>>) -> Result<Jso
                 host: Some(s.hello.host.clone()),
                 last_seen: Some(now.clone()),
                 connected_since: Some(s.connected_since.clone()),
+                transfers: s.transfers.len() as u32,
                 id: w.id,
                 projects: w.projects,
             },
@@ -67,6 +68,7 @@ pub(crate) async fn workers(_: Admin, State(hub): State<Arc<Hub>>) -> Result<Jso
                 host: w.host,
                 last_seen: w.last_seen,
                 connected_since: None,
+                transfers: 0,
             },
         })
         .collect();

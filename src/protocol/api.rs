@@ -108,6 +108,9 @@ pub struct WorkerView {
     /// When the current session started (connected workers only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connected_since: Option<String>,
+    /// Ship/fetch jobs running (they are not counted in `running`, which is against `capacity`).
+    #[serde(default)]
+    pub transfers: u32,
 }
 
 /// A worker's state on the hub.

@@ -1,0 +1,122 @@
+//! What both benchmarks need: a real `cla-hub` (release build) on a loopback port and a registered
+//! worker config, started the way a user would.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub const HUB: &str = env!("CARGO_BIN_EXE_cla-hub");
+pub const WORKER: &str = env!("CARGO_BIN_EXE_cla-worker");
+
+/// Kills (and reaps) a child process when dropped.
+pub struct Kill(pub Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `/proc/PID/status` value in KiB (or a count), e.g. `VmRSS:`, `VmHWM:`, `Threads:`.
+pub fn proc_status(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A running hub with its data dir under `dir`.
+pub struct Hub {
+    pub proc: Kill,
+    pub data_dir: PathBuf,
+    pub url: String,
+}
+
+impl Hub {
+    pub fn start(dir: &Path) -> Hub {
+        let data_dir = dir.join("hub");
+        let mut child = Command::new(HUB)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start cla-hub");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("hub exited").unwrap();
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Hub {
+            proc: Kill(child),
+            data_dir,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+
+    /// Runs an admin command that must succeed; its stdout.
+    pub fn cmd(&self, args: &[&str]) -> String {
+        let out = Command::new(HUB)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cla-hub {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Registers worker `id` (tags `bench`) with `cla-worker register --save` into `config`.
+    pub fn register(&self, config: &Path, id: &str) {
+        let key = self.cmd(&["passkey", "create", "--project", "bench"]);
+        let reg = Command::new(WORKER)
+            .arg("-c")
+            .arg(config)
+            .args([
+                "register",
+                "--url",
+                &self.url,
+                "--passkey",
+                key.trim(),
+                "--id",
+                id,
+                "--tags",
+                "bench",
+                "--save",
+            ])
+            .output()
+            .unwrap();
+        assert!(reg.status.success(), "{}", String::from_utf8_lossy(&reg.stderr));
+    }
+}
+
+/// Starts `cla-worker run` with a saved config.
+pub fn run_worker(config: &Path) -> Kill {
+    Kill(
+        Command::new(WORKER)
+            .arg("-c")
+            .arg(config)
+            .arg("run")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
