@@ -129,6 +129,23 @@ fn bar(total: u64, json: bool) -> ProgressBar {
     bar
 }
 
+/// Creates a transfer job and waits until a worker has started it (or the job ended first).
+async fn open(
+    c: &AdminClient,
+    target: Target,
+    task: Task,
+    cancel: CancellationToken,
+) -> Result<std::result::Result<crate::hub::client::TransferStream, Box<JobRecord>>> {
+    let spec = JobSpec {
+        target,
+        task,
+        workdir: None,
+        env_vars: Default::default(),
+        timeout_secs: None,
+    };
+    c.open_transfer(&spec, cancel).await
+}
+
 /// Ships `local` to `remote` on a worker of `target`: the job's record, with what the worker verified.
 pub(crate) async fn ship(
     c: &AdminClient,
@@ -141,18 +158,12 @@ pub(crate) async fn ship(
 ) -> Result<JobRecord> {
     // The source is checked (and planned) before anything is asked of the hub.
     let src = Source::open(local.clone()).await.map_err(Error::Other)?;
-    let spec = JobSpec {
-        target,
-        task: Task::Ship(ShipTask {
-            dest: remote,
-            mkdir,
-            source: Some(local.display().to_string()),
-        }),
-        workdir: None,
-        env_vars: Default::default(),
-        timeout_secs: None,
-    };
-    let mut stream = match c.open_transfer(&spec, cancel).await? {
+    let task = Task::Ship(ShipTask {
+        dest: remote,
+        mkdir,
+        source: Some(local.display().to_string()),
+    });
+    let mut stream = match open(c, target, task, cancel).await? {
         Ok(s) => s,
         Err(record) => return Ok(*record),
     };
@@ -179,17 +190,11 @@ pub(crate) async fn fetch(
     progress: impl FnMut(Progress) + Send,
 ) -> Result<JobRecord> {
     let remote_path = remote.clone();
-    let spec = JobSpec {
-        target,
-        task: Task::Fetch(FetchTask {
-            path: remote,
-            dest: Some(local.clone()),
-        }),
-        workdir: None,
-        env_vars: Default::default(),
-        timeout_secs: None,
-    };
-    let mut stream = match c.open_transfer(&spec, cancel).await? {
+    let task = Task::Fetch(FetchTask {
+        path: remote,
+        dest: Some(local.clone()),
+    });
+    let mut stream = match open(c, target, task, cancel).await? {
         Ok(s) => s,
         Err(record) => return Ok(*record),
     };
