@@ -163,7 +163,16 @@ fn main() {
         assert_eq!(sha256_file(&back), want);
         std::fs::remove_file(&remote).unwrap();
         std::fs::remove_file(&back).unwrap();
-        eprintln!("round {}/{rounds} done", round + 1);
+        let last = |v: &Vec<f64>| size as f64 / v[v.len() - 1] / 1e6;
+        eprintln!(
+            "round {}/{rounds}: cp {:.0}, sha256 {:.0}, 2x {:.0}, ship {:.0}, fetch {:.0} MB/s",
+            round + 1,
+            last(&cp),
+            last(&sha),
+            last(&sha2x),
+            last(&ship),
+            last(&fetch)
+        );
     }
 
     let mb = |secs: f64| size as f64 / secs / 1e6;
