@@ -531,3 +531,82 @@ fn bad_paths_get_clear_errors() {
         assert!(stdout(&o).contains("stream through the client"), "{}", stdout(&o));
     }
 }
+
+#[test]
+fn permission_errors_name_the_path_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let setup = register(&hub, dir.path(), "w1", "linux");
+    let locked = dir.path().join("locked");
+    std::fs::create_dir_all(&locked).unwrap();
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, b"only the owner").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // Root may write anywhere: run the worker as `nobody` then (its config copied where it can read it).
+    let root = nix::unistd::Uid::effective().is_root();
+    let mut cmd;
+    if root {
+        let home = dir.path().join("nobody");
+        std::fs::create_dir_all(&home).unwrap();
+        let config = home.join("w.yml");
+        std::fs::copy(&setup.config, &config).unwrap();
+        for p in [dir.path(), home.as_path(), config.as_path()] {
+            nix::unistd::chown(
+                p,
+                Some(nix::unistd::Uid::from_raw(65534)),
+                Some(nix::unistd::Gid::from_raw(65534)),
+            )
+            .unwrap();
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        nix::unistd::chown(&locked, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+        nix::unistd::chown(&secret, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+        cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", WORKER])
+            .arg("-c")
+            .arg(&config);
+    } else {
+        cmd = Command::new(WORKER);
+        cmd.arg("-c").arg(&setup.config);
+        // Without root, a file we own and made unreadable stands in for someone else's.
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    cmd.arg("run");
+    let _worker = Proc::spawn(cmd);
+    hub.wait_worker_state("w1", "idle", 20);
+
+    let file = dir.path().join("f.txt");
+    std::fs::write(&file, b"x").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = hub.run(&[
+        "ship",
+        "--worker",
+        "w1",
+        file.to_str().unwrap(),
+        locked.join("f.txt").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("permission denied") && stderr(&o).contains("locked"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read_dir(&locked).unwrap().count(), 0);
+
+    let o = hub.run(&[
+        "fetch",
+        "--worker",
+        "w1",
+        secret.to_str().unwrap(),
+        dir.path().join("got.txt").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("secret.txt: permission denied"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("got.txt").exists());
+}
