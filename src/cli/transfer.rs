@@ -15,9 +15,10 @@ use super::print_json;
 use crate::error::{Error, Result};
 use crate::exit::ExitCode;
 use crate::hub::client::AdminClient;
+use crate::protocol::TransferOp;
 use crate::protocol::TransferSummary;
 use crate::protocol::api::{FetchTask, JobRecord, JobSpec, JobState, ShipTask, Target, Task};
-use crate::transfer::{self, Progress, Received, Source, TransferError};
+use crate::transfer::{self, Link, Piece, Progress, Received, Source, TransferError};
 
 /// How a finished transfer is reported (`--json`).
 #[derive(Debug, Serialize)]
@@ -189,7 +190,14 @@ pub(crate) async fn fetch(
     cancel: CancellationToken,
     progress: impl FnMut(Progress) + Send,
 ) -> Result<JobRecord> {
-    let remote_path = remote.clone();
+    // The worker sends what was asked for under its own name: it may not choose another one here.
+    let expect_name = std::path::Path::new(&remote)
+        .components()
+        .next_back()
+        .and_then(|c| match c {
+            std::path::Component::Normal(n) => n.to_str().map(str::to_owned),
+            _ => None,
+        });
     let task = Task::Fetch(FetchTask {
         path: remote,
         dest: Some(local.clone()),
@@ -198,14 +206,6 @@ pub(crate) async fn fetch(
         Ok(s) => s,
         Err(record) => return Ok(*record),
     };
-    // The worker sends what was asked for under its own name: it may not choose another one here.
-    let expect_name = std::path::Path::new(&remote_path)
-        .components()
-        .next_back()
-        .and_then(|c| match c {
-            std::path::Component::Normal(n) => n.to_str().map(str::to_owned),
-            _ => None,
-        });
     let to = Received {
         dest: local,
         base: None,
@@ -214,12 +214,15 @@ pub(crate) async fn fetch(
     };
     // A cancel goes to the hub; the worker stops sending and the receiver drops what it staged.
     match transfer::receive(to, &mut stream, &CancellationToken::new(), progress).await {
-        Ok(summary) => stream.committed(summary).await?,
+        // The hub holds a fetch the worker has finished sending until this side's verdict.
+        Ok(summary) => {
+            let committed = Piece::Op(TransferOp::Committed(summary));
+            stream.send(committed).await.map_err(Error::Other)?;
+        }
         Err(e) => {
-            // The hub holds a fetch the worker has finished sending until this side's verdict.
             tracing::debug!("receiving stopped: {e}");
-            let abort = crate::protocol::TransferOp::Abort { error: e.to_string() };
-            let _ = crate::transfer::Link::send(&mut stream, crate::transfer::Piece::Op(abort)).await;
+            let abort = TransferOp::Abort { error: e.to_string() };
+            let _ = stream.send(Piece::Op(abort)).await;
         }
     }
     stream.finish().await

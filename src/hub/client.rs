@@ -17,8 +17,7 @@ use crate::protocol::api::{
 };
 use crate::protocol::connection::Incoming;
 use crate::protocol::{
-    Connection, ConnectionReader, ConnectionWriter, Frame, ProtocolError, TransferFrame, TransferOp,
-    decode_text,
+    Chunk, Connection, ConnectionReader, ConnectionWriter, Frame, ProtocolError, TransferFrame, decode_text,
 };
 use crate::secret::Secret;
 use crate::transfer::{Link, Piece};
@@ -278,10 +277,16 @@ pub struct TransferStream {
     error: Option<String>,
 }
 
+/// What a transfer stream brings: a chunk of file data, or an event.
+enum StreamItem {
+    Chunk(Chunk),
+    Event(AdminEvent),
+}
+
 impl TransferStream {
-    /// The next event of the stream (file bytes come as `Transfer` frames' companions through
-    /// [`Link::recv`]; here they are skipped). Sends the cancel request when `cancel` fires.
-    async fn next_event(&mut self) -> Result<Option<AdminEvent>> {
+    /// The next chunk or event; `None` when the hub closed the stream. Sends the cancel request when
+    /// `cancel` fires.
+    async fn next(&mut self) -> Result<Option<StreamItem>> {
         loop {
             let incoming = tokio::select! {
                 _ = self.cancel.cancelled(), if !self.cancel_sent => {
@@ -291,27 +296,29 @@ impl TransferStream {
                 }
                 r = self.reader.read() => r?,
             };
-            match incoming {
-                None => return Ok(None),
-                Some(Incoming::Alive | Incoming::Frame(Frame::Binary(_))) => {}
-                Some(Incoming::Frame(Frame::Text(t))) => match decode_text::<AdminEvent>(&t)? {
-                    AdminEvent::Error(e) => {
-                        self.error = Some(e.error);
-                        return Ok(None);
-                    }
-                    ev => return Ok(Some(ev)),
-                },
-            }
+            return Ok(match incoming {
+                None => None,
+                Some(Incoming::Alive) => continue,
+                Some(Incoming::Frame(Frame::Binary(chunk))) => Some(StreamItem::Chunk(chunk)),
+                Some(Incoming::Frame(Frame::Text(t))) => Some(StreamItem::Event(decode_text(&t)?)),
+            });
         }
     }
 
-    /// Tells the hub the received files are verified and in place (fetch).
-    pub async fn committed(&mut self, summary: crate::protocol::TransferSummary) -> Result<()> {
-        let frame = TransferFrame {
-            job: self.job.clone(),
-            op: TransferOp::Committed(summary),
-        };
-        Ok(self.writer.send(&AdminRequest::Transfer(frame)).await?)
+    /// The next event (chunks are skipped); `None` when the stream ended, with an `error` event's text
+    /// kept for the caller.
+    async fn next_event(&mut self) -> Result<Option<AdminEvent>> {
+        loop {
+            match self.next().await? {
+                None => return Ok(None),
+                Some(StreamItem::Chunk(_)) => {}
+                Some(StreamItem::Event(AdminEvent::Error(e))) => {
+                    self.error = Some(e.error);
+                    return Ok(None);
+                }
+                Some(StreamItem::Event(ev)) => return Ok(Some(ev)),
+            }
+        }
     }
 
     /// Waits for the job's end and returns its record.
@@ -359,36 +366,19 @@ impl Link for TransferStream {
             return None;
         }
         loop {
-            let incoming = tokio::select! {
-                _ = self.cancel.cancelled(), if !self.cancel_sent => {
-                    self.cancel_sent = true;
-                    if self.writer.send(&AdminRequest::Cancel).await.is_err() {
-                        return None;
-                    }
-                    continue;
-                }
-                r = self.reader.read() => r,
-            };
-            match incoming {
-                Ok(Some(Incoming::Frame(Frame::Binary(chunk)))) if chunk.stream() == self.stream => {
+            match self.next().await {
+                Ok(Some(StreamItem::Chunk(chunk))) if chunk.stream() == self.stream => {
                     return Some(Piece::Data(chunk));
                 }
-                Ok(Some(Incoming::Frame(Frame::Text(t)))) => match decode_text::<AdminEvent>(&t) {
-                    Ok(AdminEvent::Transfer(f)) => return Some(Piece::Op(f.op)),
-                    Ok(AdminEvent::Ended(r)) => {
-                        self.ended = Some(r);
-                        return None;
-                    }
-                    Ok(AdminEvent::Error(e)) => {
-                        self.error = Some(e.error);
-                        return None;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        self.error = Some(e.to_string());
-                        return None;
-                    }
-                },
+                Ok(Some(StreamItem::Event(AdminEvent::Transfer(f)))) => return Some(Piece::Op(f.op)),
+                Ok(Some(StreamItem::Event(AdminEvent::Ended(r)))) => {
+                    self.ended = Some(r);
+                    return None;
+                }
+                Ok(Some(StreamItem::Event(AdminEvent::Error(e)))) => {
+                    self.error = Some(e.error);
+                    return None;
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => return None,
                 Err(e) => {

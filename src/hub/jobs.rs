@@ -88,6 +88,12 @@ pub(crate) struct LiveJob {
 }
 
 impl LiveJob {
+    /// The subscribers still listening (those whose client went away are dropped).
+    fn live_subscribers(&mut self) -> Vec<mpsc::Sender<JobEvent>> {
+        self.subscribers.retain(|s| !s.is_closed());
+        self.subscribers.clone()
+    }
+
     fn snapshot(&self) -> JobRecord {
         let mut r = self.record.clone();
         r.stdout = String::from_utf8_lossy(&self.stdout).into_owned();
@@ -401,7 +407,6 @@ impl Hub {
     pub(crate) async fn job_output(&self, worker: &str, chunk: Chunk) {
         let cap = self.cfg.max_output_bytes;
         let stream = chunk.stream();
-        let data = chunk.data();
         let (which, subs) = {
             let mut guard = self.state();
             let State { sessions, jobs, .. } = &mut *guard;
@@ -413,6 +418,7 @@ impl Hub {
             let Some(j) = jobs.get_mut(&job_id) else { return };
             // File bytes (TRANSFER_STREAM) are relayed, not kept.
             if which != TRANSFER_STREAM {
+                let data = chunk.payload();
                 let (buf, truncated) = if which == STDOUT_STREAM {
                     (&mut j.stdout, &mut j.record.stdout_truncated)
                 } else {
@@ -424,23 +430,18 @@ impl Hub {
                     *truncated = true;
                 }
             }
-            j.subscribers.retain(|s| !s.is_closed());
-            (which, j.subscribers.clone())
+            (which, j.live_subscribers())
         };
-        if which == TRANSFER_STREAM {
-            drop(data);
-            for s in subs {
-                let _ = s.send(JobEvent::Chunk(chunk.clone())).await;
+        let event = if which == TRANSFER_STREAM {
+            JobEvent::Chunk(chunk)
+        } else {
+            JobEvent::Output {
+                stream: which,
+                data: chunk.data(),
             }
-            return;
-        }
+        };
         for s in subs {
-            let _ = s
-                .send(JobEvent::Output {
-                    stream: which,
-                    data: data.clone(),
-                })
-                .await;
+            let _ = s.send(event.clone()).await;
         }
     }
 
@@ -478,10 +479,7 @@ impl Hub {
         let subs = {
             let mut st = self.state();
             match st.jobs.get_mut(&frame.job) {
-                Some(j) if j.record.worker.as_deref() == Some(worker) => {
-                    j.subscribers.retain(|s| !s.is_closed());
-                    j.subscribers.clone()
-                }
+                Some(j) if j.record.worker.as_deref() == Some(worker) => j.live_subscribers(),
                 _ => {
                     tracing::debug!(job = %frame.job, worker, "transfer frame for no live job dropped");
                     return;
@@ -534,14 +532,11 @@ impl Hub {
                     _ => {}
                 }
             }
-            match (&frame.op, j.parked.take()) {
-                (TransferOp::Committed(_) | TransferOp::Abort { .. }, Some(result)) => {
-                    finish_with(st, result)
-                }
-                (_, parked) => {
-                    j.parked = parked;
-                    None
-                }
+            // A verdict ends a fetch the worker has finished sending.
+            if matches!(frame.op, TransferOp::Committed(_) | TransferOp::Abort { .. }) {
+                j.parked.take().and_then(|result| finish_with(st, result))
+            } else {
+                None
             }
         };
         if let Some(e) = ended {
@@ -639,8 +634,7 @@ impl Hub {
                     // were already in place).
                     let j = st.jobs.get_mut(id).expect("matched above");
                     j.cancel_requested = true;
-                    j.subscribers.retain(|s| !s.is_closed());
-                    Some(Action::TellClient(j.subscribers.clone(), Box::new(j.snapshot())))
+                    Some(Action::TellClient(j.live_subscribers(), Box::new(j.snapshot())))
                 }
                 Some((_, worker)) => {
                     let tx = worker.and_then(|w| st.sessions.get(&w)).map(|s| s.tx.clone());
@@ -809,49 +803,56 @@ fn offer(session: &mut Session, job: &mut LiveJob) -> HubMessage {
     let id = job.record.id.clone();
     session.running.insert(id.clone());
     if job.record.spec.task.is_transfer() {
-        let stream = session.next_stream;
-        session.next_stream += 1;
-        session.streams.insert(stream, (id.clone(), TRANSFER_STREAM));
         session.transfers.insert(id.clone());
-        job.stream = Some(stream);
     }
-    let (stdout, stderr) = (session.next_stream, session.next_stream + 1);
-    session.next_stream += 2;
-    session.streams.insert(stdout, (id.clone(), STDOUT_STREAM));
-    session.streams.insert(stderr, (id.clone(), STDERR_STREAM));
     job.record.state = JobState::Offered;
     job.record.worker = Some(session.id.clone());
+    // Each request gets the binary streams it uses.
+    let mut stream = |which: u64| {
+        let s = session.next_stream;
+        session.next_stream += 1;
+        session.streams.insert(s, (id.clone(), which));
+        s
+    };
     let spec = &job.record.spec;
     let timeout_ms = spec.timeout_secs.map(|s| (s * 1000.0).round() as u64);
     match &spec.task {
         Task::Exec(command) => HubMessage::Exec(ExecRequest {
-            job: id,
+            job: id.clone(),
             command: command.clone(),
             workdir: spec.workdir.clone(),
             env: spec.env_vars.clone(),
             timeout_ms,
             output_timeout_ms: None,
-            stdout,
-            stderr,
+            stdout: stream(STDOUT_STREAM),
+            stderr: stream(STDERR_STREAM),
         }),
         Task::Eval(e) => HubMessage::Eval(EvalRequest {
-            job: id,
+            job: id.clone(),
             code: e.code.clone(),
             stash: e.stash.clone(),
             timeout_ms,
-            stdout,
+            stdout: stream(STDOUT_STREAM),
         }),
-        Task::Ship(t) => HubMessage::Ship(ShipRequest {
-            job: id,
-            dest: t.dest.clone(),
-            mkdir: t.mkdir,
-            stream: job.stream.expect("set above"),
-        }),
-        Task::Fetch(t) => HubMessage::Fetch(FetchRequest {
-            job: id,
-            path: t.path.clone(),
-            stream: job.stream.expect("set above"),
-        }),
+        Task::Ship(t) => {
+            let s = stream(TRANSFER_STREAM);
+            job.stream = Some(s);
+            HubMessage::Ship(ShipRequest {
+                job: id.clone(),
+                dest: t.dest.clone(),
+                mkdir: t.mkdir,
+                stream: s,
+            })
+        }
+        Task::Fetch(t) => {
+            let s = stream(TRANSFER_STREAM);
+            job.stream = Some(s);
+            HubMessage::Fetch(FetchRequest {
+                job: id.clone(),
+                path: t.path.clone(),
+                stream: s,
+            })
+        }
     }
 }
 

@@ -19,6 +19,7 @@ mod send;
 
 use std::future::Future;
 
+pub(crate) use path::from_base;
 pub use receive::{Received, receive};
 pub use send::{Source, send};
 
@@ -29,6 +30,9 @@ pub const CHUNK: usize = 1 << 20;
 
 /// Flow-control window: the most un-acknowledged units a sender may have in flight.
 pub const WINDOW: u64 = 16 << 20;
+
+// A full chunk and its frame always fit in the window, so a sender never waits for an ack it cannot get.
+const _: () = assert!(CHUNK as u64 + FRAME_COST <= WINDOW);
 
 /// Transfers a worker runs at once (they do not use its exec `capacity`); more wait in the hub's queue.
 pub const MAX_CONCURRENT: usize = 8;

@@ -23,12 +23,20 @@ pub(super) fn components(wire: &str) -> Result<Vec<&str>, String> {
 }
 
 /// `base` joined with wire components.
-pub(super) fn join(base: &Path, parts: &[&str]) -> PathBuf {
+pub(super) fn join(base: &Path, parts: &[impl AsRef<Path>]) -> PathBuf {
     let mut p = base.to_path_buf();
     for c in parts {
         p.push(c);
     }
     p
+}
+
+/// `path` taken from `base` when it is relative (an absolute `path` stands alone).
+pub(crate) fn from_base(base: Option<&Path>, path: &str) -> PathBuf {
+    match base {
+        Some(b) => b.join(path),
+        None => PathBuf::from(path),
+    }
 }
 
 /// True when a destination names a directory to put things into (`dest/`).

@@ -3,10 +3,11 @@
 //!
 //! - A **file** is written to `.NAME.cla-XXXX.part` in the target directory, fsynced, given its mode and
 //!   mtime, and renamed over the target at the end.
-//! - A **directory** is built in `.NAME.cla-XXXX.part` beside the target. If the target does not exist,
-//!   the whole tree is renamed into place at once; if it is a directory, the staged entries are moved
-//!   into it (files replace files, each atomically; a directory never replaces a file or the reverse
-//!   without an error before anything moved). Directory modes and mtimes are applied last, deepest first.
+//! - A **directory** whose target does not exist is built in `.NAME.cla-XXXX.part` beside the target and
+//!   renamed into place at once. One merged into an existing directory is staged in `.cla-XXXX.part`
+//!   inside it, and the staged entries are moved in (files replace files, each atomically; a file never
+//!   replaces a directory: that is refused before anything moves). Directory modes and mtimes are applied
+//!   last, deepest first, best effort, and never to an existing destination.
 //! - Until that commit nothing is visible at the target; a failure or cancel removes the staging area and
 //!   any parent directory the transfer created.
 //! - The wire paths are checked ([`super::path::components`]) and every entry's parent must be a
@@ -30,6 +31,9 @@ use crate::protocol::{TransferOp, TransferSummary};
 
 /// The writer's error when its input ends early (the real reason is the link's).
 const STOPPED: &str = "the transfer stopped before its end";
+
+/// The writer's error when a cancel came before the commit.
+const CANCELLED: &str = "cancelled";
 
 /// Pieces queued for the writer thread (the window bounds what arrives; this bounds what waits).
 const QUEUE: usize = 64;
@@ -63,7 +67,8 @@ pub async fn receive(
     let mut writer = tokio::task::spawn_blocking(move || stage.run(rx, report));
     let mut tx = Some(tx);
     let mut acked = 0u64;
-    let outcome: Result<TransferSummary, TransferError> = loop {
+    // Success returns from inside the loop; what breaks out of it is the reason to tell the sender.
+    let error = loop {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {
@@ -73,7 +78,7 @@ pub async fn receive(
                 if let Ok(Ok(summary)) = (&mut writer).await {
                     return Ok(summary);
                 }
-                break Err(TransferError::Cancelled);
+                break TransferError::Cancelled;
             }
             done = &mut writer => {
                 break match done {
@@ -83,8 +88,8 @@ pub async fn receive(
                         }
                         return Ok(summary);
                     }
-                    Ok(Err(e)) => Err(TransferError::Failed(e)),
-                    Err(e) => Err(TransferError::Failed(format!("the writer thread failed: {e}"))),
+                    Ok(Err(e)) => TransferError::Failed(e),
+                    Err(e) => TransferError::Failed(format!("the writer thread failed: {e}")),
                 };
             }
             Some((consumed, p)) = reports.recv() => {
@@ -119,26 +124,32 @@ pub async fn receive(
                     // had committed, the transfer did complete.
                     return match (&mut writer).await {
                         Ok(Ok(summary)) => Ok(summary),
-                        Ok(Err(e)) if e != STOPPED && e != "cancelled" => Err(TransferError::Failed(e)),
+                        Ok(Err(e)) if e != STOPPED && e != CANCELLED => Err(TransferError::Failed(e)),
                         _ => Err(TransferError::Failed(format!("{why}; nothing was kept"))),
                     };
                 }
             }
         }
     };
-    let error = match &outcome {
-        Err(TransferError::Cancelled) => "cancelled".to_owned(),
-        Err(TransferError::Failed(e)) => e.clone(),
-        Ok(_) => unreachable!("success returns above"),
+    let abort = TransferOp::Abort {
+        error: error.to_string(),
     };
-    let _ = link.send(Piece::Op(TransferOp::Abort { error })).await;
-    outcome
+    let _ = link.send(Piece::Op(abort)).await;
+    Err(error)
 }
 
 /// Where the transfer's root goes.
 enum Root {
-    File { target: PathBuf, temp: PathBuf },
-    Dir { target: PathBuf, staging: PathBuf },
+    File {
+        target: PathBuf,
+        temp: PathBuf,
+    },
+    Dir {
+        target: PathBuf,
+        staging: PathBuf,
+        /// The target existed: entries are merged into it, and its own mode and mtime are left.
+        merging: bool,
+    },
 }
 
 /// The file being written.
@@ -174,8 +185,6 @@ struct Stage {
     progress: Progress,
     consumed: u64,
     committed: bool,
-    /// The target directory existed: entries are merged into it, and its own mode and mtime are left.
-    merging: bool,
     /// Set by the async side on a cancel: checked before the commit.
     cancelled: Arc<AtomicBool>,
     fail_after: Option<u64>,
@@ -183,12 +192,8 @@ struct Stage {
 
 impl Stage {
     fn new(to: &Received, cancelled: Arc<AtomicBool>) -> Stage {
-        let dest = match &to.base {
-            Some(b) => b.join(&to.dest),
-            None => PathBuf::from(&to.dest),
-        };
         Stage {
-            dest,
+            dest: super::path::from_base(to.base.as_deref(), &to.dest),
             into: super::path::into_dir(&to.dest),
             mkdir: to.mkdir,
             root_name: None,
@@ -204,7 +209,6 @@ impl Stage {
             progress: Progress::default(),
             consumed: 0,
             committed: false,
-            merging: false,
             cancelled,
             fail_after: hooks::fail_write_after(),
         }
@@ -299,9 +303,7 @@ impl Stage {
     /// The staged location of an entry below the root.
     fn staged(&self, rel: &[String]) -> PathBuf {
         match &self.root {
-            Some(Root::Dir { staging, .. }) => {
-                join(staging, &rel.iter().map(String::as_str).collect::<Vec<_>>())
-            }
+            Some(Root::Dir { staging, .. }) => join(staging, rel),
             Some(Root::File { temp, .. }) => temp.clone(),
             None => unreachable!("placed entries have a root"),
         }
@@ -339,13 +341,13 @@ impl Stage {
         } else {
             temp_beside(&target)
         };
-        self.merging = merging;
         self.root_name = Some(name.to_owned());
         if is_dir {
             create_dir(&temp)?;
             self.root = Some(Root::Dir {
                 target,
                 staging: temp,
+                merging,
             });
             self.dirs.insert(name.to_owned());
         } else {
@@ -493,14 +495,11 @@ impl Stage {
     }
 
     fn end(&mut self, files: u64, bytes: u64, sha256: &str) -> Result<(), String> {
-        let Some(root) = self.root.take() else {
-            return Err("protocol error: the transfer ended before its first entry".into());
+        let digest = match &self.root {
+            None => return Err("protocol error: the transfer ended before its first entry".into()),
+            Some(Root::File { .. }) => std::mem::take(&mut self.last_sha),
+            Some(Root::Dir { .. }) => hex(&std::mem::take(&mut self.manifest).finalize()),
         };
-        let digest = match root {
-            Root::File { .. } => std::mem::take(&mut self.last_sha),
-            Root::Dir { .. } => hex(&std::mem::take(&mut self.manifest).finalize()),
-        };
-        self.root = Some(root);
         if files != self.summary.files || bytes != self.summary.bytes || digest != sha256 {
             return Err(format!(
                 "the transfer does not add up: the sender sent {files} files, {bytes} bytes (digest {sha256}); \
@@ -510,7 +509,7 @@ impl Stage {
         }
         self.summary.sha256 = digest;
         if self.cancelled.load(Ordering::SeqCst) {
-            return Err("cancelled".into());
+            return Err(CANCELLED.into());
         }
         self.commit()
     }
@@ -522,8 +521,12 @@ impl Stage {
                 std::fs::rename(temp, target).map_err(|e| io_error("renaming into", target, e))?;
                 target.clone()
             }
-            Root::Dir { target, staging } => {
-                if self.merging {
+            Root::Dir {
+                target,
+                staging,
+                merging,
+            } => {
+                if *merging {
                     check_merge(staging, target, true)?;
                     merge(staging, target, staging)?;
                     let _ = std::fs::remove_dir_all(staging);
@@ -533,10 +536,10 @@ impl Stage {
                 // The files are in place: directory modes and times are best effort from here on, and an
                 // existing destination directory keeps its own.
                 let mut meta = std::mem::take(&mut self.dir_meta);
-                meta.retain(|(rel, ..)| !(self.merging && rel.is_empty()));
+                meta.retain(|(rel, ..)| !(*merging && rel.is_empty()));
                 meta.sort_by_key(|(rel, ..)| std::cmp::Reverse(rel.len()));
                 for (rel, mode, mtime_ns) in meta {
-                    let p = join(target, &rel.iter().map(String::as_str).collect::<Vec<_>>());
+                    let p = join(target, &rel);
                     if let Err(e) = set_mode(&p, None, mode) {
                         tracing::warn!("{e}");
                     }

@@ -369,8 +369,7 @@ pub async fn send(
     // The next piece, read but not sent: it goes when it fits in the window.
     let mut pending: Option<Piece> = None;
     loop {
-        if let Some(piece) = pending.take_if(|p| sent - acked.min(sent) + p.cost() <= WINDOW || acked >= sent)
-        {
+        if let Some(piece) = pending.take_if(|p| sent.saturating_sub(acked) + p.cost() <= WINDOW) {
             sent += piece.cost();
             if let Piece::Data(d) = &piece {
                 done += d.payload().len() as u64;
@@ -397,7 +396,8 @@ pub async fn send(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                let _ = link.send(Piece::Op(TransferOp::Abort { error: "cancelled".into() })).await;
+                let error = TransferError::Cancelled.to_string();
+                let _ = link.send(Piece::Op(TransferOp::Abort { error })).await;
                 return Err(TransferError::Cancelled);
             }
             msg = link.recv() => match msg {

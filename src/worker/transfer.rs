@@ -5,7 +5,6 @@
 //! nothing for the transfer before that.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -93,28 +92,38 @@ impl Link for SessionLink {
 }
 
 fn result(job: &str, start: Instant, done: Result<TransferSummary, TransferError>) -> JobResult {
-    let mut r = match &done {
-        Ok(_) => JobResult::not_run(job.to_owned(), Outcome::Succeeded, ""),
-        Err(TransferError::Cancelled) => JobResult::not_run(job.to_owned(), Outcome::Cancelled, "cancelled"),
-        Err(TransferError::Failed(e)) => JobResult::not_run(job.to_owned(), Outcome::Failed, e.clone()),
+    let (outcome, error, transfer) = match done {
+        Ok(summary) => {
+            let secs = start.elapsed().as_secs_f64().max(1e-6);
+            tracing::info!(
+                path = %summary.path,
+                files = summary.files,
+                bytes = summary.bytes,
+                sha256 = %summary.sha256,
+                "{:.1} MB/s",
+                summary.bytes as f64 / secs / 1e6
+            );
+            (Outcome::Succeeded, None, Some(summary))
+        }
+        Err(e) => {
+            tracing::warn!("transfer failed: {e}");
+            let outcome = match e {
+                TransferError::Cancelled => Outcome::Cancelled,
+                TransferError::Failed(_) => Outcome::Failed,
+            };
+            (outcome, Some(e.to_string()), None)
+        }
     };
-    r.duration_ms = start.elapsed().as_millis() as u64;
-    if let Ok(summary) = done {
-        let secs = start.elapsed().as_secs_f64().max(1e-6);
-        tracing::info!(
-            path = %summary.path,
-            files = summary.files,
-            bytes = summary.bytes,
-            sha256 = %summary.sha256,
-            "{:.1} MB/s",
-            summary.bytes as f64 / secs / 1e6
-        );
-        r.error = None;
-        r.transfer = Some(summary);
-    } else if let Some(e) = &r.error {
-        tracing::warn!("transfer failed: {e}");
+    JobResult {
+        job: job.to_owned(),
+        outcome,
+        rc: None,
+        signal: None,
+        duration_ms: start.elapsed().as_millis() as u64,
+        error,
+        eval: None,
+        transfer,
     }
-    r
 }
 
 /// Receives files from the hub at `req.dest` (relative to the worker's workdir).
@@ -135,10 +144,7 @@ pub(crate) async fn ship(req: ShipRequest, ctx: &ExecCtx, cancel: CancellationTo
 /// Sends the file or directory at `req.path` (relative to the worker's workdir) to the hub.
 pub(crate) async fn fetch(req: FetchRequest, ctx: &ExecCtx, cancel: CancellationToken) -> JobResult {
     let start = Instant::now();
-    let path = match &ctx.workdir {
-        Some(w) => w.join(&req.path),
-        None => PathBuf::from(&req.path),
-    };
+    let path = transfer::from_base(ctx.workdir.as_deref(), &req.path);
     let src = match Source::open(path).await {
         Ok(s) => s,
         Err(e) => return result(&req.job, start, Err(TransferError::Failed(e))),
