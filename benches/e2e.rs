@@ -77,6 +77,7 @@ fn main() {
             worker: Some("bench".into()),
             tags: vec![],
             env: None,
+            queue_timeout_secs: None,
         },
         task,
         workdir: None,

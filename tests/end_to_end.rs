@@ -88,11 +88,20 @@ fn register_run_and_exec_with_split_streams() {
         stderr(&out)
     );
 
-    // No worker matches: an error naming the tags, exit 1.
-    let out = hub.run(&["exec", "--tags", "gpu", "--", "true"]);
+    // No worker matches: the job waits in the queue; with a queue timeout it ends timed out (124),
+    // saying why it waited.
+    let out = hub.run(&["exec", "--tags", "gpu", "--queue-timeout", "0.5", "--", "true"]);
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("queue timeout of 0.5s: no connected worker matches tags [gpu]"),
+        "{}",
+        stderr(&out)
+    );
+    // A worker id that is not registered at all is an error at once.
+    let out = hub.run(&["exec", "--worker", "nosuch", "--", "true"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("no connected worker matches tags [gpu]"),
+        stderr(&out).contains("no worker `nosuch` is registered"),
         "{}",
         stderr(&out)
     );

@@ -213,6 +213,7 @@ fn eval_messages() {
                 worker: Some("w".into()),
                 tags: vec![],
                 env: None,
+                queue_timeout_secs: None,
             },
             task: Task::Eval(EvalTask {
                 code: "stash.x".into(),
@@ -240,6 +241,7 @@ fn api_bodies() {
                 worker: None,
                 tags: vec!["java".into()],
                 env: Some("QA".into()),
+                queue_timeout_secs: Some(30.0),
             },
             task: Task::Exec(CommandLine::Argv {
                 argv: vec!["true".into()],
@@ -248,7 +250,7 @@ fn api_bodies() {
             env_vars: Default::default(),
             timeout_secs: Some(2.5),
         })),
-        json!({"type":"exec","tags":["java"],"env":"QA","argv":["true"],"timeout_secs":2.5}),
+        json!({"type":"exec","tags":["java"],"env":"QA","queue_timeout_secs":30.0,"argv":["true"],"timeout_secs":2.5}),
     );
     golden(AdminRequest::Cancel, json!({"type":"cancel"}));
     golden(
@@ -401,6 +403,7 @@ fn transfers() {
                 worker: Some("w1".into()),
                 tags: vec![],
                 env: None,
+                queue_timeout_secs: None,
             },
             task: Task::Ship(ShipTask {
                 dest: "/opt/".into(),

@@ -133,13 +133,21 @@ fn malformed_and_unknown_frames_are_answered_not_fatal() {
         // Still connected and idle after all that.
         assert_eq!(hub.worker_state("raw").as_deref(), Some("idle"));
         // A worker that does not announce the `transfer` feature (an older build) is never offered a
-        // ship or fetch: the command fails at once instead of hanging on a worker that cannot answer.
+        // ship or fetch: the job waits for one that can, and says why.
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").unwrap();
-        let o = hub.run(&["ship", "--worker", "raw", file.to_str().unwrap(), "/tmp/never"]);
+        let o = hub.run(&[
+            "ship",
+            "--worker",
+            "raw",
+            "--queue-timeout",
+            "0.5",
+            file.to_str().unwrap(),
+            "/tmp/never",
+        ]);
         assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
         assert!(
-            stderr(&o).contains("no connected worker matches"),
+            stderr(&o).contains("worker raw are too old for ship (no `transfer` feature)"),
             "{}",
             stderr(&o)
         );

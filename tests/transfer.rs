@@ -504,7 +504,15 @@ fn bad_paths_get_clear_errors() {
     );
     assert!(dir.path().join("hub/f.txt").exists());
     // No worker matches.
-    let o = hub.run(&["ship", "--tags", "windows", file.to_str().unwrap(), "/tmp/x"]);
+    let o = hub.run(&[
+        "ship",
+        "--tags",
+        "windows",
+        "--queue-timeout",
+        "0.5",
+        file.to_str().unwrap(),
+        "/tmp/x",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("no connected worker matches"),

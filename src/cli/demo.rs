@@ -139,6 +139,7 @@ async fn drive(
             worker: None,
             tags: vec!["demo".into()],
             env: None,
+            queue_timeout_secs: None,
         },
         task: Task::Exec(cmd),
         workdir: None,

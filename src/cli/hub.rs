@@ -108,6 +108,10 @@ pub struct TargetArgs {
     /// Only on a worker serving this environment.
     #[arg(long, value_name = "ENV")]
     pub env: Option<String>,
+    /// Give up when no matching worker has taken the job within this many seconds (exit 124). Without
+    /// it the job waits in the hub's queue until a matching worker is free or connects.
+    #[arg(long, value_name = "SECS")]
+    pub queue_timeout: Option<f64>,
 }
 
 #[derive(Debug, ClapArgs)]

@@ -24,6 +24,7 @@ pub(crate) fn target(a: &TargetArgs) -> Result<Target> {
         worker: a.worker.clone(),
         tags,
         env: a.env.clone(),
+        queue_timeout_secs: a.queue_timeout,
     })
 }
 
@@ -101,6 +102,7 @@ async fn stream(c: &AdminClient, spec: &JobSpec, mut stdout_sink: impl Write) ->
             let _ = e.flush();
         }
         ExecEvent::Created(id) => tracing::debug!(job = %id, "job created"),
+        ExecEvent::Waiting(why) => super::waiting(&why),
         ExecEvent::Started { worker, .. } => tracing::debug!(%worker, "job started"),
     });
     let record = tokio::select! {
@@ -174,6 +176,7 @@ pub(crate) fn exit_of(r: &JobRecord) -> ExitCode {
     let code = exit_code(r);
     match code {
         ExitCode::Success | ExitCode::Remote(_) => {}
+        ExitCode::TimedOut if r.started.is_none() => eprintln!("cla-hub: job {} {why}", r.id),
         ExitCode::TimedOut => eprintln!("cla-hub: job {} {why}: its process tree was killed", r.id),
         ExitCode::Interrupted => eprintln!("cla-hub: job {} cancelled", r.id),
         _ => eprintln!("cla-hub: job {} {}: {why}", r.id, r.state.as_str()),
@@ -197,12 +200,16 @@ pub(crate) async fn list(c: &AdminClient, a: JobsArgs, json: bool) -> Result<Exi
                 j.rc.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                 j.created.clone(),
                 j.spec.task.display(),
+                or_dash(j.waiting.clone().or_else(|| j.error.clone()).unwrap_or_default()),
             ]
         })
         .collect();
     print!(
         "{}",
-        render(&["ID", "STATE", "WORKER", "RC", "CREATED", "COMMAND"], &rows)
+        render(
+            &["ID", "STATE", "WORKER", "RC", "CREATED", "COMMAND", "NOTE"],
+            &rows
+        )
     );
     Ok(ExitCode::Success)
 }
@@ -229,6 +236,9 @@ pub(crate) async fn job(c: &AdminClient, cmd: JobCommand, json: bool) -> Result<
                 println!("created  {}", r.created);
                 println!("started  {}", r.started.as_deref().unwrap_or("-"));
                 println!("ended    {}", r.ended.as_deref().unwrap_or("-"));
+                if let Some(w) = &r.waiting {
+                    println!("waiting  {w}");
+                }
                 if let Some(e) = &r.error {
                     println!("error    {e}");
                 }

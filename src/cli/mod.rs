@@ -75,3 +75,13 @@ pub(crate) fn print_out(text: &str) -> crate::Result<()> {
     out.flush()?;
     Ok(())
 }
+
+/// Tells a person at a terminal why their job has not started yet (scripts see it with `-v`).
+pub(crate) fn waiting(why: &str) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprintln!("cla-hub: waiting for a worker: {why}");
+    } else {
+        tracing::info!("waiting for a worker: {why}");
+    }
+}

@@ -130,12 +130,20 @@ fn bar(total: u64, json: bool) -> ProgressBar {
     bar
 }
 
+/// What a transfer reports as it goes.
+pub(crate) enum Update {
+    /// Still queued, for this reason.
+    Waiting(String),
+    Progress(Progress),
+}
+
 /// Creates a transfer job and waits until a worker has started it (or the job ended first).
 async fn open(
     c: &AdminClient,
     target: Target,
     task: Task,
     cancel: CancellationToken,
+    on: &mut (dyn FnMut(Update) + Send),
 ) -> Result<std::result::Result<crate::hub::client::TransferStream, Box<JobRecord>>> {
     let spec = JobSpec {
         target,
@@ -144,7 +152,8 @@ async fn open(
         env_vars: Default::default(),
         timeout_secs: None,
     };
-    c.open_transfer(&spec, cancel).await
+    c.open_transfer(&spec, cancel, &mut |why| on(Update::Waiting(why)))
+        .await
 }
 
 /// Ships `local` to `remote` on a worker of `target`: the job's record, with what the worker verified.
@@ -155,7 +164,7 @@ pub(crate) async fn ship(
     remote: String,
     mkdir: bool,
     cancel: CancellationToken,
-    mut progress: impl FnMut(Progress) + Send,
+    mut on: impl FnMut(Update) + Send,
 ) -> Result<JobRecord> {
     // The source is checked (and planned) before anything is asked of the hub.
     let src = Source::open(local.clone()).await.map_err(Error::Other)?;
@@ -164,15 +173,16 @@ pub(crate) async fn ship(
         mkdir,
         source: Some(local.display().to_string()),
     });
-    let mut stream = match open(c, target, task, cancel).await? {
+    let mut stream = match open(c, target, task, cancel, &mut on).await? {
         Ok(s) => s,
         Err(record) => return Ok(*record),
     };
-    progress(Progress {
+    on(Update::Progress(Progress {
         done: 0,
         total: src.bytes,
-    });
+    }));
     // Cancels go through the hub (the stream sends them), so the worker ends the job as cancelled.
+    let progress = |p| on(Update::Progress(p));
     let sent = transfer::send(src, &mut stream, &CancellationToken::new(), progress).await;
     if let Err(TransferError::Failed(e)) = &sent {
         tracing::debug!("sending stopped: {e}");
@@ -188,7 +198,7 @@ pub(crate) async fn fetch(
     local: String,
     mkdir: bool,
     cancel: CancellationToken,
-    progress: impl FnMut(Progress) + Send,
+    mut on: impl FnMut(Update) + Send,
 ) -> Result<JobRecord> {
     // The worker sends what was asked for under its own name: it may not choose another one here.
     let expect_name = std::path::Path::new(&remote)
@@ -202,10 +212,11 @@ pub(crate) async fn fetch(
         path: remote,
         dest: Some(local.clone()),
     });
-    let mut stream = match open(c, target, task, cancel).await? {
+    let mut stream = match open(c, target, task, cancel, &mut on).await? {
         Ok(s) => s,
         Err(record) => return Ok(*record),
     };
+    let progress = |p| on(Update::Progress(p));
     let to = Received {
         dest: local,
         base: None,
@@ -289,12 +300,12 @@ pub(crate) async fn fetch_cmd(c: &AdminClient, a: FetchArgs, json: bool) -> Resu
     .await
 }
 
-type OnProgress = Box<dyn FnMut(Progress) + Send>;
+type OnUpdate = Box<dyn FnMut(Update) + Send>;
 
 /// Runs a transfer with the progress bar and Ctrl-C handling, then reports it.
 async fn run_cmd<F, Fut>(direction: &'static str, from: String, json: bool, start: F) -> Result<ExitCode>
 where
-    F: FnOnce(CancellationToken, OnProgress) -> Fut,
+    F: FnOnce(CancellationToken, OnUpdate) -> Fut,
     Fut: std::future::Future<Output = Result<JobRecord>>,
 {
     let (cancel, give_up, signals) = super::on_ctrl_c("cancelling the transfer");
@@ -303,9 +314,12 @@ where
     let started = Instant::now();
     let work = start(
         cancel,
-        Box::new(move |p: Progress| {
-            b.set_length(p.total);
-            b.set_position(p.done);
+        Box::new(move |u: Update| match u {
+            Update::Progress(p) => {
+                b.set_length(p.total);
+                b.set_position(p.done);
+            }
+            Update::Waiting(why) => super::waiting(&why),
         }),
     );
     let record = tokio::select! {

@@ -272,6 +272,7 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
             ev = rx.recv() => {
                 let sent = match ev {
                     Some(JobEvent::Started { worker, stream }) => writer.send(&AdminEvent::Started { job: job.clone(), worker, stream }).await,
+                    Some(JobEvent::Waiting(reason)) => writer.send(&AdminEvent::Waiting { job: job.clone(), reason }).await,
                     Some(JobEvent::Output { stream, data }) => writer.send_binary(stream, &data).await,
                     Some(JobEvent::Transfer(frame)) => writer.send(&AdminEvent::Transfer(frame)).await,
                     Some(JobEvent::Chunk(chunk)) => {

@@ -26,7 +26,12 @@ use crate::transfer::{Link, Piece};
 #[derive(Debug)]
 pub enum ExecEvent {
     Created(String),
-    Started { job: String, worker: String },
+    /// Still queued, for this reason.
+    Waiting(String),
+    Started {
+        job: String,
+        worker: String,
+    },
     Stdout(Bytes),
     Stderr(Bytes),
 }
@@ -201,6 +206,7 @@ impl AdminClient {
                 },
                 Some(Incoming::Frame(Frame::Text(t))) => match decode_text::<AdminEvent>(&t)? {
                     AdminEvent::Created { job } => on_event(ExecEvent::Created(job)),
+                    AdminEvent::Waiting { reason, .. } => on_event(ExecEvent::Waiting(reason)),
                     AdminEvent::Started { job, worker, .. } => on_event(ExecEvent::Started { job, worker }),
                     AdminEvent::Ended(record) => {
                         writer.close().await;
@@ -223,6 +229,7 @@ impl AdminClient {
         &self,
         spec: &JobSpec,
         cancel: CancellationToken,
+        on_waiting: &mut (dyn FnMut(String) + Send),
     ) -> Result<std::result::Result<TransferStream, Box<JobRecord>>> {
         let url = format!("{}/api/v1/admin/exec", self.url());
         let conn = Connection::connect(&url, &[("authorization", &self.auth())]).await?;
@@ -248,6 +255,7 @@ impl AdminClient {
                     return Err(Error::Other(why));
                 }
                 Some(AdminEvent::Created { job }) => stream.job = job,
+                Some(AdminEvent::Waiting { reason, .. }) => on_waiting(reason),
                 Some(AdminEvent::Started {
                     worker, stream: s, ..
                 }) => {

@@ -6,9 +6,9 @@
 //! streams) and waiters (`job show --wait`); ended jobs live only in the store. Queued jobs wait FIFO for a
 //! connected matching worker with a free slot.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
 use bytes::Bytes;
@@ -56,6 +56,8 @@ pub enum JobEvent {
         /// A transfer's binary stream id, the same on both legs (the hub relays chunks unchanged).
         stream: Option<u64>,
     },
+    /// The job is still queued, for this reason (sent when the reason changes).
+    Waiting(String),
     /// Bytes on [`STDOUT_STREAM`] or [`STDERR_STREAM`].
     Output {
         stream: u64,
@@ -126,12 +128,67 @@ fn new_job_id() -> String {
 
 /// True when the worker described by `hello` may run `spec`: it matches the target and knows the task.
 pub(crate) fn matches(spec: &JobSpec, worker_id: &str, hello: &Hello) -> bool {
-    let target = &spec.target;
-    let knows = !spec.task.is_transfer() || hello.features.iter().any(|f| f == FEATURE_TRANSFER);
-    knows
-        && target.worker.as_deref().is_none_or(|w| w == worker_id)
+    knows(spec, hello) && on_target(&spec.target, worker_id, hello)
+}
+
+/// True when the worker is the one named, or carries all the tags (and the env).
+fn on_target(target: &Target, worker_id: &str, hello: &Hello) -> bool {
+    target.worker.as_deref().is_none_or(|w| w == worker_id)
         && target.tags.iter().all(|t| hello.tags.contains(t))
         && target.env.as_ref().is_none_or(|e| hello.envs.contains(e))
+}
+
+/// True when the worker's version can run the task (ship and fetch need the `transfer` feature).
+fn knows(spec: &JobSpec, hello: &Hello) -> bool {
+    !spec.task.is_transfer() || hello.features.iter().any(|f| f == FEATURE_TRANSFER)
+}
+
+/// Why a queued job is still waiting, for `jobs` and the waiting client: it is worth saying whether
+/// no worker could take it at all or the ones that could are busy.
+fn why_waiting(job: &LiveJob, sessions: &HashMap<String, Session>) -> String {
+    let spec = &job.record.spec;
+    let target = spec.target.describe();
+    let on: Vec<&Session> = sessions
+        .values()
+        .filter(|s| on_target(&spec.target, &s.id, &s.hello))
+        .collect();
+    if on.is_empty() {
+        return format!("no connected worker matches {target}");
+    }
+    let able: Vec<&Session> = on.into_iter().filter(|s| knows(spec, &s.hello)).collect();
+    if able.is_empty() {
+        return format!(
+            "the connected workers matching {target} are too old for {} (no `{FEATURE_TRANSFER}` feature): upgrade them",
+            spec.task.verb()
+        );
+    }
+    let n = able.len();
+    let open: Vec<&Session> = able
+        .into_iter()
+        .filter(|s| !s.draining && !job.refused_by.contains(&s.session))
+        .collect();
+    if open.is_empty() {
+        return format!("the {n} matching worker(s) are draining or refused the job");
+    }
+    if spec.task.is_transfer() {
+        let limit = crate::transfer::MAX_CONCURRENT;
+        return match open.as_slice() {
+            [one] => format!("the matching worker {} is running {limit} transfers", one.id),
+            _ => format!(
+                "all {} matching workers are running {limit} transfers",
+                open.len()
+            ),
+        };
+    }
+    match open.as_slice() {
+        [one] => format!(
+            "the matching worker {} is busy ({}/{} running)",
+            one.id,
+            one.running.len() - one.transfers.len(),
+            one.hello.capacity
+        ),
+        _ => format!("all {} matching workers busy", open.len()),
+    }
 }
 
 /// Largest eval source accepted.
@@ -188,12 +245,20 @@ fn validate(spec: &JobSpec) -> Result<(), ApiFail> {
             "timeout must be a positive number of seconds, not {t}"
         )));
     }
+    if let Some(t) = spec.target.queue_timeout_secs
+        && !(t > 0.0 && t < 1e9)
+    {
+        return Err(bad(format!(
+            "queue timeout must be a positive number of seconds, not {t}"
+        )));
+    }
     Ok(())
 }
 
 impl Hub {
     /// Creates a job and queues it; `subscriber` (an exec stream) is attached before the job can start,
-    /// so it misses nothing. Fails at once when no connected worker matches the target at all.
+    /// so it misses nothing. The job waits until a matching worker is free (or connects), or until its
+    /// queue timeout. Fails at once only for a worker id that is not registered.
     pub async fn create_job(
         self: &Arc<Self>,
         spec: JobSpec,
@@ -208,12 +273,16 @@ impl Hub {
                  (the exec stream), not a detached job",
             ));
         }
+        if let Some(w) = &spec.target.worker
+            && self.store.worker(w)?.is_none()
+        {
+            return Err(ApiFail::new(
+                StatusCode::NOT_FOUND,
+                "unknown_worker",
+                format!("no worker `{w}` is registered: see `cla-hub workers` for the ids"),
+            ));
+        }
         let record = {
-            let st = self.state();
-            if !st.sessions.values().any(|s| matches(&spec, &s.id, &s.hello)) {
-                drop(st);
-                return Err(self.no_worker(&spec.target));
-            }
             JobRecord {
                 id: new_job_id(),
                 state: JobState::Queued,
@@ -231,6 +300,7 @@ impl Hub {
                 error: None,
                 eval: None,
                 transfer: None,
+                waiting: None,
             }
         };
         self.store.put_job(&record)?;
@@ -254,27 +324,46 @@ impl Hub {
             st.queue.push_back(record.id.clone());
         }
         tracing::info!(job = %record.id, target = %record.spec.target.describe(), task = %record.spec.task.display(), "job queued");
+        if let Some(secs) = record.spec.target.queue_timeout_secs {
+            let hub = Arc::clone(self);
+            let id = record.id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+                hub.queue_timed_out(&id, secs).await;
+            });
+        }
         self.dispatch().await;
-        Ok(record)
+        Ok(self.job(&record.id).unwrap_or(record))
     }
 
-    fn no_worker(&self, target: &Target) -> ApiFail {
-        let registered = self.store.workers().map(|w| w.len()).unwrap_or(0);
-        let connected = self.state().sessions.len();
-        ApiFail::new(
-            StatusCode::CONFLICT,
-            "no_worker",
-            format!(
-                "no connected worker matches {} ({registered} registered, {connected} connected): \
-                 check `cla-hub workers` and the worker's --tags/--envs",
-                target.describe()
-            ),
-        )
+    /// A job's queue timeout: if no worker has taken it yet, it ends `timed_out`, saying why it waited.
+    async fn queue_timed_out(&self, id: &str, secs: f64) {
+        let ended = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            if st.jobs.get(id).is_none_or(|j| j.record.state != JobState::Queued) {
+                return;
+            }
+            st.queue.retain(|q| q != id);
+            end_job(st, id, |r| {
+                let why = r.waiting.take().unwrap_or_else(|| "no worker took it".into());
+                r.state = JobState::TimedOut;
+                r.error = Some(format!(
+                    "was not started within its queue timeout of {secs}s: {why}; check `cla-hub workers` \
+                     and the target's tags/env"
+                ));
+            })
+        };
+        if let Some(e) = ended {
+            tracing::warn!(job = id, "job timed out in the queue");
+            self.deliver(e).await;
+        }
     }
 
     /// Offers queued jobs, oldest first, to matching workers with a free slot (least loaded first).
     pub(crate) async fn dispatch(&self) {
         let mut offers = Vec::new();
+        let mut told = Vec::new();
         {
             let mut guard = self.state();
             let State {
@@ -306,9 +395,15 @@ impl Hub {
                     })
                     .min_by_key(|s| s.running.len());
                 let Some(session) = pick else {
+                    let why = why_waiting(job, sessions);
+                    if job.record.waiting.as_ref() != Some(&why) {
+                        told.push((job.live_subscribers(), why.clone()));
+                        job.record.waiting = Some(why);
+                    }
                     waiting.push_back(job_id);
                     continue;
                 };
+                job.record.waiting = None;
                 let req = offer(session, job);
                 offers.push((session.tx.clone(), job.snapshot(), req));
             }
@@ -323,6 +418,11 @@ impl Hub {
         for (tx, _, msg) in offers {
             // A closed channel means the session is ending; its cleanup re-queues offered jobs.
             let _ = tx.send(Outbound::Message(msg)).await;
+        }
+        for (subs, why) in told {
+            for s in subs {
+                let _ = s.send(JobEvent::Waiting(why.clone())).await;
+            }
         }
     }
 
@@ -906,6 +1006,7 @@ mod tests {
                 worker: Some("w".into()),
                 tags: vec![],
                 env: None,
+                queue_timeout_secs: None,
             },
             task: Task::Eval(EvalTask {
                 code: "1".into(),

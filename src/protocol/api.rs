@@ -143,7 +143,7 @@ impl WorkerState {
 }
 
 /// Which workers may run a job.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Target {
     /// This worker only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -154,6 +154,10 @@ pub struct Target {
     /// Only workers whose `envs` include this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<String>,
+    /// Give up (as `timed_out`) when no matching worker has taken the job within this many seconds.
+    /// Without it a job waits in the queue until one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout_secs: Option<f64>,
 }
 
 impl Target {
@@ -288,6 +292,16 @@ impl Task {
         matches!(self, Task::Ship(_) | Task::Fetch(_))
     }
 
+    /// The verb: `exec`, `eval`, `ship` or `fetch`.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Task::Exec(_) => "exec",
+            Task::Eval(_) => "eval",
+            Task::Ship(_) => "ship",
+            Task::Fetch(_) => "fetch",
+        }
+    }
+
     /// A short human rendering for logs and listings.
     pub fn display(&self) -> String {
         match self {
@@ -408,6 +422,9 @@ pub struct JobRecord {
     /// What a ship or fetch moved, as its receiver verified it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<TransferSummary>,
+    /// While the job is queued: why no worker has taken it yet ("all 2 matching workers busy").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// Admin client → hub on the exec stream.
@@ -437,6 +454,8 @@ pub enum AdminEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         stream: Option<u64>,
     },
+    /// The job is still queued, for this reason (sent again when the reason changes).
+    Waiting { job: String, reason: String },
     /// The job ended; every output frame came before this.
     Ended(Box<JobRecord>),
     /// A step of the job's transfer, relayed from the worker.
