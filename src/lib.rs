@@ -26,6 +26,7 @@ pub mod http;
 pub mod hub;
 pub mod logging;
 pub mod protocol;
+pub mod rulebook;
 pub mod secret;
 pub mod shutdown;
 pub mod token;

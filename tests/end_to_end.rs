@@ -238,6 +238,13 @@ fn demo_runs_and_cleans_up() {
     assert!(text.contains("detached work done"), "{text}");
     assert!(text.contains("console| demo-worker sees"), "{text}");
     assert!(text.contains("stash:  {\"visits\":42}"), "{text}");
+    // The example rulebook ran: built, shipped, smoke-tested, checked.
+    assert!(text.contains("$ cla-hub run docs/examples/release.yml"), "{text}");
+    assert!(text.contains("    built app 1.4.2 on demo-worker"), "{text}");
+    assert!(
+        text.contains("    release 1.4.2 is live on demo-worker: 2-line report"),
+        "{text}"
+    );
 }
 
 #[test]

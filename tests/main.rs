@@ -15,4 +15,5 @@ mod end_to_end;
 mod eval;
 mod protocol_golden;
 mod resilience;
+mod rulebook;
 mod transfer;

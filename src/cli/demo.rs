@@ -76,7 +76,10 @@ async fn drive(
         &key.passkey[..14]
     );
 
-    let tags = vec!["demo".to_owned(), std::env::consts::OS.to_owned()];
+    // `build` and `web` are the tags the example rulebook targets.
+    let tags: Vec<String> = ["demo", std::env::consts::OS, "build", "web"]
+        .map(str::to_owned)
+        .to_vec();
     step(&format!(
         "$ cla-worker register --url {} --passkey … --id demo-worker --tags {} --save",
         admin.url(),
@@ -319,6 +322,8 @@ async fn drive(
         );
     }
 
+    rulebook(admin, dir).await?;
+
     step("$ cla-hub exec --detach …  then  cla-hub job show ID --wait");
     let job = admin
         .submit(&by_tag(shell("sleep 0.2; echo detached work done"), None))
@@ -341,6 +346,40 @@ async fn drive(
             j.rc.map(|r| r.to_string()).unwrap_or("-".into()),
             j.spec.task.display()
         );
+    }
+    Ok(())
+}
+
+/// The example rulebook docs/examples/release.yml (built into the binary), run against the demo worker:
+/// build, fetch the artifact, ship it, smoke-test, fetch the report, check it in JavaScript.
+async fn rulebook(admin: &AdminClient, dir: &std::path::Path) -> Result<()> {
+    const FILE: &str = "docs/examples/release.yml";
+    let book = crate::rulebook::Rulebook::parse(FILE, include_str!("../../docs/examples/release.yml"))
+        .map_err(|e| Error::Other(e.to_string()))?;
+    let work = dir.join("worker-disk/release");
+    let here = dir.join("hub-side");
+    step(&format!(
+        "A rulebook: build on a `build` worker, bring the artifact back, ship it to a `web` worker,\n\
+         smoke-test it, fetch the report, check it in JavaScript\n\
+         $ cla-hub run {FILE} --var work={} --var here={}",
+        work.display(),
+        here.display()
+    ));
+    let opts = crate::rulebook::run::Options {
+        vars: vec![
+            ("work".into(), work.display().to_string()),
+            ("here".into(), here.display().to_string()),
+        ],
+        ..Default::default()
+    };
+    let mut reporter = super::rulebook::Plain::with_prefix("    ");
+    let report = crate::rulebook::run::run(admin, &book, opts, &mut reporter).await;
+    super::rulebook::conclude(&report, false)?;
+    if !report.ok {
+        return Err(Error::Other(format!(
+            "the example rulebook failed: {}",
+            report.error.unwrap_or_default()
+        )));
     }
     Ok(())
 }

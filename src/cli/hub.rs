@@ -68,6 +68,8 @@ pub enum Command {
     /// Look at or cancel one job.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Run a rulebook (YAML steps: shell, ship, fetch, eval, ...) against the connected workers.
+    Run(super::rulebook::RunArgs),
     /// Start an embedded hub and a local worker, run a few commands, clean up.
     Demo,
 }
@@ -208,7 +210,10 @@ pub enum JobCommand {
 pub fn run(args: Args) -> Result<ExitCode> {
     // A transfer's disk work and hashing run on a blocking thread; one thread for its network side moves
     // the data with fewer hand-offs than a pool (measured: docs/benchmarks.md).
-    let rt = if matches!(args.command, Command::Ship(_) | Command::Fetch(_)) {
+    let rt = if matches!(
+        args.command,
+        Command::Ship(_) | Command::Fetch(_) | Command::Run(_)
+    ) {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -241,6 +246,7 @@ async fn execute(args: Args) -> Result<ExitCode> {
         Command::Fetch(a) => super::transfer::fetch_cmd(&client()?, a, json).await,
         Command::Jobs(a) => jobs::list(&client()?, a, json).await,
         Command::Job(j) => jobs::job(&client()?, j, json).await,
+        Command::Run(a) => super::rulebook::run_cmd(client, a, json).await,
         Command::Demo => super::demo::run(args.verbose).await,
     }
 }

@@ -5,8 +5,9 @@ pub mod daemon;
 pub mod demo;
 pub mod hub;
 mod jobs;
+pub(crate) mod rulebook;
 mod table;
-mod transfer;
+pub(crate) mod transfer;
 pub mod worker;
 
 use crate::error::Error;
