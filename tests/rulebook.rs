@@ -416,3 +416,44 @@ fn the_examples_run_end_to_end() {
     assert!(stderr(&o).contains("on w-build"), "{}", stderr(&o));
     let _ = Command::new("true").status();
 }
+
+/// On a terminal (a pseudo-terminal from `script`), steps show as spinners and their output scrolls
+/// above them, line by line.
+#[test]
+fn a_terminal_gets_live_progress() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: `script` (util-linux) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, _w) = hub_with_worker(dir.path(), "w1", "linux");
+    let book = rulebook(
+        dir.path(),
+        "tty.yml",
+        "worker: w1\ndo:\n  - greet = shell: printf 'one\\ntwo\\nthree'\n  - echo: \"got ${greet.output}\"\n",
+    );
+    let line = format!(
+        "{} --data-dir {} run {}",
+        HUB,
+        hub.data_dir.display(),
+        book.display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    for want in [
+        "│ one",
+        "│ two",
+        "│ three",
+        "✔ greet (shell, line 3) on w1, rc 0",
+        "got one\ntwo\nthree",
+    ] {
+        assert!(
+            text.replace("\r\n", "\n").contains(want),
+            "missing `{want}` in:\n{text}"
+        );
+    }
+}

@@ -831,6 +831,7 @@ impl Hub {
             ));
             r.state = JobState::Lost;
             r.ended = Some(now_rfc3339());
+            r.waiting = None;
             self.store.put_job(&r)?;
             n += 1;
         }
@@ -987,6 +988,7 @@ fn release(session: &mut Session, job: &str) {
 fn end_job(st: &mut State, id: &str, finish: impl FnOnce(&mut JobRecord)) -> Option<Ended> {
     let mut j = st.jobs.remove(id)?;
     finish(&mut j.record);
+    j.record.waiting = None;
     j.record.ended = Some(now_rfc3339());
     Some(Ended {
         record: j.snapshot(),
