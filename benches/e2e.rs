@@ -55,7 +55,7 @@ fn main() {
         .unwrap();
     let admin = AdminClient::locate(None, None, &data_dir).unwrap();
     let connect_start = Instant::now();
-    let worker = run_worker(&config);
+    let worker = run_worker(&config, &["--capacity", "8"]);
     let worker_pid = worker.0.id();
     let connect_ms = rt.block_on(async {
         loop {
@@ -110,6 +110,29 @@ fn main() {
     }));
     let eval = sample(n_eval, 3, || run(&eval_spec));
 
+    // Throughput: many small jobs through the queue to a worker running 8 at once, kept fed by a bounded
+    // number of clients that each submit a job and wait for its end.
+    let n_jobs = if quick { 500 } else { 5000 };
+    let jobs_per_sec = rt.block_on(async {
+        let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+        let mut set = tokio::task::JoinSet::new();
+        let t = Instant::now();
+        for _ in 0..n_jobs {
+            let permit = in_flight.clone().acquire_owned().await.unwrap();
+            let (admin, spec) = (admin.clone(), exec_spec.clone());
+            set.spawn(async move {
+                let r = admin.submit(&spec).await.unwrap();
+                let r = admin.wait(&r.id).await.unwrap();
+                assert_eq!(r.state, JobState::Succeeded, "{r:?}");
+                drop(permit);
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+        n_jobs as f64 / t.elapsed().as_secs_f64()
+    });
+
     // Idle: a connected worker that has run jobs, left alone for 5 s.
     std::thread::sleep(Duration::from_secs(if quick { 1 } else { 5 }));
     let idle_rss_kib = proc_status(worker_pid, "VmRSS:").unwrap_or(0);
@@ -126,6 +149,8 @@ fn main() {
         "idle_rss_kib": idle_rss_kib,
         "idle_threads": idle_threads,
         "connect_ms": connect_ms,
+        "jobs": n_jobs,
+        "jobs_per_sec": jobs_per_sec,
     });
     println!("{:<16} {:>12}", "metric", "value");
     for (k, v) in results.as_object().unwrap() {

@@ -91,7 +91,7 @@ fn main() {
     let hub = Hub::start(d);
     let config = d.join("w.yml");
     hub.register(&config, "bench");
-    let worker = run_worker(&config);
+    let worker = run_worker(&config, &[]);
     let worker_pid = worker.0.id();
     for _ in 0..200 {
         if hub.cmd(&["workers", "--json"]).contains("\"idle\"") {

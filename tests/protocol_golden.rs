@@ -254,6 +254,18 @@ fn api_bodies() {
     );
     golden(AdminRequest::Cancel, json!({"type":"cancel"}));
     golden(
+        AdminEvent::Waiting {
+            job: "j".into(),
+            reason: "all 2 matching workers busy".into(),
+        },
+        json!({"type":"waiting","job":"j","reason":"all 2 matching workers busy"}),
+    );
+    // A newer hub's event is ignored, not an error.
+    assert_eq!(
+        serde_json::from_value::<AdminEvent>(json!({"type":"progress","x":1})).unwrap(),
+        AdminEvent::Unknown
+    );
+    golden(
         AdminEvent::Created { job: "j".into() },
         json!({"type":"created","job":"j"}),
     );

@@ -457,3 +457,148 @@ fn a_terminal_gets_live_progress() {
         );
     }
 }
+
+#[test]
+fn failures_before_a_job_big_captures_and_eval_code_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, _w) = hub_with_worker(dir.path(), "w1", "linux");
+    let book = rulebook(
+        dir.path(),
+        "robust.yml",
+        r#"
+worker: { id: w1 }
+do:
+  # Fails before any job exists (an unknown worker): the capture is still set.
+  - r = shell:
+      worker: { id: nosuch }
+      cmd: 'true'
+    ignore_errors: true
+  - echo: "r ok=${r.ok} state=${r.state}"
+  # 3 MB of output captured, then an eval without `stash:`: the big output stays out of the stash.
+  - big = shell: "head -c 3000000 /dev/zero | tr '\\0' x; echo"
+  - e = eval: |
+      stash.seen = typeof stash.big.output;
+      `rc ${stash.big.rc}, ${Object.keys(stash).length > 0}`;
+  - echo: "eval=${e.result} seen=${seen}"
+  - foreach: ${hosts}
+    do:
+      - echo: "host ${item}"
+  - echo: "after the loop: {{ typeof item }}"
+"#,
+    );
+    let o = run(&hub, &[book.to_str().unwrap(), "--var", r#"hosts=["h1","h2"]"#]);
+    // The big step's output goes to stdout too; look at the echoes only.
+    let out = stdout(&o);
+    let echoes: Vec<&str> = out.lines().filter(|l| l.len() < 200).collect();
+    assert!(o.status.success(), "{}\n{}", echoes.join("\n"), stderr(&o));
+    for want in [
+        "r ok=false state=error",
+        "eval=rc 0, true seen=undefined",
+        "host h1",
+        "host h2",
+        "after the loop: undefined",
+    ] {
+        assert!(echoes.contains(&want), "missing `{want}` in {echoes:?}");
+    }
+    // The capture itself kept all of the output:
+    let b2 = rulebook(
+        dir.path(),
+        "len.yml",
+        "worker: w1\ndo:\n  - big = shell: \"head -c 3000000 /dev/zero | tr '\\\\0' x\"\n  - echo: \"{{ big.output.length }}\"\n",
+    );
+    let o = run(&hub, &[b2.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).ends_with("3000000\n"),
+        "{}",
+        &stdout(&o)[stdout(&o).len().saturating_sub(100)..]
+    );
+
+    // --check: parsed and counted, nothing run, no hub needed.
+    let o = Command::new(HUB)
+        .args([
+            "--data-dir",
+            "/nonexistent",
+            "run",
+            "--check",
+            book.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("robust.yml: ok (8 steps in `do`; sections: do)"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn a_client_that_goes_away_takes_its_queued_job_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, _w) = hub_with_worker(dir.path(), "w1", "linux");
+    let marker = dir.path().join("ran");
+    let book = rulebook(
+        dir.path(),
+        "late.yml",
+        &format!(
+            "do:\n  - shell:\n      worker: {{ tags: [late] }}\n      cmd: touch {}\n",
+            marker.display()
+        ),
+    );
+    let queued = || -> usize {
+        let jobs: serde_json::Value =
+            serde_json::from_str(&hub.ok(&["jobs", "--json", "--state", "queued"])).unwrap();
+        jobs.as_array().unwrap().len()
+    };
+    // Killed outright, and stopped with SIGTERM (exit 130): either way its waiting job is cancelled.
+    for signal in [
+        nix::sys::signal::Signal::SIGKILL,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        let mut cmd = hub.cmd();
+        cmd.args(["run", book.to_str().unwrap()]);
+        let mut running = Proc::spawn(cmd);
+        wait_until("the step queued", 20, || queued() == 1);
+        running.signal(signal);
+        let status = running.wait_exit(20);
+        if signal == nix::sys::signal::Signal::SIGTERM {
+            assert_eq!(status.code(), Some(130), "{}", running.log_text());
+        }
+        wait_until("the queued job cancelled", 20, || queued() == 0);
+    }
+    let jobs: serde_json::Value = serde_json::from_str(&hub.ok(&["jobs", "--json"])).unwrap();
+    let states: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["cancelled", "cancelled"]);
+    // A worker with the tag arriving later runs nothing.
+    let _late = start_worker(&hub, dir.path(), "w-late", "late", &[]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!marker.exists(), "a job whose client was gone ran anyway");
+
+    // A job pinned to a worker that is then unregistered fails instead of waiting for ever.
+    let offline = register(&hub, dir.path(), "w-off", "linux");
+    let id = hub.ok(&["exec", "--worker", "w-off", "--detach", "--", "true"]);
+    let out = Command::new(WORKER)
+        .arg("-c")
+        .arg(&offline.config)
+        .arg("unregister")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let o = hub.run(&["job", "show", "--wait", "--json", id.trim()]);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["state"], "failed", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("worker w-off was unregistered"),
+        "{r}"
+    );
+    assert!(r.get("waiting").is_none(), "{r}");
+}

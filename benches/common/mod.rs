@@ -108,13 +108,14 @@ impl Hub {
     }
 }
 
-/// Starts `cla-worker run` with a saved config.
-pub fn run_worker(config: &Path) -> Kill {
+/// Starts `cla-worker run` with a saved config, plus `extra` arguments.
+pub fn run_worker(config: &Path, extra: &[&str]) -> Kill {
     Kill(
         Command::new(WORKER)
             .arg("-c")
             .arg(config)
             .arg("run")
+            .args(extra)
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),

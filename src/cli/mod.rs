@@ -43,15 +43,35 @@ pub(crate) fn on_ctrl_c(
     );
     let (c, g) = (cancel.clone(), give_up.clone());
     let task = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
+        if interrupted().await {
             eprintln!("cla-hub: {doing} (Ctrl-C again to stop waiting)");
             c.cancel();
         }
-        if tokio::signal::ctrl_c().await.is_ok() {
+        if interrupted().await {
             g.cancel();
         }
     });
     (cancel, give_up, task)
+}
+
+/// Waits for Ctrl-C or (on Unix) SIGTERM, which a job runner or `timeout` sends: both mean "stop".
+/// False if signals cannot be watched.
+async fn interrupted() -> bool {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return tokio::signal::ctrl_c().await.is_ok();
+        };
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.is_ok(),
+            _ = term.recv() => true,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.is_ok()
+    }
 }
 
 /// Splits repeated/comma-separated flag values (`--tags a,b --tag c`) into one list.

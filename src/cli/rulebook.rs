@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// Run this event section (`build`, `test`, `deploy`, ...) instead of `do:`.
     #[arg(long, value_name = "NAME")]
     pub event: Option<String>,
+    /// Only check the rulebook (YAML, ops, keys, sections); run nothing and need no hub.
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// Reads and parses a rulebook file; errors name the file and line.
@@ -49,8 +52,21 @@ pub(crate) async fn run_cmd(
         vars.push((k.trim().to_owned(), v.to_owned()));
     }
     // The section is checked before the hub is contacted.
-    book.section(a.event.as_deref())
+    let section = book
+        .section(a.event.as_deref())
         .map_err(|e| Error::Usage(e.to_string()))?;
+    if a.check {
+        let names: Vec<&str> = book.sections.iter().map(|s| s.name.as_str()).collect();
+        let n = count(&section.steps);
+        println!(
+            "{}: ok ({n} step{} in `{}`; sections: {})",
+            book.file,
+            if n == 1 { "" } else { "s" },
+            section.name,
+            names.join(", ")
+        );
+        return Ok(ExitCode::Success);
+    }
     let c = &client()?;
     let (cancel, give_up, signals) = super::on_ctrl_c("stopping the rulebook: cancelling the running step");
     let opts = Options {
@@ -60,7 +76,9 @@ pub(crate) async fn run_cmd(
     };
     let mut reporter: Box<dyn Reporter> = if json {
         Box::new(Quiet)
-    } else if std::io::stderr().is_terminal() {
+    } else if std::io::stderr().is_terminal() && std::io::stdout().is_terminal() {
+        // Live draws on stderr and prints output there too; with stdout redirected, output and echoes
+        // go to stdout line by line instead (Plain), so `> log` gets them.
         Box::new(Live::new())
     } else {
         Box::new(Plain::default())
@@ -83,7 +101,7 @@ pub(crate) fn conclude(report: &RunReport, json: bool) -> Result<ExitCode> {
         let ignored = report.steps.iter().filter(|s| s.ignored).count();
         match &report.error {
             None => eprintln!(
-                "rulebook {} ({}): {} step{} in {:.1} s{}",
+                "rulebook {} ({}): {} worker step{} in {:.1} s{}",
                 report.rulebook,
                 report.section,
                 report.steps.len(),
@@ -113,6 +131,21 @@ pub(crate) fn conclude(report: &RunReport, json: bool) -> Result<ExitCode> {
     } else {
         ExitCode::Failure
     })
+}
+
+/// Steps in a list, counting those inside `if` and `foreach`.
+fn count(steps: &[crate::rulebook::Step]) -> usize {
+    use crate::rulebook::Op;
+    steps
+        .iter()
+        .map(|s| {
+            1 + match &s.op {
+                Op::If { then, otherwise, .. } => count(then) + count(otherwise),
+                Op::Foreach { body, .. } => count(body),
+                _ => 0,
+            }
+        })
+        .sum()
 }
 
 /// `--json`: nothing while running.

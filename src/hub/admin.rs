@@ -286,10 +286,12 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
                     None => break,
                 };
                 if sent.is_err() {
-                    // The client went away. A command goes on (see `job show`, `job cancel`); a transfer
-                    // cannot, as the client is one of its ends.
+                    // The client went away. A started command goes on (see `job show`, `job cancel`); a
+                    // transfer cannot, as the client is one of its ends; one not started yet is dropped.
                     if transfer {
                         hub.transfer_client_gone(&job).await;
+                    } else {
+                        hub.stream_client_gone(&job).await;
                     }
                     return;
                 }
@@ -314,6 +316,8 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
                 Ok(None) | Err(_) => {
                     if transfer {
                         hub.transfer_client_gone(&job).await;
+                    } else {
+                        hub.stream_client_gone(&job).await;
                     }
                     return;
                 }

@@ -183,6 +183,7 @@ pub(crate) async fn unregister(
         s.close.cancel();
     }
     tracing::info!(worker = %rec.id, "worker unregistered");
+    hub.worker_unregistered(&rec.id).await;
     Ok(Json(UnregisterResponse {
         id: rec.id,
         projects: rec.projects,

@@ -182,6 +182,7 @@ impl AdminClient {
         let (mut writer, mut reader) = conn.split();
         writer.send(&AdminRequest::Exec(Box::new(spec.clone()))).await?;
         let mut cancel_sent = false;
+        let mut started = false;
         loop {
             let incoming = tokio::select! {
                 _ = cancel.cancelled(), if !cancel_sent => {
@@ -206,14 +207,19 @@ impl AdminClient {
                 },
                 Some(Incoming::Frame(Frame::Text(t))) => match decode_text::<AdminEvent>(&t)? {
                     AdminEvent::Created { job } => on_event(ExecEvent::Created(job)),
-                    AdminEvent::Waiting { reason, .. } => on_event(ExecEvent::Waiting(reason)),
-                    AdminEvent::Started { job, worker, .. } => on_event(ExecEvent::Started { job, worker }),
+                    // A late reason (dispatch runs concurrently) must not override the start.
+                    AdminEvent::Waiting { reason, .. } if !started => on_event(ExecEvent::Waiting(reason)),
+                    AdminEvent::Waiting { .. } => {}
+                    AdminEvent::Started { job, worker, .. } => {
+                        started = true;
+                        on_event(ExecEvent::Started { job, worker })
+                    }
                     AdminEvent::Ended(record) => {
                         writer.close().await;
                         return Ok(*record);
                     }
                     AdminEvent::Error(e) => return Err(Error::Other(e.error)),
-                    AdminEvent::Transfer(_) => {}
+                    AdminEvent::Transfer(_) | AdminEvent::Unknown => {}
                 },
             }
         }

@@ -87,6 +87,8 @@ pub(crate) struct LiveJob {
     verdict: Option<Result<TransferSummary, String>>,
     /// Fetches: the worker's result, held until the client's verdict comes.
     parked: Option<JobResult>,
+    /// When the job's queue timeout runs out (it still applies after a refused or lost offer).
+    queue_deadline: Option<tokio::time::Instant>,
 }
 
 impl LiveJob {
@@ -153,7 +155,10 @@ fn why_waiting(job: &LiveJob, sessions: &HashMap<String, Session>) -> String {
         .filter(|s| on_target(&spec.target, &s.id, &s.hello))
         .collect();
     if on.is_empty() {
-        return format!("no connected worker matches {target}");
+        return match &spec.target.worker {
+            Some(w) if !sessions.contains_key(w) => format!("worker {w} is not connected"),
+            _ => format!("no connected worker matches {target}"),
+        };
     }
     let able: Vec<&Session> = on.into_iter().filter(|s| knows(spec, &s.hello)).collect();
     if able.is_empty() {
@@ -246,10 +251,10 @@ fn validate(spec: &JobSpec) -> Result<(), ApiFail> {
         )));
     }
     if let Some(t) = spec.target.queue_timeout_secs
-        && !(t > 0.0 && t < 1e9)
+        && !(t > 0.0 && t <= 1e10)
     {
         return Err(bad(format!(
-            "queue timeout must be a positive number of seconds, not {t}"
+            "queue timeout must be a positive number of seconds (at most 1e10), not {t}"
         )));
     }
     Ok(())
@@ -319,17 +324,26 @@ impl Hub {
                     stream: None,
                     verdict: None,
                     parked: None,
+                    queue_deadline: record
+                        .spec
+                        .target
+                        .queue_timeout_secs
+                        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s)),
                 },
             );
             st.queue.push_back(record.id.clone());
         }
         tracing::info!(job = %record.id, target = %record.spec.target.describe(), task = %record.spec.task.display(), "job queued");
         if let Some(secs) = record.spec.target.queue_timeout_secs {
-            let hub = Arc::clone(self);
+            // The timer does not keep the hub alive; a job that has left the queue by then is left alone
+            // (should it come back, `requeue_or_cancel` applies the deadline).
+            let hub = Arc::downgrade(self);
             let id = record.id.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-                hub.queue_timed_out(&id, secs).await;
+                if let Some(hub) = hub.upgrade() {
+                    hub.queue_timed_out(&id).await;
+                }
             });
         }
         self.dispatch().await;
@@ -337,7 +351,7 @@ impl Hub {
     }
 
     /// A job's queue timeout: if no worker has taken it yet, it ends `timed_out`, saying why it waited.
-    async fn queue_timed_out(&self, id: &str, secs: f64) {
+    async fn queue_timed_out(&self, id: &str) {
         let ended = {
             let mut guard = self.state();
             let st = &mut *guard;
@@ -345,14 +359,7 @@ impl Hub {
                 return;
             }
             st.queue.retain(|q| q != id);
-            end_job(st, id, |r| {
-                let why = r.waiting.take().unwrap_or_else(|| "no worker took it".into());
-                r.state = JobState::TimedOut;
-                r.error = Some(format!(
-                    "was not started within its queue timeout of {secs}s: {why}; check `cla-hub workers` \
-                     and the target's tags/env"
-                ));
-            })
+            end_job(st, id, queue_timeout)
         };
         if let Some(e) = ended {
             tracing::warn!(job = id, "job timed out in the queue");
@@ -419,9 +426,10 @@ impl Hub {
             // A closed channel means the session is ending; its cleanup re-queues offered jobs.
             let _ = tx.send(Outbound::Message(msg)).await;
         }
+        // Only informative: a client that is not reading misses it rather than holding up dispatch.
         for (subs, why) in told {
             for s in subs {
-                let _ = s.send(JobEvent::Waiting(why.clone())).await;
+                let _ = s.try_send(JobEvent::Waiting(why.clone()));
             }
         }
     }
@@ -674,6 +682,51 @@ impl Hub {
         }
         tracing::warn!(job, "transfer client disconnected: cancelling the job");
         let _ = self.cancel_job(job).await;
+    }
+
+    /// The client streaming a job went away: a job no worker has started yet is cancelled (its client,
+    /// a command or a rulebook step, is no longer there to want it); a started one goes on (`job show`).
+    pub(crate) async fn stream_client_gone(&self, job: &str) {
+        let waiting = self
+            .state()
+            .jobs
+            .get(job)
+            .is_some_and(|j| matches!(j.record.state, JobState::Queued | JobState::Offered));
+        if waiting {
+            tracing::info!(job, "the job's client went away before it started: cancelling it");
+            let _ = self.cancel_job(job).await;
+        }
+    }
+
+    /// A worker was unregistered: queued jobs pinned to it can never run, and fail.
+    pub(crate) async fn worker_unregistered(&self, worker: &str) {
+        let ended: Vec<Ended> = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let pinned: Vec<String> = st
+                .queue
+                .iter()
+                .filter(|id| {
+                    st.jobs
+                        .get(*id)
+                        .is_some_and(|j| j.record.spec.target.worker.as_deref() == Some(worker))
+                })
+                .cloned()
+                .collect();
+            st.queue.retain(|id| !pinned.contains(id));
+            pinned
+                .iter()
+                .filter_map(|id| {
+                    end_job(st, id, |r| {
+                        r.state = JobState::Failed;
+                        r.error = Some(format!("worker {worker} was unregistered before the job started"));
+                    })
+                })
+                .collect()
+        };
+        for e in ended {
+            self.deliver(e).await;
+        }
     }
 
     /// A worker's session ended: offered jobs go back to the queue, accepted and running ones are lost.
@@ -970,11 +1023,25 @@ fn requeue_or_cancel(st: &mut State, id: &str) -> (Option<JobRecord>, Option<End
         });
         return (None, e);
     }
+    if j.queue_deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
+        return (None, end_job(st, id, queue_timeout));
+    }
     j.record.state = JobState::Queued;
     j.record.worker = None;
     let snapshot = j.snapshot();
     st.queue.push_front(id.to_owned());
     (Some(snapshot), None)
+}
+
+/// Ends a job whose queue timeout ran out, saying why it waited.
+fn queue_timeout(r: &mut JobRecord) {
+    let why = r.waiting.take().unwrap_or_else(|| "no worker took it".into());
+    let secs = r.spec.target.queue_timeout_secs.unwrap_or_default();
+    r.state = JobState::TimedOut;
+    r.error = Some(format!(
+        "was not started within its queue timeout of {secs}s: {why}; check `cla-hub workers` and the \
+         target's tags/env"
+    ));
 }
 
 /// Frees the job's slot and stream ids on its session.

@@ -272,6 +272,8 @@ async fn handle(hub: &Arc<Hub>, id: &str, text: &str) {
                 s.draining = true;
             }
             tracing::info!(worker = id, "worker is draining");
+            // The reasons of waiting jobs change.
+            hub.dispatch().await;
         }
         WorkerMessage::Update { tags, envs } => {
             if let Some(s) = hub.state().sessions.get_mut(id) {

@@ -462,4 +462,7 @@ pub enum AdminEvent {
     Transfer(TransferFrame),
     /// The job could not be created or streamed.
     Error(ApiError),
+    /// An event of a newer hub, which this client does not know: ignored.
+    #[serde(other)]
+    Unknown,
 }

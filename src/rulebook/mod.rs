@@ -168,6 +168,8 @@ impl Rulebook {
                 "vars" => book.vars = p.vars(v)?,
                 "worker" => book.worker = Some(v.clone()),
                 "name" | "description" => {}
+                // `.base: &base {...}`: a holder for YAML anchors, as in GitLab CI files.
+                k if k.starts_with('.') => {}
                 _ => book.sections.push(p.section(k, v)?),
             }
         }
@@ -309,6 +311,7 @@ impl P<'_> {
             worker: None,
         };
         let mut extra: Vec<(&Key, &Node)> = Vec::new();
+        let mut ignore_key = None;
         for (k, val) in map {
             let (capture, name) = match k.name.split_once('=') {
                 Some((c, o)) => (Some(c.trim().to_owned()), o.trim()),
@@ -337,7 +340,10 @@ impl P<'_> {
             }
             match name {
                 "name" => step.name = Some(self.string(val, "name")?),
-                "ignore_errors" => step.ignore_errors = self.boolean(val, "ignore_errors")?,
+                "ignore_errors" => {
+                    step.ignore_errors = self.boolean(val, "ignore_errors")?;
+                    ignore_key = Some(k.line);
+                }
                 "worker" => step.worker = Some(val.clone()),
                 "then" | "else" | "do" | "as" => extra.push((k, val)),
                 _ => return Err(self.err(k.line, unknown_op(name))),
@@ -483,6 +489,14 @@ impl P<'_> {
             if let Some(i) = val.get("ignore_errors") {
                 step.ignore_errors = self.boolean(i, "ignore_errors")?;
             }
+        }
+        if let Some(line) = ignore_key
+            && !step.op.on_worker()
+        {
+            return Err(self.err(
+                line,
+                format!("`ignore_errors` applies to shell, ship, fetch and eval steps, not to `{op}`"),
+            ));
         }
         if step.capture.is_some()
             && matches!(

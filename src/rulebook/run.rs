@@ -104,6 +104,8 @@ struct Runner<'a> {
     client: &'a AdminClient,
     book: &'a Rulebook,
     vars: Vars,
+    /// Variables that hold a worker step's capture (trimmed in an eval's default stash).
+    captures: std::collections::HashSet<String>,
     reporter: &'a mut dyn Reporter,
     cancel: CancellationToken,
     steps: Vec<StepReport>,
@@ -122,6 +124,7 @@ pub async fn run(
         client,
         book,
         vars: Vars::new(),
+        captures: Default::default(),
         reporter,
         cancel: opts.cancel.clone(),
         steps: Vec::new(),
@@ -164,7 +167,12 @@ impl<'a> Runner<'a> {
             if !template::is_name(k) {
                 return Err(format!("--var {k}=…: `{k}` is not a variable name"));
             }
-            self.vars.insert(k.clone(), json!(v));
+            // A list or an object given as JSON stays one (`--var 'hosts=["a","b"]'`).
+            let value = match v.trim_start().chars().next() {
+                Some('[' | '{') => serde_json::from_str(v).unwrap_or_else(|_| json!(v)),
+                _ => json!(v),
+            };
+            self.vars.insert(k.clone(), value);
         }
         for (k, node) in &self.book.vars {
             if opts.vars.iter().any(|(name, _)| name == &k.name) {
@@ -199,6 +207,26 @@ impl<'a> Runner<'a> {
 
     fn fill(&self, node: &Node, label: &str) -> Result<Json, Stop> {
         render(&node.to_json(), &self.vars).map_err(|e| Stop::Failed(self.at(node.line, label, &e)))
+    }
+
+    /// A worker op's arguments, filled in. An eval's code is sent as written: JavaScript has `${}` of its
+    /// own (template literals), and the code reads the rulebook's variables from `stash`.
+    fn fill_args(&self, step: &Step) -> Result<Json, String> {
+        match &step.op {
+            Op::Eval(n) => match n.to_json() {
+                Json::Object(mut m) => {
+                    let code = m.remove("code");
+                    let mut filled = render(&Json::Object(m), &self.vars)?;
+                    if let (Json::Object(f), Some(code)) = (&mut filled, code) {
+                        f.insert("code".into(), code);
+                    }
+                    Ok(filled)
+                }
+                code => Ok(code),
+            },
+            Op::Shell(n) | Op::Ship(n) | Op::Fetch(n) => render(&n.to_json(), &self.vars),
+            _ => unreachable!("worker ops only"),
+        }
     }
 
     async fn run_step(&mut self, step: &'a Step, depth: usize) -> Result<(), Stop> {
@@ -252,12 +280,25 @@ impl<'a> Runner<'a> {
                         )));
                     }
                 };
+                // The loop variables exist inside the loop only: what they shadowed comes back after it.
+                let index = format!("{var}_index");
+                let saved = (self.vars.get(var).cloned(), self.vars.get(&index).cloned());
+                let mut result = Ok(());
                 for (i, item) in list.into_iter().enumerate() {
                     self.vars.insert(var.clone(), item);
-                    self.vars.insert(format!("{var}_index"), json!(i));
-                    self.run_steps(body, depth + 1).await?;
+                    self.vars.insert(index.clone(), json!(i));
+                    result = self.run_steps(body, depth + 1).await;
+                    if result.is_err() {
+                        break;
+                    }
                 }
-                Ok(())
+                for (name, old) in [(var.clone(), saved.0), (index, saved.1)] {
+                    match old {
+                        Some(v) => self.vars.insert(name, v),
+                        None => self.vars.remove(&name),
+                    };
+                }
+                result
             }
             Op::Shell(_) | Op::Ship(_) | Op::Fetch(_) | Op::Eval(_) => {
                 self.on_worker(step, &label, depth).await
@@ -268,17 +309,13 @@ impl<'a> Runner<'a> {
     /// A step that runs as a job on a worker.
     async fn on_worker(&mut self, step: &'a Step, label: &str, depth: usize) -> Result<(), Stop> {
         let started = Instant::now();
-        let prepared = self.target(step, label).and_then(|t| {
-            let args = match &step.op {
-                Op::Shell(n) | Op::Ship(n) | Op::Fetch(n) | Op::Eval(n) => self.fill(n, label)?,
-                _ => unreachable!("worker ops only"),
-            };
-            Ok((t, args))
-        });
+        let prepared = self.target(step).and_then(|t| Ok((t, self.fill_args(step)?)));
         let (target, args) = match prepared {
             Ok(p) => p,
-            Err(Stop::Failed(e)) => return self.ended(step, label, None, Err(e), started),
-            Err(stop) => return Err(stop),
+            Err(e) => {
+                self.capture_failure(step, &e);
+                return self.ended(step, label, None, Err(e), started);
+            }
         };
         // Shown with its values filled in.
         let label = &named(step).unwrap_or_else(|| auto_label(step.op.name(), &args));
@@ -308,6 +345,7 @@ impl<'a> Runner<'a> {
                         m.insert("state".into(), json!(record.state.as_str()));
                     }
                     self.vars.insert(c.clone(), capture);
+                    self.captures.insert(c.clone());
                 }
                 if record.state == JobState::Cancelled && self.cancel.is_cancelled() {
                     let report = self.report(step, label, Some(&record), Some("cancelled".into()), started);
@@ -317,7 +355,22 @@ impl<'a> Runner<'a> {
                 }
                 self.ended(step, label, Some(&record), failure.map_or(Ok(()), Err), started)
             }
-            Err(e) => self.ended(step, label, None, Err(e), started),
+            Err(e) => {
+                self.capture_failure(step, &e);
+                self.ended(step, label, None, Err(e), started)
+            }
+        }
+    }
+
+    /// A step that failed before its job could run still sets its capture, so that a step with
+    /// `ignore_errors` can be followed by `if: "{{ !NAME.ok }}"`.
+    fn capture_failure(&mut self, step: &Step, error: &str) {
+        if let Some(c) = &step.capture {
+            self.vars.insert(
+                c.clone(),
+                json!({"ok": false, "state": "error", "error": error, "worker": null, "job": null}),
+            );
+            self.captures.insert(c.clone());
         }
     }
 
@@ -367,16 +420,14 @@ impl<'a> Runner<'a> {
     }
 
     /// The step's `worker:` (or the rulebook's), filled in.
-    fn target(&self, step: &Step, label: &str) -> Result<Target, Stop> {
+    fn target(&self, step: &Step) -> Result<Target, String> {
         let node = step.worker.as_ref().or(self.book.worker.as_ref()).ok_or_else(|| {
-            Stop::Failed(self.at(
-                step.line,
-                label,
-                "no worker to run on: add `worker: {tags: [..]}` or `worker: {id: ..}` to the step (or at the top of the rulebook)",
-            ))
+            "no worker to run on: add `worker: {tags: [..]}` or `worker: {id: ..}` to the step (or at the \
+             top of the rulebook)"
+                .to_owned()
         })?;
-        let v = self.fill(node, label)?;
-        let bad = |m: String| Stop::Failed(self.at(node.line, label, &m));
+        let v = render(&node.to_json(), &self.vars).map_err(|e| format!("worker: {e}"))?;
+        let bad = |m: String| m;
         let mut t = Target::default();
         match v {
             Json::String(id) if !id.trim().is_empty() => t.worker = Some(id),
@@ -477,15 +528,12 @@ impl<'a> Runner<'a> {
         let record = self
             .client
             .exec(&spec, self.cancel.clone(), |ev| match ev {
-                ExecEvent::Stdout(b) | ExecEvent::Stderr(b) if combined.len() >= MAX_CAPTURED_OUTPUT => {
-                    reporter.output(&b, false)
-                }
                 ExecEvent::Stdout(b) => {
-                    combined.extend_from_slice(&b);
+                    keep(&mut combined, &b);
                     reporter.output(&b, false);
                 }
                 ExecEvent::Stderr(b) => {
-                    combined.extend_from_slice(&b);
+                    keep(&mut combined, &b);
                     reporter.output(&b, true);
                 }
                 ExecEvent::Waiting(why) => reporter.waiting(&why),
@@ -529,8 +577,9 @@ impl<'a> Runner<'a> {
         let stash = match stash {
             Some(s @ Json::Object(_)) => s,
             Some(other) => return Err(format!("`stash:` is a mapping, not {}", short(&other))),
-            None => Json::Object(self.vars.clone()),
+            None => Json::Object(self.default_stash()),
         };
+        let sent = stash.clone();
         let spec = JobSpec {
             target,
             task: Task::Eval(EvalTask { code, stash }),
@@ -553,13 +602,16 @@ impl<'a> Runner<'a> {
         let Some(out) = &record.eval else {
             return Ok((record, json!({})));
         };
+        // What the code set or changed on the stash becomes variables; what it left alone stays as it
+        // was (a capture sent trimmed keeps its output here).
         if shared
             && out.error.is_none()
             && let Json::Object(m) = &out.stash
         {
             for (k, v) in m {
-                if template::is_name(k) {
+                if template::is_name(k) && sent.get(k) != Some(v) {
                     self.vars.insert(k.clone(), v.clone());
+                    self.captures.remove(k);
                 }
             }
         }
@@ -571,6 +623,24 @@ impl<'a> Runner<'a> {
             "error": out.error.as_ref().map(|e| e.message.clone()),
         });
         Ok((record, capture))
+    }
+
+    /// An eval's stash when the step gives none: the variables, with captures trimmed of what can be
+    /// large (command output, an eval's stash) — it travels in the job, which has a size limit.
+    fn default_stash(&self) -> Vars {
+        self.vars
+            .iter()
+            .map(|(k, v)| match v {
+                Json::Object(m) if self.captures.contains(k) => {
+                    let mut m = m.clone();
+                    for big in ["output", "stdout", "stderr", "stash"] {
+                        m.remove(big);
+                    }
+                    (k.clone(), Json::Object(m))
+                }
+                _ => (k.clone(), v.clone()),
+            })
+            .collect()
     }
 
     async fn transfer(
@@ -712,6 +782,12 @@ fn seconds(v: &Json) -> Result<f64, String> {
     };
     n.filter(|n| *n > 0.0 && n.is_finite())
         .ok_or_else(|| format!("a positive number of seconds, not {}", short(v)))
+}
+
+/// Appends to a captured output, up to [`MAX_CAPTURED_OUTPUT`].
+fn keep(buf: &mut Vec<u8>, data: &[u8]) {
+    let room = MAX_CAPTURED_OUTPUT.saturating_sub(buf.len());
+    buf.extend_from_slice(&data[..room.min(data.len())]);
 }
 
 fn trim_end(s: &str) -> String {

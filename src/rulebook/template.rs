@@ -162,7 +162,8 @@ fn lookup(path: &str, vars: &Vars) -> Result<Json, String> {
         let mut known: Vec<&str> = vars.keys().map(String::as_str).collect();
         known.sort_unstable();
         format!(
-            "unknown variable `{name}` in `${{{path}}}` (known: {}); set it with `--var {name}=…`, `vars:` or a capture",
+            "unknown variable `{name}` in `${{{path}}}` (known: {}); set it with `--var {name}=…`, `vars:` or a \
+             capture, or write `$${{{path}}}` to pass it to the shell as written",
             if known.is_empty() { "none".to_owned() } else { known.join(", ") }
         )
     })?;
@@ -221,7 +222,12 @@ fn kind(v: &Json) -> &'static str {
     }
 }
 
-/// Evaluates a `{{ … }}` expression in a fresh context whose globals are the variables.
+/// Helpers every expression can use: `quote(x)` makes `x` one word for a POSIX shell.
+const JS_HELPERS: &str = "if (!Object.prototype.hasOwnProperty.call(globalThis, 'quote')) \
+    globalThis.quote = function (s) { return \"'\" + String(s).replace(/'/g, \"'\\\\''\") + \"'\"; };";
+
+/// Evaluates a `{{ … }}` expression in a fresh context whose globals are the variables (except names
+/// JavaScript already has, like `JSON` or `undefined`, which keep their meaning).
 fn js(code: &str, vars: &Vars) -> Result<Json, String> {
     let fail = |e: String| format!("`{{{{ {code} }}}}`: {}", e.lines().next().unwrap_or("error"));
     let mut ctx = Context::default();
@@ -232,10 +238,17 @@ fn js(code: &str, vars: &Vars) -> Result<Json, String> {
         if !is_name(name) {
             continue;
         }
+        let key = JsString::from(name.as_str());
+        let global = ctx.global_object();
+        if global.has_own_property(key.clone(), &mut ctx).unwrap_or(true) {
+            continue;
+        }
         let v = JsValue::from_json(value, &mut ctx).map_err(|e| fail(e.to_string()))?;
-        ctx.register_global_property(JsString::from(name.as_str()), v, Attribute::all())
+        ctx.register_global_property(key, v, Attribute::all())
             .map_err(|e| fail(e.to_string()))?;
     }
+    ctx.eval(Source::from_bytes(JS_HELPERS))
+        .map_err(|e| fail(e.to_string()))?;
     let v = ctx
         .eval(Source::from_bytes(code.as_bytes()))
         .map_err(|e| fail(e.to_string()))?;
@@ -345,6 +358,26 @@ mod tests {
         assert!(e.to_lowercase().contains("loop"), "{e}");
         let e = render_str("{{ (x) => x }}", &v).unwrap_err();
         assert!(e.contains("function"), "{e}");
+    }
+
+    #[test]
+    fn javascript_globals_keep_their_meaning_and_quote_helps_the_shell() {
+        let mut v = vars();
+        v.insert("undefined".into(), json!(5));
+        v.insert("JSON".into(), json!("shadow"));
+        assert_eq!(render_str("{{ JSON.stringify([n]) }}", &v).unwrap(), json!("[3]"));
+        assert_eq!(
+            render_str("{{ typeof undefined }}", &v).unwrap(),
+            json!("undefined")
+        );
+        v.insert("who".into(), json!("it's; rm -rf /"));
+        assert_eq!(
+            render_str("echo {{ quote(who) }}", &v).unwrap(),
+            json!("echo 'it'\\''s; rm -rf /'")
+        );
+        // A variable named like the helper wins over it.
+        v.insert("quote".into(), json!("q"));
+        assert_eq!(render_str("{{ quote }}", &v).unwrap(), json!("q"));
     }
 
     #[test]

@@ -127,6 +127,24 @@ fn errors_name_the_line() {
 }
 
 #[test]
+fn anchor_holders_are_not_sections() {
+    let book =
+        parse(".base: &base { worker: { tags: [x] } }\ndo:\n  - shell:\n      <<: *base\n      cmd: ls\n")
+            .unwrap();
+    assert_eq!(book.sections.len(), 1);
+    assert!(book.sections[0].steps[0].worker.is_some());
+}
+
+#[test]
+fn ignore_errors_is_for_worker_steps() {
+    assert!(
+        err("do:\n  - echo: hi\n    ignore_errors: true\n").contains(
+            "rb.yml:3: `ignore_errors` applies to shell, ship, fetch and eval steps, not to `echo`"
+        )
+    );
+}
+
+#[test]
 fn section_choice() {
     let book = parse("build:\n  - shell: make\n").unwrap();
     let e = book.section(None).unwrap_err().to_string();
