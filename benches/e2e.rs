@@ -16,6 +16,7 @@ use cla_worker::protocol::api::{EvalTask, JobSpec, JobState, Target, Task};
 use tokio_util::sync::CancellationToken;
 
 mod common;
+mod fleet;
 
 use common::{Hub, proc_status, run_worker};
 
@@ -133,10 +134,68 @@ fn main() {
         n_jobs as f64 / t.elapsed().as_secs_f64()
     });
 
+    // The ceiling for that: the same number of `true` processes spawned here, 8 at a time.
+    let spawns_per_sec = {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n_jobs {
+                        assert!(Command::new("true").status().unwrap().success());
+                    }
+                });
+            }
+        });
+        n_jobs as f64 / t.elapsed().as_secs_f64()
+    };
+
+    // Streaming: a command writing to stdout as fast as it can; every byte is counted here.
+    let stream_bytes: u64 = if quick { 64 << 20 } else { 1 << 30 };
+    let stream_spec = spec(Task::Exec(CommandLine::Shell {
+        cmd: format!("head -c {stream_bytes} /dev/zero"),
+    }));
+    let stream_mb_s = rt.block_on(async {
+        let mut got = 0u64;
+        let t = Instant::now();
+        let r = admin
+            .exec(&stream_spec, CancellationToken::new(), |ev| {
+                if let cla_worker::hub::client::ExecEvent::Stdout(b) = ev {
+                    got += b.len() as u64;
+                }
+            })
+            .await
+            .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!(r.state, JobState::Succeeded, "{r:?}");
+        assert_eq!(got, stream_bytes, "bytes lost in the stream");
+        stream_bytes as f64 / secs / 1e6
+    });
+
     // Idle: a connected worker that has run jobs, left alone for 5 s.
     std::thread::sleep(Duration::from_secs(if quick { 1 } else { 5 }));
     let idle_rss_kib = proc_status(worker_pid, "VmRSS:").unwrap_or(0);
     let idle_threads = proc_status(worker_pid, "Threads:").unwrap_or(0);
+    drop(worker);
+
+    // Fleet: the real hub holding many idle connected workers, simulated by light protocol clients in
+    // this process (registered through the API like real ones, each with its own WebSocket).
+    let n_fleet = if quick { 500 } else { 10_000 };
+    let hub_rss_before_kib = proc_status(hub.pid(), "VmRSS:").unwrap_or(0);
+    let fleet_secs = rt.block_on(fleet::connect(
+        &hub.url,
+        &admin,
+        &hub.cmd(&["passkey", "create", "--project", "fleet"]),
+        n_fleet,
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    let hub_rss_kib = proc_status(hub.pid(), "VmRSS:").unwrap_or(0);
+    let connected = rt
+        .block_on(admin.workers())
+        .unwrap()
+        .iter()
+        .filter(|w| w.connected_since.is_some())
+        .count();
 
     let results = serde_json::json!({
         "mode": if quick { "quick" } else { "full" },
@@ -151,6 +210,13 @@ fn main() {
         "connect_ms": connect_ms,
         "jobs": n_jobs,
         "jobs_per_sec": jobs_per_sec,
+        "spawns_per_sec": spawns_per_sec,
+        "jobs_vs_spawns": jobs_per_sec / spawns_per_sec,
+        "stream_mb_s": stream_mb_s,
+        "hub_workers": connected,
+        "hub_rss_mib": hub_rss_kib as f64 / 1024.0,
+        "hub_rss_before_fleet_mib": hub_rss_before_kib as f64 / 1024.0,
+        "fleet_connect_s": fleet_secs,
     });
     println!("{:<16} {:>12}", "metric", "value");
     for (k, v) in results.as_object().unwrap() {

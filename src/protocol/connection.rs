@@ -34,10 +34,16 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// How long the client waits for TCP connect plus the upgrade.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The read buffer a connection starts with. tungstenite allocates it up front (128 KiB by default), so
+/// it is most of an idle connection's memory: a hub holding 10,000 workers would spend over a gigabyte
+/// on it. A frame larger than what is free grows it as needed (a transfer's 1 MiB chunks do, once).
+const READ_BUFFER_BYTES: usize = 8 << 10;
+
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_MESSAGE_BYTES))
+        .read_buffer_size(READ_BUFFER_BYTES)
 }
 
 /// What a reader gets: a data frame, or a sign of life (ping/pong) that only refreshes liveness.
