@@ -308,7 +308,7 @@ impl Hub {
                 waiting: None,
             }
         };
-        self.store.put_job(&record)?;
+        self.store.put_job(&record).await?;
         {
             let mut st = self.state();
             st.jobs.insert(
@@ -885,20 +885,23 @@ impl Hub {
             r.state = JobState::Lost;
             r.ended = Some(now_rfc3339());
             r.waiting = None;
-            self.store.put_job(&r)?;
+            self.store.put_job_now(&r)?;
             n += 1;
         }
         Ok(n)
     }
 
+    /// Stores a job's state without waiting for the write (it is committed in order, and its failure
+    /// logged, by the store's writer).
     fn persist(&self, record: &JobRecord) {
-        if let Err(e) = self.store.put_job(record) {
-            tracing::error!(job = %record.id, "{e}");
-        }
+        drop(self.store.put_job(record));
     }
 
     async fn deliver(&self, e: Ended) {
-        self.persist(&e.record);
+        // The end is durable before anyone is told of it.
+        if let Err(err) = self.store.put_job(&e.record).await {
+            tracing::error!(job = %e.record.id, "{err}");
+        }
         tracing::info!(job = %e.record.id, state = e.record.state.as_str(), rc = ?e.record.rc, "job ended");
         for w in e.waiters {
             let _ = w.send(e.record.clone());

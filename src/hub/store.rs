@@ -6,9 +6,12 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, mpsc as std_mpsc};
+
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use crate::protocol::api::{JobRecord, JobState, PasskeyView};
 
@@ -70,8 +73,76 @@ pub struct WorkerRecord {
 }
 
 /// The store handle (cheap to share behind an `Arc`).
+///
+/// Job records, written at every state change, go through one writer thread that commits whatever has
+/// queued up in one transaction (group commit): under load, many jobs share one fsync, and a caller that
+/// needs its write durable waits for that commit only. Other records are written directly.
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
+    jobs: Option<std_mpsc::Sender<JobWrite>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A job record on its way to the writer thread.
+struct JobWrite {
+    key: String,
+    bytes: Vec<u8>,
+    durable: bool,
+    done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// Most job writes committed in one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// The writer thread: takes what has queued up, commits it (durably if any write asks for it: a durable
+/// commit also makes the earlier non-durable ones durable), and tells the waiting callers.
+fn write_jobs(db: Arc<Database>, rx: std_mpsc::Receiver<JobWrite>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let durable = batch.iter().any(|w| w.durable);
+        let commit = || -> Result<(), StoreError> {
+            let mut tx = db.begin_write().map_err(db_err)?;
+            tx.set_durability(if durable {
+                Durability::Immediate
+            } else {
+                Durability::None
+            })
+            .map_err(db_err)?;
+            {
+                let mut t = tx.open_table(JOBS).map_err(db_err)?;
+                for w in &batch {
+                    t.insert(w.key.as_str(), w.bytes.as_slice()).map_err(db_err)?;
+                }
+            }
+            tx.commit().map_err(db_err)
+        };
+        let result = commit().map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!("storing {} job record(s) failed: {e}", batch.len());
+        }
+        for w in batch {
+            if let Some(done) = w.done {
+                let _ = done.send(result.clone());
+            }
+        }
+    }
+}
+
+impl Drop for Store {
+    /// Lets the writer thread commit what is queued, and waits for it (so the file is closed when this
+    /// returns, and a new `Store` may open it).
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
 }
 
 impl Store {
@@ -95,7 +166,21 @@ impl Store {
             tx.open_table(t).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
-        Ok(Store { db })
+        let db = Arc::new(db);
+        let (jobs, rx) = std_mpsc::channel();
+        let for_writer = Arc::clone(&db);
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_jobs(for_writer, rx))
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                reason: format!("cannot start the writer thread: {e}"),
+            })?;
+        Ok(Store {
+            db,
+            jobs: Some(jobs),
+            writer: Some(writer),
+        })
     }
 
     fn put<T: Serialize>(
@@ -236,17 +321,36 @@ impl Store {
         Ok(self.all(WORKERS)?.into_iter().map(|(_, w)| w).collect())
     }
 
-    /// Stores a job. A new (queued) or ended job is fsynced before this returns; the steps in between
-    /// (offered, accepted, running) are not, to spare a job's round trip three fsyncs: after a crash such a
-    /// job falls back to its last durable state (queued), which a restarted hub reports as lost.
-    pub fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
+    /// Stores a job, in order with the job writes before it. A new (queued) or ended job is fsynced
+    /// before the returned future completes; the steps in between (offered, accepted, running) are not, to
+    /// spare a job's round trip three fsyncs: after a crash such a job falls back to its last durable state
+    /// (queued), which a restarted hub reports as lost. Dropping the future does not cancel the write.
+    pub fn put_job(&self, rec: &JobRecord) -> impl std::future::Future<Output = Result<(), StoreError>> {
         let durable = rec.state == JobState::Queued || rec.state.is_terminal();
-        let durability = if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        };
-        self.put_with(JOBS, &rec.id, rec, durability)
+        let (tx, rx) = oneshot::channel();
+        let sent = self.jobs.as_ref().is_some_and(|jobs| {
+            jobs.send(JobWrite {
+                key: rec.id.clone(),
+                bytes: serde_json::to_vec(rec).expect("records serialize"),
+                durable,
+                done: Some(tx),
+            })
+            .is_ok()
+        });
+        async move {
+            if !sent {
+                return Err(StoreError::Db("the store is closed".into()));
+            }
+            match rx.await {
+                Ok(r) => r.map_err(StoreError::Db),
+                Err(_) => Err(StoreError::Db("the store writer stopped".into())),
+            }
+        }
+    }
+
+    /// Stores a job now, bypassing the writer thread (start-up, before anything else writes).
+    pub fn put_job_now(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        self.put_with(JOBS, &rec.id, rec, Durability::Immediate)
     }
 
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
