@@ -176,6 +176,10 @@ fn main() {
     std::thread::sleep(Duration::from_secs(if quick { 1 } else { 5 }));
     let idle_rss_kib = proc_status(worker_pid, "VmRSS:").unwrap_or(0);
     let idle_threads = proc_status(worker_pid, "Threads:").unwrap_or(0);
+    // RSS splits into the worker's own memory (anonymous: heap, stacks) and pages of its executable it has
+    // touched (file-backed: shared, clean, dropped by the kernel under pressure).
+    let idle_anon_kib = proc_status(worker_pid, "RssAnon:").unwrap_or(0);
+    let idle_file_kib = proc_status(worker_pid, "RssFile:").unwrap_or(0);
     drop(worker);
 
     // Fleet: the real hub holding many idle connected workers, simulated by light protocol clients in
@@ -207,6 +211,8 @@ fn main() {
         "eval_p99_us": percentile(&eval, 0.99),
         "idle_rss_kib": idle_rss_kib,
         "idle_threads": idle_threads,
+        "idle_rss_anon_kib": idle_anon_kib,
+        "idle_rss_file_kib": idle_file_kib,
         "connect_ms": connect_ms,
         "jobs": n_jobs,
         "jobs_per_sec": jobs_per_sec,
