@@ -31,13 +31,8 @@ pub(crate) fn target(a: &TargetArgs) -> Result<Target> {
 /// Builds the job spec of `exec` arguments.
 pub(crate) fn exec_spec(a: &ExecArgs) -> Result<JobSpec> {
     let target = target(&a.target)?;
-    let mut env_vars = BTreeMap::new();
-    for kv in &a.setenv {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| Error::Usage(format!("--setenv `{kv}`: use KEY=VALUE")))?;
-        env_vars.insert(k.to_owned(), v.to_owned());
-    }
+    let env_vars: BTreeMap<String, String> =
+        super::pairs("--setenv", "KEY", &a.setenv)?.into_iter().collect();
     Ok(JobSpec {
         target,
         task: Task::Exec(CommandLine::from_words(a.cmd.clone())),

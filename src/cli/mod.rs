@@ -74,6 +74,22 @@ async fn interrupted() -> bool {
     }
 }
 
+/// `NAME=VALUE` flag values (`--var`, `--setenv`) as pairs; the name is trimmed, the value kept as given.
+pub(crate) fn pairs(
+    flag: &str,
+    name: &str,
+    values: &[String],
+) -> crate::error::Result<Vec<(String, String)>> {
+    values
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+                .ok_or_else(|| Error::Usage(format!("{flag} `{kv}`: use {name}=VALUE")))
+        })
+        .collect()
+}
+
 /// Splits repeated/comma-separated flag values (`--tags a,b --tag c`) into one list.
 pub(crate) fn list(a: &[String], b: &[String]) -> Vec<String> {
     crate::util::split_list(a.iter().chain(b))

@@ -44,13 +44,7 @@ pub(crate) async fn run_cmd(
     json: bool,
 ) -> Result<ExitCode> {
     let book = load(&a.rulebook)?;
-    let mut vars = Vec::new();
-    for kv in &a.vars {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| Error::Usage(format!("--var `{kv}`: use NAME=VALUE")))?;
-        vars.push((k.trim().to_owned(), v.to_owned()));
-    }
+    let vars = super::pairs("--var", "NAME", &a.vars)?;
     // The section is checked before the hub is contacted.
     let section = book
         .section(a.event.as_deref())
