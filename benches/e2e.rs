@@ -3,8 +3,10 @@
 //!
 //! `cargo bench --bench e2e` (full) or `cargo bench --bench e2e -- --quick`. Prints a table and writes
 //! `target/bench/e2e.json`. Baselines are measured in the same run: ratios matter, not absolute figures.
-//! Measures so far: exec round trip of `true` vs a local `sh -c true`, eval of `1+1`, and the idle
-//! worker's RSS and threads. (Throughput, transfers and fleet scale join as those features land.)
+//! Measures: exec round trip of `true` vs a local `sh -c true` (and `ssh 127.0.0.1 true` when an sshd
+//! allows it), jobs per second vs spawning the same processes locally, stdout streaming, eval of `1+1`, the
+//! idle worker's RSS and threads, connect time, and the hub holding a fleet of idle workers (simulated
+//! clients, real hub). Ship and fetch have their own bench (`benches/transfer.rs`).
 
 use std::path::Path;
 use std::process::Command;
@@ -105,6 +107,34 @@ fn main() {
                 .success()
         );
     });
+    // The baseline of the claim "faster than ssh": `ssh 127.0.0.1 true`, when an sshd there lets this
+    // user in without a password (BatchMode); otherwise skipped, and the report says why.
+    let ssh = |args: &[&str]| {
+        Command::new("ssh")
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=2",
+                "-o",
+                "StrictHostKeyChecking=no",
+            ])
+            .args(["127.0.0.1", "true"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let ssh_p50 = if ssh(&[]) {
+        let v = sample(if quick { 5 } else { 30 }, 1, || assert!(ssh(&[])));
+        Some(percentile(&v, 0.5))
+    } else {
+        println!("ssh baseline skipped: no sshd on 127.0.0.1 that lets this user in with a key");
+        None
+    };
+
     let eval_spec = spec(Task::Eval(EvalTask {
         code: "1+1".into(),
         stash: serde_json::Value::Null,
@@ -224,6 +254,11 @@ fn main() {
         "hub_rss_before_fleet_mib": hub_rss_before_kib as f64 / 1024.0,
         "fleet_connect_s": fleet_secs,
     });
+    let mut results = results;
+    if let Some(ssh) = ssh_p50 {
+        results["ssh_p50_us"] = serde_json::json!(ssh);
+        results["ssh_vs_exec"] = serde_json::json!(ssh / percentile(&exec, 0.5));
+    }
     println!("{:<16} {:>12}", "metric", "value");
     for (k, v) in results.as_object().unwrap() {
         println!(
