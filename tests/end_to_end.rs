@@ -166,6 +166,41 @@ fn ctrl_c_on_exec_cancels_the_remote_tree() {
     wait_until("the grandchild sleep to be gone", 10, || !pid_alive(pid));
 }
 
+/// SIGTERM cancels like Ctrl-C, and if the hub does not answer the command still ends (supervisors
+/// that send SIGTERM expect the process to go).
+#[test]
+fn sigterm_cancels_and_gives_up_when_the_hub_does_not_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");
+    let started = dir.path().join("started");
+    let script = format!("touch {}; sleep 300", started.display());
+    // A healthy hub: the job is cancelled and the command exits 130.
+    let mut cmd = hub.cmd();
+    cmd.args(["exec", "--worker", "w1", "--", &script]);
+    let mut cli = Proc::spawn(cmd);
+    wait_until("the remote command to start", 20, || started.exists());
+    cli.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(cli.wait_exit(20).code(), Some(130), "{}", cli.log_text());
+    // A hub that does not answer (stopped): the command gives up after its grace period.
+    std::fs::remove_file(&started).unwrap();
+    let mut cmd = hub.cmd();
+    cmd.args(["exec", "--worker", "w1", "--", &script]);
+    let mut cli = Proc::spawn(cmd);
+    wait_until("the remote command to start", 20, || started.exists());
+    hub.proc.signal(nix::sys::signal::Signal::SIGSTOP);
+    let t = std::time::Instant::now();
+    cli.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = cli.wait_exit(30);
+    hub.proc.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(status.code(), Some(130), "{}", cli.log_text());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(cli.log_text().contains("giving up in 10 s"), "{}", cli.log_text());
+}
+
 #[test]
 fn detach_show_wait_jobs_and_cancel() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,8 +28,10 @@ pub fn report(bin: &str, err: &Error) -> ExitCode {
     }
 }
 
-/// Ctrl-C while a job streams: the first fires `cancel` (the hub is asked to cancel the job, and the
-/// stream goes on to its real end), a second one fires `give_up` (stop waiting). Abort the task when done.
+/// Ctrl-C (or SIGTERM) while a job streams: the first fires `cancel` (the hub is asked to cancel the job,
+/// and the stream goes on to its real end), a second one fires `give_up` (stop waiting). After SIGTERM,
+/// which supervisors send expecting the process to end, `give_up` also fires by itself after
+/// [`TERM_GRACE`], should the hub not answer. Abort the task when done.
 pub(crate) fn on_ctrl_c(
     doing: &'static str,
 ) -> (
@@ -43,34 +45,56 @@ pub(crate) fn on_ctrl_c(
     );
     let (c, g) = (cancel.clone(), give_up.clone());
     let task = tokio::spawn(async move {
-        if interrupted().await {
-            eprintln!("cla-hub: {doing} (Ctrl-C again to stop waiting)");
-            c.cancel();
+        match interrupted().await {
+            None => return,
+            Some(Stop::Interrupt) => eprintln!("cla-hub: {doing} (Ctrl-C again to stop waiting)"),
+            Some(Stop::Terminate) => {
+                eprintln!(
+                    "cla-hub: terminated: {doing} (giving up in {} s if the hub does not answer)",
+                    TERM_GRACE.as_secs()
+                );
+                let g = g.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(TERM_GRACE).await;
+                    g.cancel();
+                });
+            }
         }
-        if interrupted().await {
+        c.cancel();
+        if interrupted().await.is_some() {
             g.cancel();
         }
     });
     (cancel, give_up, task)
 }
 
-/// Waits for Ctrl-C or (on Unix) SIGTERM, which a job runner or `timeout` sends: both mean "stop".
-/// False if signals cannot be watched.
-async fn interrupted() -> bool {
+/// How long a SIGTERM'd command waits for its job's cancel to be confirmed.
+const TERM_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+enum Stop {
+    /// Ctrl-C.
+    Interrupt,
+    /// SIGTERM, which a job runner, systemd or `timeout` sends.
+    #[cfg_attr(not(unix), allow(dead_code))]
+    Terminate,
+}
+
+/// Waits for Ctrl-C or (on Unix) SIGTERM; `None` if signals cannot be watched.
+async fn interrupted() -> Option<Stop> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut term) = signal(SignalKind::terminate()) else {
-            return tokio::signal::ctrl_c().await.is_ok();
+            return tokio::signal::ctrl_c().await.ok().map(|_| Stop::Interrupt);
         };
         tokio::select! {
-            r = tokio::signal::ctrl_c() => r.is_ok(),
-            _ = term.recv() => true,
+            r = tokio::signal::ctrl_c() => r.ok().map(|_| Stop::Interrupt),
+            _ = term.recv() => Some(Stop::Terminate),
         }
     }
     #[cfg(not(unix))]
     {
-        tokio::signal::ctrl_c().await.is_ok()
+        tokio::signal::ctrl_c().await.ok().map(|_| Stop::Interrupt)
     }
 }
 

@@ -265,6 +265,11 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
         .await
         .is_err()
     {
+        if transfer {
+            hub.transfer_client_gone(&job).await;
+        } else {
+            hub.stream_client_gone(&job).await;
+        }
         return;
     }
     loop {

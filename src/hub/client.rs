@@ -147,6 +147,7 @@ impl AdminClient {
     pub async fn wait(&self, id: &str) -> Result<JobRecord> {
         let path = format!("/api/v1/admin/jobs/{}?wait=55", path_segment(id)?);
         loop {
+            let asked = std::time::Instant::now();
             let r: JobRecord = self
                 .http
                 .request(
@@ -159,6 +160,10 @@ impl AdminClient {
                 .await?;
             if r.state.is_terminal() {
                 return Ok(r);
+            }
+            // The hub answered early without an end (it should not): do not ask again at once.
+            if asked.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }

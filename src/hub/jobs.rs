@@ -308,7 +308,24 @@ impl Hub {
                 waiting: None,
             }
         };
-        self.store.put_job(&record).await?;
+        // The rest runs as its own task: a caller dropped half-way (an HTTP client that left) must not
+        // leave a stored job that nothing in memory backs.
+        let commit = self.store.put_job(&record);
+        let hub = Arc::clone(self);
+        tokio::spawn(async move {
+            commit.await?;
+            Ok(hub.enqueue(record, subscriber).await)
+        })
+        .await
+        .map_err(|e| ApiFail::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    }
+
+    /// Puts a stored new job in the queue and dispatches.
+    async fn enqueue(
+        self: &Arc<Self>,
+        record: JobRecord,
+        subscriber: Option<mpsc::Sender<JobEvent>>,
+    ) -> JobRecord {
         {
             let mut st = self.state();
             st.jobs.insert(
@@ -346,8 +363,14 @@ impl Hub {
                 }
             });
         }
+        // A worker unregistered while the job was being stored: it fails now rather than wait for ever.
+        if let Some(w) = &record.spec.target.worker
+            && self.store.worker(w).ok().flatten().is_none()
+        {
+            self.worker_unregistered(w).await;
+        }
         self.dispatch().await;
-        Ok(self.job(&record.id).unwrap_or(record))
+        self.job(&record.id).unwrap_or(record)
     }
 
     /// A job's queue timeout: if no worker has taken it yet, it ends `timed_out`, saying why it waited.
@@ -412,14 +435,14 @@ impl Hub {
                 };
                 job.record.waiting = None;
                 let req = offer(session, job);
-                offers.push((session.tx.clone(), job.snapshot(), req));
+                let record = job.snapshot();
+                // Written (queued for the store) under the lock, so the store sees a job's states in order.
+                self.persist(&record);
+                offers.push((session.tx.clone(), record, req));
             }
             *queue = waiting;
         }
-        // Every offer is stored before the first send: a send may wait, and meanwhile the job may move on
-        // (re-queued, finished elsewhere); a late write of `offered` must not overwrite that.
         for (_, record, _) in &offers {
-            self.persist(record);
             tracing::info!(job = %record.id, worker = record.worker.as_deref().unwrap_or(""), "job offered");
         }
         for (tx, _, msg) in offers {
@@ -436,19 +459,14 @@ impl Hub {
 
     /// The worker took the job.
     pub(crate) fn job_accepted(&self, worker: &str, job: &str) {
-        let record = {
-            let mut st = self.state();
-            match st.jobs.get_mut(job) {
-                Some(j)
-                    if j.record.worker.as_deref() == Some(worker) && j.record.state == JobState::Offered =>
-                {
-                    j.record.state = JobState::Accepted;
-                    j.snapshot()
-                }
-                _ => return,
-            }
-        };
-        self.persist(&record);
+        let mut st = self.state();
+        if let Some(j) = st.jobs.get_mut(job)
+            && j.record.worker.as_deref() == Some(worker)
+            && j.record.state == JobState::Offered
+        {
+            j.record.state = JobState::Accepted;
+            self.persist(&j.snapshot());
+        }
     }
 
     /// The worker refused the job: it goes back to the front of the queue, not to be offered there again
@@ -465,41 +483,50 @@ impl Hub {
                 release(s, job);
                 j.refused_by.insert(s.session.clone());
             }
-            requeue_or_cancel(st, job)
+            let (requeued, ended) = requeue_or_cancel(st, job);
+            if let Some(r) = &requeued {
+                self.persist(r);
+            }
+            (requeued, ended)
         };
         tracing::info!(job, worker, reason, "job refused");
         self.after_requeue(requeued, ended).await;
     }
 
-    /// Stores re-queued jobs, reports ended ones, and dispatches.
+    /// After jobs went back to the queue (stored already) or ended: reports the ended ones, fails the
+    /// re-queued ones pinned to a worker that has been unregistered meanwhile, and dispatches.
     async fn after_requeue(
         &self,
         requeued: impl IntoIterator<Item = JobRecord>,
         ended: impl IntoIterator<Item = Ended>,
     ) {
-        for r in requeued {
-            self.persist(&r);
-        }
-        for e in ended {
-            self.deliver(e).await;
+        self.deliver_all(ended.into_iter().collect()).await;
+        let pinned: HashSet<String> = requeued
+            .into_iter()
+            .filter_map(|r| r.spec.target.worker)
+            .collect();
+        for w in pinned {
+            if self.store.worker(&w).ok().flatten().is_none() {
+                self.worker_unregistered(&w).await;
+            }
         }
         self.dispatch().await;
     }
 
     /// The job's process is running.
     pub(crate) async fn job_started(&self, worker: &str, job: &str) {
-        let (record, subs, stream) = {
+        let (subs, stream) = {
             let mut st = self.state();
             match st.jobs.get_mut(job) {
                 Some(j) if j.record.worker.as_deref() == Some(worker) => {
                     j.record.state = JobState::Running;
                     j.record.started = Some(now_rfc3339());
-                    (j.snapshot(), j.subscribers.clone(), j.stream)
+                    self.persist(&j.snapshot());
+                    (j.subscribers.clone(), j.stream)
                 }
                 _ => return,
             }
         };
-        self.persist(&record);
         for s in subs {
             let _ = s
                 .send(JobEvent::Started {
@@ -687,14 +714,29 @@ impl Hub {
     /// The client streaming a job went away: a job no worker has started yet is cancelled (its client,
     /// a command or a rulebook step, is no longer there to want it); a started one goes on (`job show`).
     pub(crate) async fn stream_client_gone(&self, job: &str) {
-        let waiting = self
-            .state()
-            .jobs
-            .get(job)
-            .is_some_and(|j| matches!(j.record.state, JobState::Queued | JobState::Offered));
-        if waiting {
-            tracing::info!(job, "the job's client went away before it started: cancelling it");
-            let _ = self.cancel_job(job).await;
+        let ended = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            match st.jobs.get_mut(job).map(|j| (j.record.state, j)) {
+                Some((JobState::Queued, _)) => {
+                    st.queue.retain(|q| q != job);
+                    end_job(st, job, |r| {
+                        r.state = JobState::Cancelled;
+                        r.error = Some("its client went away before it started".into());
+                    })
+                }
+                // Offered: if the worker takes it, it runs (started jobs go on); if it comes back to the
+                // queue, it ends there.
+                Some((JobState::Offered, j)) => {
+                    j.cancel_requested = true;
+                    None
+                }
+                _ => None,
+            }
+        };
+        if let Some(e) = ended {
+            tracing::info!(job, "the job's client went away before it started: cancelled");
+            self.deliver(e).await;
         }
     }
 
@@ -703,7 +745,7 @@ impl Hub {
         let ended: Vec<Ended> = {
             let mut guard = self.state();
             let st = &mut *guard;
-            let pinned: Vec<String> = st
+            let pinned: HashSet<String> = st
                 .queue
                 .iter()
                 .filter(|id| {
@@ -724,9 +766,7 @@ impl Hub {
                 })
                 .collect()
         };
-        for e in ended {
-            self.deliver(e).await;
-        }
+        self.deliver_all(ended).await;
     }
 
     /// A worker's session ended: offered jobs go back to the queue, accepted and running ones are lost.
@@ -744,6 +784,9 @@ impl Hub {
                 let Some(j) = st.jobs.get(&job_id) else { continue };
                 if j.record.state == JobState::Offered {
                     let (r, e) = requeue_or_cancel(st, &job_id);
+                    if let Some(r) = &r {
+                        self.persist(r);
+                    }
                     requeued.extend(r);
                     ended.extend(e);
                 } else if let Some(e) = end_job(st, &job_id, |r| {
@@ -898,17 +941,35 @@ impl Hub {
     }
 
     async fn deliver(&self, e: Ended) {
-        // The end is durable before anyone is told of it.
-        if let Err(err) = self.store.put_job(&e.record).await {
-            tracing::error!(job = %e.record.id, "{err}");
+        self.deliver_all(vec![e]).await;
+    }
+
+    /// Stores ended jobs and tells their waiters and subscribers, each end durable before anyone hears of
+    /// it. The writes are queued before the first await, and the telling runs as its own task: a caller
+    /// dropped half-way (an HTTP handler whose client left) cannot lose an end.
+    async fn deliver_all(&self, ended: Vec<Ended>) {
+        if ended.is_empty() {
+            return;
         }
-        tracing::info!(job = %e.record.id, state = e.record.state.as_str(), rc = ?e.record.rc, "job ended");
-        for w in e.waiters {
-            let _ = w.send(e.record.clone());
-        }
-        for s in e.subscribers {
-            let _ = s.send(JobEvent::Ended(Box::new(e.record.clone()))).await;
-        }
+        let stored: Vec<_> = ended
+            .into_iter()
+            .map(|e| (self.store.put_job(&e.record), e))
+            .collect();
+        let tell = tokio::spawn(async move {
+            for (commit, e) in stored {
+                if let Err(err) = commit.await {
+                    tracing::error!(job = %e.record.id, "{err}");
+                }
+                tracing::info!(job = %e.record.id, state = e.record.state.as_str(), rc = ?e.record.rc, "job ended");
+                for w in e.waiters {
+                    let _ = w.send(e.record.clone());
+                }
+                for s in e.subscribers {
+                    let _ = s.send(JobEvent::Ended(Box::new(e.record.clone()))).await;
+                }
+            }
+        });
+        let _ = tell.await;
     }
 }
 

@@ -81,14 +81,30 @@ pub struct Store {
     db: Arc<Database>,
     jobs: Option<std_mpsc::Sender<JobWrite>>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Job records queued but not committed yet, newest per job: reads see them, so a job is never
+    /// read back older than it was last written.
+    pending: Arc<Pending>,
 }
+
+/// A job's newest queued write: its sequence number and its bytes.
+type PendingWrite = (u64, Arc<Vec<u8>>);
+type PendingMap = std::collections::HashMap<String, PendingWrite>;
+type Pending = std::sync::Mutex<PendingMap>;
+/// Queued job writes, by job id.
+type Queued = Vec<(String, Arc<Vec<u8>>)>;
 
 /// A job record on its way to the writer thread.
 struct JobWrite {
     key: String,
-    bytes: Vec<u8>,
+    bytes: Arc<Vec<u8>>,
+    /// Orders the writes of one job in `pending`.
+    seq: u64,
     durable: bool,
     done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+fn lock_pending(p: &Pending) -> std::sync::MutexGuard<'_, PendingMap> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Most job writes committed in one transaction.
@@ -96,7 +112,7 @@ const MAX_BATCH: usize = 4096;
 
 /// The writer thread: takes what has queued up, commits it (durably if any write asks for it: a durable
 /// commit also makes the earlier non-durable ones durable), and tells the waiting callers.
-fn write_jobs(db: Arc<Database>, rx: std_mpsc::Receiver<JobWrite>) {
+fn write_jobs(db: Arc<Database>, rx: std_mpsc::Receiver<JobWrite>, pending: Arc<Pending>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -125,6 +141,15 @@ fn write_jobs(db: Arc<Database>, rx: std_mpsc::Receiver<JobWrite>) {
         let result = commit().map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!("storing {} job record(s) failed: {e}", batch.len());
+        }
+        {
+            // Committed (or failed: then the database has the older record, and so will readers).
+            let mut p = lock_pending(&pending);
+            for w in &batch {
+                if p.get(&w.key).is_some_and(|(seq, _)| *seq == w.seq) {
+                    p.remove(&w.key);
+                }
+            }
         }
         for w in batch {
             if let Some(done) = w.done {
@@ -168,10 +193,11 @@ impl Store {
         tx.commit().map_err(db_err)?;
         let db = Arc::new(db);
         let (jobs, rx) = std_mpsc::channel();
-        let for_writer = Arc::clone(&db);
+        let pending: Arc<Pending> = Default::default();
+        let (for_writer, pending_for_writer) = (Arc::clone(&db), Arc::clone(&pending));
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_jobs(for_writer, rx))
+            .spawn(move || write_jobs(for_writer, rx, pending_for_writer))
             .map_err(|e| StoreError::Open {
                 path: path.clone(),
                 reason: format!("cannot start the writer thread: {e}"),
@@ -180,6 +206,7 @@ impl Store {
             db,
             jobs: Some(jobs),
             writer: Some(writer),
+            pending,
         })
     }
 
@@ -215,6 +242,14 @@ impl Store {
         key: &str,
     ) -> Result<Option<T>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
+        Self::get_in(&tx, table, key)
+    }
+
+    fn get_in<T: DeserializeOwned>(
+        tx: &redb::ReadTransaction,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
         let t = tx.open_table(table).map_err(db_err)?;
         match t.get(key).map_err(db_err)? {
             None => Ok(None),
@@ -239,6 +274,13 @@ impl Store {
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<(String, T)>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
+        Self::all_in(&tx, table)
+    }
+
+    fn all_in<T: DeserializeOwned>(
+        tx: &redb::ReadTransaction,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<(String, T)>, StoreError> {
         let t = tx.open_table(table).map_err(db_err)?;
         let mut out = Vec::new();
         for item in t.iter().map_err(db_err)? {
@@ -325,17 +367,30 @@ impl Store {
     /// before the returned future completes; the steps in between (offered, accepted, running) are not, to
     /// spare a job's round trip three fsyncs: after a crash such a job falls back to its last durable state
     /// (queued), which a restarted hub reports as lost. Dropping the future does not cancel the write.
-    pub fn put_job(&self, rec: &JobRecord) -> impl std::future::Future<Output = Result<(), StoreError>> {
+    pub fn put_job(
+        &self,
+        rec: &JobRecord,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + use<> {
         let durable = rec.state == JobState::Queued || rec.state.is_terminal();
         let (tx, rx) = oneshot::channel();
+        let bytes = Arc::new(serde_json::to_vec(rec).expect("records serialize"));
         let sent = self.jobs.as_ref().is_some_and(|jobs| {
-            jobs.send(JobWrite {
-                key: rec.id.clone(),
-                bytes: serde_json::to_vec(rec).expect("records serialize"),
-                durable,
-                done: Some(tx),
-            })
-            .is_ok()
+            // `pending` is updated and the write queued under one lock, so the two orders agree.
+            let mut p = lock_pending(&self.pending);
+            let seq = p.get(&rec.id).map_or(0, |(seq, _)| seq + 1);
+            let queued = jobs
+                .send(JobWrite {
+                    key: rec.id.clone(),
+                    bytes: Arc::clone(&bytes),
+                    seq,
+                    durable,
+                    done: Some(tx),
+                })
+                .is_ok();
+            if queued {
+                p.insert(rec.id.clone(), (seq, bytes));
+            }
+            queued
         });
         async move {
             if !sent {
@@ -353,13 +408,38 @@ impl Store {
         self.put_with(JOBS, &rec.id, rec, Durability::Immediate)
     }
 
-    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        self.get(JOBS, id)
+    /// The job writes not committed yet, and a read snapshot of the database, taken together: a write
+    /// leaves `pending` only after its commit, so whatever is in neither was committed before the snapshot.
+    fn snapshot(&self) -> Result<(Queued, redb::ReadTransaction), StoreError> {
+        let p = lock_pending(&self.pending);
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let queued = p.iter().map(|(k, (_, b))| (k.clone(), Arc::clone(b))).collect();
+        Ok((queued, tx))
     }
 
-    /// Every job, oldest first (job ids sort by creation time).
+    /// A job as last written (committed or still queued for the writer).
+    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let (queued, tx) = self.snapshot()?;
+        match queued.into_iter().find(|(k, _)| k == id) {
+            Some((_, bytes)) => decode(id, &bytes).map(Some),
+            None => Self::get_in(&tx, JOBS, id),
+        }
+    }
+
+    /// Every job as last written, oldest first (job ids sort by creation time).
     pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
-        Ok(self.all(JOBS)?.into_iter().map(|(_, j)| j).collect())
+        let (queued, tx) = self.snapshot()?;
+        let mut all: std::collections::BTreeMap<String, JobRecord> =
+            Self::all_in(&tx, JOBS)?.into_iter().collect();
+        for (key, bytes) in queued {
+            match decode(&key, &bytes) {
+                Ok(r) => {
+                    all.insert(key, r);
+                }
+                Err(e) => tracing::error!("{e}; skipped"),
+            }
+        }
+        Ok(all.into_values().collect())
     }
 }
 
@@ -390,5 +470,55 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.passkey("h1").unwrap().unwrap().project, "p");
         assert!(s.passkey("nope").unwrap().is_none());
+    }
+
+    fn job(id: &str, state: JobState) -> JobRecord {
+        let spec: crate::protocol::api::JobSpec =
+            serde_json::from_value(serde_json::json!({"worker": "w", "cmd": "true"})).unwrap();
+        JobRecord {
+            id: id.into(),
+            state,
+            spec,
+            worker: None,
+            rc: None,
+            signal: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            created: "t".into(),
+            started: None,
+            ended: None,
+            error: None,
+            eval: None,
+            transfer: None,
+            waiting: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn job_writes_are_read_back_at_once_in_order_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        // Many writes queued without waiting: every read sees the newest one, committed or not.
+        for n in 0..200 {
+            let id = format!("j{n:03}");
+            for state in [JobState::Queued, JobState::Offered, JobState::Running] {
+                drop(s.put_job(&job(&id, state)));
+                assert_eq!(s.job(&id).unwrap().unwrap().state, state);
+            }
+        }
+        s.put_job(&job("j000", JobState::Succeeded)).await.unwrap();
+        let all = s.jobs().unwrap();
+        assert_eq!(all.len(), 200);
+        assert_eq!(all[0].state, JobState::Succeeded);
+        assert!(all[1..].iter().all(|j| j.state == JobState::Running));
+        assert!(all.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+        // Dropping the store commits what was queued.
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.job("j199").unwrap().unwrap().state, JobState::Running);
+        assert_eq!(s.job("j000").unwrap().unwrap().state, JobState::Succeeded);
+        assert!(lock_pending(&s.pending).is_empty());
     }
 }

@@ -609,9 +609,23 @@ impl<'a> Runner<'a> {
             && let Json::Object(m) = &out.stash
         {
             for (k, v) in m {
-                if template::is_name(k) && sent.get(k) != Some(v) {
-                    self.vars.insert(k.clone(), v.clone());
-                    self.captures.remove(k);
+                if !template::is_name(k) || sent.get(k).is_some_and(|s| same(s, v)) {
+                    continue;
+                }
+                match (self.vars.get_mut(k), v) {
+                    // A capture went in trimmed: only the members the code changed are taken back.
+                    (Some(Json::Object(mine)), Json::Object(theirs)) if self.captures.contains(k) => {
+                        let before = sent.get(k).and_then(Json::as_object);
+                        for (member, value) in theirs {
+                            if before.and_then(|b| b.get(member)).is_none_or(|b| !same(b, value)) {
+                                mine.insert(member.clone(), value.clone());
+                            }
+                        }
+                    }
+                    _ => {
+                        self.vars.insert(k.clone(), v.clone());
+                        self.captures.remove(k);
+                    }
                 }
             }
         }
@@ -784,6 +798,19 @@ fn seconds(v: &Json) -> Result<f64, String> {
         .ok_or_else(|| format!("a positive number of seconds, not {}", short(v)))
 }
 
+/// JSON equality that takes numbers by value: a stash round trip through JavaScript turns `2.0` into `2`
+/// and big integers into floats, which is not a change the code made.
+fn same(a: &Json, b: &Json) -> bool {
+    match (a, b) {
+        (Json::Number(x), Json::Number(y)) => x == y || x.as_f64() == y.as_f64(),
+        (Json::Array(x), Json::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y)),
+        (Json::Object(x), Json::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
 /// Appends to a captured output, up to [`MAX_CAPTURED_OUTPUT`].
 fn keep(buf: &mut Vec<u8>, data: &[u8]) {
     let room = MAX_CAPTURED_OUTPUT.saturating_sub(buf.len());
@@ -792,4 +819,21 @@ fn keep(buf: &mut Vec<u8>, data: &[u8]) {
 
 fn trim_end(s: &str) -> String {
     s.trim_end_matches(['\n', '\r']).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_compare_by_value() {
+        assert!(same(&json!({"a": [2.0, 1]}), &json!({"a": [2, 1.0]})));
+        assert!(same(
+            &json!(12345678901234567891u64),
+            &json!(12345678901234567000.0)
+        ));
+        assert!(!same(&json!({"a": 1}), &json!({"a": 2})));
+        assert!(!same(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
+        assert!(!same(&json!("1"), &json!(1)));
+    }
 }
