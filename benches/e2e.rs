@@ -6,7 +6,7 @@
 //! Measures: exec round trip of `true` vs a local `sh -c true` (and `ssh 127.0.0.1 true` when an sshd
 //! allows it), jobs per second vs spawning the same processes locally, stdout streaming, eval of `1+1`, the
 //! idle worker's RSS and threads, connect time, and the hub holding a fleet of idle workers (simulated
-//! clients, real hub). Ship and fetch have their own bench (`benches/transfer.rs`).
+//! clients, real hub), and ship/fetch of one file against `cp` of it (`benches/transfer.rs` goes deeper).
 
 use std::path::Path;
 use std::process::Command;
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 mod common;
 mod fleet;
 
+use common::transfer as xfer;
 use common::{Hub, proc_status, run_worker};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -210,6 +211,23 @@ fn main() {
     // touched (file-backed: shared, clean, dropped by the kernel under pressure).
     let idle_anon_kib = proc_status(worker_pid, "RssAnon:").unwrap_or(0);
     let idle_file_kib = proc_status(worker_pid, "RssFile:").unwrap_or(0);
+
+    // Ship and fetch of one file (verified), with `cp` of it as the baseline, on tmpfs when there is one
+    // (`cargo bench --bench transfer` has rounds, SHA-256 baselines and peak memory).
+    let xfer_bytes: u64 = if quick { 64 << 20 } else { 1 << 30 };
+    let scratch = tempfile::Builder::new()
+        .prefix("cla-bench-")
+        .tempdir_in(xfer::scratch_base())
+        .unwrap();
+    let src = scratch.path().join("src.bin");
+    xfer::make_file(&src, xfer_bytes);
+    // Fault in what the copies will use, so that neither the baseline nor the transfers pay for it.
+    xfer::make_file(&scratch.path().join("warm.bin"), 3 * xfer_bytes);
+    std::fs::remove_file(scratch.path().join("warm.bin")).unwrap();
+    let want = xfer::sha256_file(&src);
+    let r = xfer::round(&hub, "bench", scratch.path(), &src, xfer_bytes, &want);
+    let mb_s = |secs: f64| xfer_bytes as f64 / secs / 1e6;
+    drop(scratch);
     drop(worker);
 
     // Fleet: the real hub holding many idle connected workers, simulated by light protocol clients in
@@ -249,6 +267,11 @@ fn main() {
         "spawns_per_sec": spawns_per_sec,
         "jobs_vs_spawns": jobs_per_sec / spawns_per_sec,
         "stream_mb_s": stream_mb_s,
+        "ship_mb_s": mb_s(r.ship),
+        "fetch_mb_s": mb_s(r.fetch),
+        "cp_mb_s": mb_s(r.cp),
+        "ship_vs_cp": r.cp / r.ship,
+        "fetch_vs_cp": r.cp / r.fetch,
         "hub_workers": connected,
         "hub_rss_mib": hub_rss_kib as f64 / 1024.0,
         "hub_rss_before_fleet_mib": hub_rss_before_kib as f64 / 1024.0,

@@ -7,15 +7,11 @@
 //! the disk is not what is measured (as for the `cp` baseline). Prints a table and writes
 //! `target/bench/transfer.json`.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
-
-use sha2::{Digest, Sha256};
+use std::path::Path;
 
 mod common;
 
+use common::transfer::{self as xfer, make_file, scratch_base, sha256_file, timed};
 use common::{Hub, proc_status, run_worker};
 
 fn arg(name: &str) -> Option<u64> {
@@ -31,56 +27,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Writes `size` pseudo-random bytes (xorshift; incompressible enough, cheap to make).
-fn make_file(path: &Path, size: u64) {
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        for w in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-    f.flush().unwrap();
-}
-
-fn sha256_file(path: &Path) -> String {
-    let mut f = std::fs::File::open(path).unwrap();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    hex::encode(h.finalize())
-}
-
-fn timed(f: impl FnOnce()) -> f64 {
-    let t = Instant::now();
-    f();
-    t.elapsed().as_secs_f64()
-}
-
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let size_mib = arg("--size-mib").unwrap_or(if quick { 64 } else { 1024 });
     let rounds = arg("--rounds").unwrap_or(if quick { 1 } else { 3 }).max(1);
     let size = size_mib << 20;
-    let base = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
+    let base = scratch_base();
     let dir = tempfile::Builder::new()
         .prefix("cla-bench-")
         .tempdir_in(&base)
@@ -111,18 +63,6 @@ fn main() {
     let want = sha256_file(&src);
     let (mut cp, mut sha, mut sha2x, mut ship, mut fetch) = (vec![], vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
-        let copy = d.join("cp.bin");
-        cp.push(timed(|| {
-            assert!(
-                Command::new("cp")
-                    .arg(&src)
-                    .arg(&copy)
-                    .status()
-                    .unwrap()
-                    .success()
-            )
-        }));
-        std::fs::remove_file(&copy).unwrap();
         sha.push(timed(|| assert_eq!(sha256_file(&src), want)));
         // A verified transfer hashes on both ends at once: two concurrent SHA-256 streams are its ceiling
         // (on SMT siblings they share one core's SHA unit).
@@ -134,35 +74,10 @@ fn main() {
             })
         }));
 
-        let remote = d.join("remote.bin");
-        let run = |args: &[&str]| -> f64 {
-            let mut out = None;
-            let t = timed(|| out = Some(hub.cmd(args)));
-            let v: serde_json::Value = serde_json::from_str(&out.unwrap()).unwrap();
-            assert_eq!(v["sha256"], want.as_str(), "verified digest");
-            assert_eq!(v["bytes"], size);
-            t
-        };
-        ship.push(run(&[
-            "--json",
-            "ship",
-            "--worker",
-            "bench",
-            src.to_str().unwrap(),
-            remote.to_str().unwrap(),
-        ]));
-        let back = d.join("back.bin");
-        fetch.push(run(&[
-            "--json",
-            "fetch",
-            "--worker",
-            "bench",
-            remote.to_str().unwrap(),
-            back.to_str().unwrap(),
-        ]));
-        assert_eq!(sha256_file(&back), want);
-        std::fs::remove_file(&remote).unwrap();
-        std::fs::remove_file(&back).unwrap();
+        let r = xfer::round(&hub, "bench", d, &src, size, &want);
+        cp.push(r.cp);
+        ship.push(r.ship);
+        fetch.push(r.fetch);
         let last = |v: &Vec<f64>| size as f64 / v[v.len() - 1] / 1e6;
         eprintln!(
             "round {}/{rounds}: cp {:.0}, sha256 {:.0}, 2x {:.0}, ship {:.0}, fetch {:.0} MB/s",

@@ -7,6 +7,8 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+pub mod transfer;
+
 pub const HUB: &str = env!("CARGO_BIN_EXE_cla-hub");
 pub const WORKER: &str = env!("CARGO_BIN_EXE_cla-worker");
 
