@@ -287,27 +287,7 @@ impl Hub {
                 format!("no worker `{w}` is registered: see `cla-hub workers` for the ids"),
             ));
         }
-        let record = {
-            JobRecord {
-                id: new_job_id(),
-                state: JobState::Queued,
-                spec,
-                worker: None,
-                rc: None,
-                signal: None,
-                stdout: String::new(),
-                stderr: String::new(),
-                stdout_truncated: false,
-                stderr_truncated: false,
-                created: now_rfc3339(),
-                started: None,
-                ended: None,
-                error: None,
-                eval: None,
-                transfer: None,
-                waiting: None,
-            }
-        };
+        let record = JobRecord::queued(new_job_id(), spec, now_rfc3339());
         // The rest runs as its own task: a caller dropped half-way (an HTTP client that left) must not
         // leave a stored job that nothing in memory backs.
         let commit = self.store.put_job(&record);

@@ -475,25 +475,9 @@ mod tests {
     fn job(id: &str, state: JobState) -> JobRecord {
         let spec: crate::protocol::api::JobSpec =
             serde_json::from_value(serde_json::json!({"worker": "w", "cmd": "true"})).unwrap();
-        JobRecord {
-            id: id.into(),
-            state,
-            spec,
-            worker: None,
-            rc: None,
-            signal: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            stdout_truncated: false,
-            stderr_truncated: false,
-            created: "t".into(),
-            started: None,
-            ended: None,
-            error: None,
-            eval: None,
-            transfer: None,
-            waiting: None,
-        }
+        let mut r = JobRecord::queued(id.into(), spec, "t".into());
+        r.state = state;
+        r
     }
 
     #[tokio::test]

@@ -427,6 +427,31 @@ pub struct JobRecord {
     pub waiting: Option<String>,
 }
 
+impl JobRecord {
+    /// A new job, queued: nothing has happened to it yet.
+    pub fn queued(id: String, spec: JobSpec, created: String) -> JobRecord {
+        JobRecord {
+            id,
+            state: JobState::Queued,
+            spec,
+            worker: None,
+            rc: None,
+            signal: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            created,
+            started: None,
+            ended: None,
+            error: None,
+            eval: None,
+            transfer: None,
+            waiting: None,
+        }
+    }
+}
+
 /// Admin client → hub on the exec stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
