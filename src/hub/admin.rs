@@ -44,7 +44,7 @@ pub(crate) async fn workers(_: Admin, State(hub): State<Arc<Hub>>) -> Result<Jso
                 } else {
                     WorkerState::Busy
                 },
-                running: (s.running.len() - s.transfers.len()) as u32,
+                running: s.exec_running() as u32,
                 capacity: s.hello.capacity,
                 tags: s.hello.tags.clone(),
                 envs: s.hello.envs.clone(),
@@ -265,11 +265,7 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
         .await
         .is_err()
     {
-        if transfer {
-            hub.transfer_client_gone(&job).await;
-        } else {
-            hub.stream_client_gone(&job).await;
-        }
+        hub.client_gone(&job).await;
         return;
     }
     loop {
@@ -291,13 +287,8 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
                     None => break,
                 };
                 if sent.is_err() {
-                    // The client went away. A started command goes on (see `job show`, `job cancel`); a
-                    // transfer cannot, as the client is one of its ends; one not started yet is dropped.
-                    if transfer {
-                        hub.transfer_client_gone(&job).await;
-                    } else {
-                        hub.stream_client_gone(&job).await;
-                    }
+                    // The client went away (see `Hub::client_gone` for what becomes of the job).
+                    hub.client_gone(&job).await;
                     return;
                 }
             }
@@ -319,11 +310,7 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
-                    if transfer {
-                        hub.transfer_client_gone(&job).await;
-                    } else {
-                        hub.stream_client_gone(&job).await;
-                    }
+                    hub.client_gone(&job).await;
                     return;
                 }
             },

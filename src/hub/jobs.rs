@@ -189,7 +189,7 @@ fn why_waiting(job: &LiveJob, sessions: &HashMap<String, Session>) -> String {
         [one] => format!(
             "the matching worker {} is busy ({}/{} running)",
             one.id,
-            one.running.len() - one.transfers.len(),
+            one.exec_running(),
             one.hello.capacity
         ),
         _ => format!("all {} matching workers busy", open.len()),
@@ -306,6 +306,11 @@ impl Hub {
         record: JobRecord,
         subscriber: Option<mpsc::Sender<JobEvent>>,
     ) -> JobRecord {
+        let queue_deadline = record
+            .spec
+            .target
+            .queue_timeout_secs
+            .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
         {
             let mut st = self.state();
             st.jobs.insert(
@@ -321,23 +326,19 @@ impl Hub {
                     stream: None,
                     verdict: None,
                     parked: None,
-                    queue_deadline: record
-                        .spec
-                        .target
-                        .queue_timeout_secs
-                        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s)),
+                    queue_deadline,
                 },
             );
             st.queue.push_back(record.id.clone());
         }
         tracing::info!(job = %record.id, target = %record.spec.target.describe(), task = %record.spec.task.display(), "job queued");
-        if let Some(secs) = record.spec.target.queue_timeout_secs {
+        if let Some(deadline) = queue_deadline {
             // The timer does not keep the hub alive; a job that has left the queue by then is left alone
             // (should it come back, `requeue_or_cancel` applies the deadline).
             let hub = Arc::downgrade(self);
             let id = record.id.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+                tokio::time::sleep_until(deadline).await;
                 if let Some(hub) = hub.upgrade() {
                     hub.queue_timed_out(&id).await;
                 }
@@ -396,7 +397,7 @@ impl Hub {
                         let has_room = if transfer {
                             s.transfers.len() < crate::transfer::MAX_CONCURRENT
                         } else {
-                            ((s.running.len() - s.transfers.len()) as u32) < s.hello.capacity
+                            (s.exec_running() as u32) < s.hello.capacity
                         };
                         !s.draining
                             && has_room
@@ -671,9 +672,25 @@ impl Hub {
         }
     }
 
+    /// The client streaming a job went away. A transfer cannot go on without it (see
+    /// [`Hub::transfer_client_gone`]); any other job goes on if it has started, and is dropped if not
+    /// (see [`Hub::stream_client_gone`]).
+    pub(crate) async fn client_gone(&self, job: &str) {
+        let transfer = self
+            .state()
+            .jobs
+            .get(job)
+            .is_some_and(|j| j.record.spec.task.is_transfer());
+        if transfer {
+            self.transfer_client_gone(job).await;
+        } else {
+            self.stream_client_gone(job).await;
+        }
+    }
+
     /// The client of a transfer went away: the transfer cannot go on. A fetch it was receiving fails, and
     /// the job is cancelled on the worker (a ship's partial files are removed there).
-    pub(crate) async fn transfer_client_gone(&self, job: &str) {
+    async fn transfer_client_gone(&self, job: &str) {
         let ended = {
             let mut guard = self.state();
             let st = &mut *guard;
@@ -693,7 +710,7 @@ impl Hub {
 
     /// The client streaming a job went away: a job no worker has started yet is cancelled (its client,
     /// a command or a rulebook step, is no longer there to want it); a started one goes on (`job show`).
-    pub(crate) async fn stream_client_gone(&self, job: &str) {
+    async fn stream_client_gone(&self, job: &str) {
         let ended = {
             let mut guard = self.state();
             let st = &mut *guard;

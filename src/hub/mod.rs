@@ -90,6 +90,13 @@ pub(crate) struct Session {
     pub close: CancellationToken,
 }
 
+impl Session {
+    /// The exec and eval jobs running: what counts against the worker's `capacity` (transfers do not).
+    pub(crate) fn exec_running(&self) -> usize {
+        self.running.len() - self.transfers.len()
+    }
+}
+
 /// Everything that changes while the hub runs, under one lock (held briefly, never across an await).
 #[derive(Default)]
 pub(crate) struct State {

@@ -419,11 +419,15 @@ impl Store {
 
     /// A job as last written (committed or still queued for the writer).
     pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let (queued, tx) = self.snapshot()?;
-        match queued.into_iter().find(|(k, _)| k == id) {
-            Some((_, bytes)) => decode(id, &bytes).map(Some),
-            None => Self::get_in(&tx, JOBS, id),
-        }
+        // As in `snapshot`: the read transaction begins while `pending` is held.
+        let tx = {
+            let p = lock_pending(&self.pending);
+            if let Some((_, bytes)) = p.get(id) {
+                return decode(id, bytes).map(Some);
+            }
+            self.db.begin_read().map_err(db_err)?
+        };
+        Self::get_in(&tx, JOBS, id)
     }
 
     /// Every job as last written, oldest first (job ids sort by creation time).
