@@ -144,7 +144,7 @@ async fn open(
     task: Task,
     cancel: CancellationToken,
     on: &mut (dyn FnMut(Update) + Send),
-) -> Result<std::result::Result<crate::hub::client::TransferStream, Box<JobRecord>>> {
+) -> Result<std::result::Result<crate::hub::client::JobStream, Box<JobRecord>>> {
     let spec = JobSpec {
         target,
         task,

@@ -182,35 +182,22 @@ impl AdminClient {
         cancel: CancellationToken,
         mut on_event: impl FnMut(ExecEvent),
     ) -> Result<JobRecord> {
-        let url = format!("{}/api/v1/admin/exec", self.url());
-        let conn = Connection::connect(&url, &[("authorization", &self.auth())]).await?;
-        let (mut writer, mut reader) = conn.split();
-        writer.send(&AdminRequest::Exec(Box::new(spec.clone()))).await?;
-        let mut cancel_sent = false;
+        let mut stream = self.open_stream(spec, cancel).await?;
         let mut started = false;
         loop {
-            let incoming = tokio::select! {
-                _ = cancel.cancelled(), if !cancel_sent => {
-                    cancel_sent = true;
-                    writer.send(&AdminRequest::Cancel).await?;
-                    continue;
-                }
-                r = reader.read() => r?,
-            };
-            match incoming {
+            match stream.next().await? {
                 None => {
                     return Err(ProtocolError::Transport(
                         "the hub closed the exec stream before the job ended".into(),
                     )
                     .into());
                 }
-                Some(Incoming::Alive) => {}
-                Some(Incoming::Frame(Frame::Binary(chunk))) => match chunk.stream() {
+                Some(StreamItem::Chunk(chunk)) => match chunk.stream() {
                     STDOUT_STREAM => on_event(ExecEvent::Stdout(chunk.data())),
                     STDERR_STREAM => on_event(ExecEvent::Stderr(chunk.data())),
                     _ => {}
                 },
-                Some(Incoming::Frame(Frame::Text(t))) => match decode_text::<AdminEvent>(&t)? {
+                Some(StreamItem::Event(ev)) => match ev {
                     AdminEvent::Created { job } => on_event(ExecEvent::Created(job)),
                     // A late reason (dispatch runs concurrently) must not override the start.
                     AdminEvent::Waiting { reason, .. } if !started => on_event(ExecEvent::Waiting(reason)),
@@ -220,7 +207,7 @@ impl AdminClient {
                         on_event(ExecEvent::Started { job, worker })
                     }
                     AdminEvent::Ended(record) => {
-                        writer.close().await;
+                        stream.writer.close().await;
                         return Ok(*record);
                     }
                     AdminEvent::Error(e) => return Err(Error::Other(e.error)),
@@ -228,6 +215,25 @@ impl AdminClient {
                 },
             }
         }
+    }
+
+    /// Opens the admin exec stream and creates the job on it.
+    async fn open_stream(&self, spec: &JobSpec, cancel: CancellationToken) -> Result<JobStream> {
+        let url = format!("{}/api/v1/admin/exec", self.url());
+        let conn = Connection::connect(&url, &[("authorization", &self.auth())]).await?;
+        let (mut writer, reader) = conn.split();
+        writer.send(&AdminRequest::Exec(Box::new(spec.clone()))).await?;
+        Ok(JobStream {
+            writer,
+            reader,
+            job: String::new(),
+            worker: String::new(),
+            stream: TRANSFER_STREAM,
+            cancel,
+            cancel_sent: false,
+            ended: None,
+            error: None,
+        })
     }
 }
 
@@ -241,22 +247,8 @@ impl AdminClient {
         spec: &JobSpec,
         cancel: CancellationToken,
         on_waiting: &mut (dyn FnMut(String) + Send),
-    ) -> Result<std::result::Result<TransferStream, Box<JobRecord>>> {
-        let url = format!("{}/api/v1/admin/exec", self.url());
-        let conn = Connection::connect(&url, &[("authorization", &self.auth())]).await?;
-        let (mut writer, reader) = conn.split();
-        writer.send(&AdminRequest::Exec(Box::new(spec.clone()))).await?;
-        let mut stream = TransferStream {
-            writer,
-            reader,
-            job: String::new(),
-            worker: String::new(),
-            stream: TRANSFER_STREAM,
-            cancel,
-            cancel_sent: false,
-            ended: None,
-            error: None,
-        };
+    ) -> Result<std::result::Result<JobStream, Box<JobRecord>>> {
+        let mut stream = self.open_stream(spec, cancel).await?;
         loop {
             match stream.next_event().await? {
                 None => {
@@ -281,14 +273,15 @@ impl AdminClient {
     }
 }
 
-/// The client's end of a running ship or fetch: a [`Link`] for [`crate::transfer`], then the job's end.
-pub struct TransferStream {
+/// A job on the admin exec stream: what `exec` reads, and for a ship or fetch the client's end of the
+/// transfer (a [`Link`] for [`crate::transfer`]), then the job's end.
+pub struct JobStream {
     writer: ConnectionWriter,
     reader: ConnectionReader,
     /// The job, and the worker that runs it.
     pub job: String,
     pub worker: String,
-    /// The binary stream of the file data (announced in `started`).
+    /// The binary stream of a transfer's file data (announced in `started`).
     stream: u64,
     cancel: CancellationToken,
     cancel_sent: bool,
@@ -296,13 +289,13 @@ pub struct TransferStream {
     error: Option<String>,
 }
 
-/// What a transfer stream brings: a chunk of file data, or an event.
+/// What a job stream brings: a chunk (output, or file data), or an event.
 enum StreamItem {
     Chunk(Chunk),
     Event(AdminEvent),
 }
 
-impl TransferStream {
+impl JobStream {
     /// The next chunk or event; `None` when the hub closed the stream. Sends the cancel request when
     /// `cancel` fires.
     async fn next(&mut self) -> Result<Option<StreamItem>> {
@@ -365,7 +358,7 @@ impl TransferStream {
     }
 }
 
-impl Link for TransferStream {
+impl Link for JobStream {
     async fn send(&mut self, piece: Piece) -> std::result::Result<(), String> {
         let sent = match piece {
             Piece::Op(op) => {
