@@ -208,6 +208,20 @@ fn a_step_waits_for_a_matching_worker_and_runs_when_one_connects() {
         "{}",
         stderr(&o)
     );
+    // The same with `queue_timeout` beside the op's other options.
+    let book = rulebook(
+        dir.path(),
+        "tpu2.yml",
+        "do:\n  - shell:\n      worker: { tags: [tpu] }\n      queue_timeout: 0.5\n      cmd: 'true'\n",
+    );
+    let o = run(&hub, &[book.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o)
+            .contains("tpu2.yml:2: step `shell true`: was not started within its queue timeout of 0.5s"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// `[start, end]` in nanoseconds, read from the files a job wrote.

@@ -2,7 +2,6 @@
 //! creates a passkey, registers a worker and saves it to a config file, runs that worker in-process, then
 //! drives a few jobs through the real admin API and prints what happens. Everything is removed at the end.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -197,8 +196,8 @@ async fn drive(
         let t0 = Instant::now();
         let record = admin
             .exec(&spec, CancellationToken::new(), |ev| match ev {
-                ExecEvent::Stdout(b) => print_prefixed("    out| ", &b),
-                ExecEvent::Stderr(b) => print_prefixed("    err| ", &b),
+                ExecEvent::Stdout(b) => super::print_prefixed("    out| ", &b),
+                ExecEvent::Stderr(b) => super::print_prefixed("    err| ", &b),
                 _ => {}
             })
             .await?;
@@ -239,7 +238,7 @@ async fn drive(
     let record = admin
         .exec(&spec, CancellationToken::new(), |ev| {
             if let ExecEvent::Stdout(b) = ev {
-                print_prefixed("    console| ", &b)
+                super::print_prefixed("    console| ", &b)
             }
         })
         .await?;
@@ -425,18 +424,6 @@ fn quoted(t: &Task) -> String {
             .collect::<Vec<_>>()
             .join(" "),
     }
-}
-
-fn print_prefixed(prefix: &str, bytes: &[u8]) {
-    let text = String::from_utf8_lossy(bytes);
-    let mut out = std::io::stdout().lock();
-    for line in text.split_inclusive('\n') {
-        let _ = write!(out, "{prefix}{line}");
-        if !line.ends_with('\n') {
-            let _ = writeln!(out);
-        }
-    }
-    let _ = out.flush();
 }
 
 /// Polls `check` every 50 ms for up to 15 s.

@@ -137,6 +137,21 @@ pub(crate) fn print_out(text: &str) -> crate::Result<()> {
     Ok(())
 }
 
+/// Writes output to stdout line by line, each line behind `prefix` (a last line without its newline gets
+/// one).
+pub(crate) fn print_prefixed(prefix: &str, bytes: &[u8]) {
+    use std::io::Write;
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = std::io::stdout().lock();
+    for line in text.split_inclusive('\n') {
+        let _ = write!(out, "{prefix}{line}");
+        if !line.ends_with('\n') {
+            let _ = writeln!(out);
+        }
+    }
+    let _ = out.flush();
+}
+
 /// Tells a person at a terminal why their job has not started yet (scripts see it with `-v`).
 pub(crate) fn waiting(why: &str) {
     use std::io::IsTerminal;

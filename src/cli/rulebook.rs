@@ -219,14 +219,7 @@ impl Reporter for Plain {
     fn started(&mut self, _: &str) {}
     fn output(&mut self, data: &[u8], stderr: bool) {
         if !self.prefix.is_empty() {
-            let mut out = std::io::stdout().lock();
-            for line in String::from_utf8_lossy(data).split_inclusive('\n') {
-                let _ = write!(out, "{}  │ {line}", self.prefix);
-                if !line.ends_with('\n') {
-                    let _ = writeln!(out);
-                }
-            }
-            let _ = out.flush();
+            super::print_prefixed(&format!("{}  │ ", self.prefix), data);
         } else if stderr {
             let _ = std::io::stderr().write_all(data);
         } else {

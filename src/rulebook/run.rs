@@ -309,7 +309,14 @@ impl<'a> Runner<'a> {
     /// A step that runs as a job on a worker.
     async fn on_worker(&mut self, step: &'a Step, label: &str, depth: usize) -> Result<(), Stop> {
         let started = Instant::now();
-        let prepared = self.target(step).and_then(|t| Ok((t, self.fill_args(step)?)));
+        let prepared = self.target(step).and_then(|mut t| {
+            let args = self.fill_args(step)?;
+            // `queue_timeout` may also sit in the op's mapping, beside its other options.
+            if let Some(q) = args.get("queue_timeout") {
+                t.queue_timeout_secs = Some(seconds(q).map_err(|e| format!("queue_timeout: {e}"))?);
+            }
+            Ok((t, args))
+        });
         let (target, args) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -466,7 +473,7 @@ impl<'a> Runner<'a> {
         Ok(t)
     }
 
-    async fn shell(&mut self, mut target: Target, args: Json) -> Result<(JobRecord, Json), String> {
+    async fn shell(&mut self, target: Target, args: Json) -> Result<(JobRecord, Json), String> {
         let mut spec = JobSpec {
             target: Target::default(),
             task: Task::Exec(CommandLine::Shell { cmd: String::new() }),
@@ -515,9 +522,6 @@ impl<'a> Runner<'a> {
                 if let Some(t) = m.get("timeout") {
                     spec.timeout_secs = Some(seconds(t).map_err(|e| format!("timeout: {e}"))?);
                 }
-                if let Some(t) = m.get("queue_timeout") {
-                    target.queue_timeout_secs = Some(seconds(t).map_err(|e| format!("queue_timeout: {e}"))?);
-                }
                 command
             }
             other => return Err(format!("`shell` takes a command, not {}", short(other))),
@@ -527,18 +531,11 @@ impl<'a> Runner<'a> {
         let reporter = &mut *self.reporter;
         let record = self
             .client
-            .exec(&spec, self.cancel.clone(), |ev| match ev {
-                ExecEvent::Stdout(b) => {
-                    keep(&mut combined, &b);
-                    reporter.output(&b, false);
+            .exec(&spec, self.cancel.clone(), |ev| {
+                if let ExecEvent::Stdout(b) | ExecEvent::Stderr(b) = &ev {
+                    keep(&mut combined, b);
                 }
-                ExecEvent::Stderr(b) => {
-                    keep(&mut combined, &b);
-                    reporter.output(&b, true);
-                }
-                ExecEvent::Waiting(why) => reporter.waiting(&why),
-                ExecEvent::Started { worker, .. } => reporter.started(&worker),
-                ExecEvent::Created(_) => {}
+                relay(reporter, ev);
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -551,13 +548,10 @@ impl<'a> Runner<'a> {
         Ok((record, capture))
     }
 
-    async fn eval(&mut self, mut target: Target, args: Json) -> Result<(JobRecord, Json), String> {
+    async fn eval(&mut self, target: Target, args: Json) -> Result<(JobRecord, Json), String> {
         let (code, stash, timeout) = match &args {
             Json::String(code) => (code.clone(), None, None),
             Json::Object(m) => {
-                if let Some(t) = m.get("queue_timeout") {
-                    target.queue_timeout_secs = Some(seconds(t).map_err(|e| format!("queue_timeout: {e}"))?);
-                }
                 let timeout = m
                     .get("timeout")
                     .map(seconds)
@@ -590,13 +584,7 @@ impl<'a> Runner<'a> {
         let reporter = &mut *self.reporter;
         let record = self
             .client
-            .exec(&spec, self.cancel.clone(), |ev| match ev {
-                ExecEvent::Stdout(b) => reporter.output(&b, false),
-                ExecEvent::Stderr(b) => reporter.output(&b, true),
-                ExecEvent::Waiting(why) => reporter.waiting(&why),
-                ExecEvent::Started { worker, .. } => reporter.started(&worker),
-                ExecEvent::Created(_) => {}
-            })
+            .exec(&spec, self.cancel.clone(), |ev| relay(reporter, ev))
             .await
             .map_err(|e| e.to_string())?;
         let Some(out) = &record.eval else {
@@ -660,7 +648,7 @@ impl<'a> Runner<'a> {
     async fn transfer(
         &mut self,
         ship: bool,
-        mut target: Target,
+        target: Target,
         args: Json,
     ) -> Result<(JobRecord, Json), String> {
         let Json::Object(m) = &args else {
@@ -678,9 +666,6 @@ impl<'a> Runner<'a> {
             Some(Json::Bool(b)) => *b,
             Some(other) => return Err(format!("`mkdir:` is true or false, not {}", short(other))),
         };
-        if let Some(t) = m.get("queue_timeout") {
-            target.queue_timeout_secs = Some(seconds(t).map_err(|e| format!("queue_timeout: {e}"))?);
-        }
         let reporter = &mut *self.reporter;
         let on = |u: Update| match u {
             Update::Waiting(why) => reporter.waiting(&why),
@@ -704,6 +689,17 @@ impl<'a> Runner<'a> {
             None => json!({}),
         };
         Ok((record, capture))
+    }
+}
+
+/// Passes what a job's stream reports on to the reporter.
+fn relay(reporter: &mut dyn Reporter, ev: ExecEvent) {
+    match ev {
+        ExecEvent::Stdout(b) => reporter.output(&b, false),
+        ExecEvent::Stderr(b) => reporter.output(&b, true),
+        ExecEvent::Waiting(why) => reporter.waiting(&why),
+        ExecEvent::Started { worker, .. } => reporter.started(&worker),
+        ExecEvent::Created(_) => {}
     }
 }
 
