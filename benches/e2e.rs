@@ -8,7 +8,6 @@
 //! idle worker's RSS and threads, connect time, and the hub holding a fleet of idle workers (simulated
 //! clients, real hub), and ship/fetch of one file against `cp` of it (`benches/transfer.rs` goes deeper).
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -249,7 +248,7 @@ fn main() {
         .filter(|w| w.connected_since.is_some())
         .count();
 
-    let results = serde_json::json!({
+    let mut results = serde_json::json!({
         "mode": if quick { "quick" } else { "full" },
         "exec_p50_us": percentile(&exec, 0.5),
         "exec_p99_us": percentile(&exec, 0.99),
@@ -277,27 +276,9 @@ fn main() {
         "hub_rss_before_fleet_mib": hub_rss_before_kib as f64 / 1024.0,
         "fleet_connect_s": fleet_secs,
     });
-    let mut results = results;
     if let Some(ssh) = ssh_p50 {
         results["ssh_p50_us"] = serde_json::json!(ssh);
         results["ssh_vs_exec"] = serde_json::json!(ssh / percentile(&exec, 0.5));
     }
-    println!("{:<16} {:>12}", "metric", "value");
-    for (k, v) in results.as_object().unwrap() {
-        println!(
-            "{k:<16} {:>12}",
-            match v {
-                serde_json::Value::Number(n) => format!("{:.1}", n.as_f64().unwrap()),
-                other => other.to_string(),
-            }
-        );
-    }
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("e2e.json"),
-        serde_json::to_string_pretty(&results).unwrap(),
-    )
-    .unwrap();
-    println!("wrote {}", out.join("e2e.json").display());
+    common::report("e2e", &results);
 }

@@ -7,8 +7,6 @@
 //! the disk is not what is measured (as for the `cp` baseline). Prints a table and writes
 //! `target/bench/transfer.json`.
 
-use std::path::Path;
-
 mod common;
 
 use common::transfer::{self as xfer, make_file, scratch_base, sha256_file, timed};
@@ -111,20 +109,5 @@ fn main() {
         "hub_peak_rss_kib": proc_status(hub.pid(), "VmHWM:").unwrap_or(0),
         "worker_peak_rss_kib": proc_status(worker_pid, "VmHWM:").unwrap_or(0),
     });
-    println!("{:<20} {:>12}", "metric", "value");
-    for (k, v) in results.as_object().unwrap() {
-        let shown = match v {
-            serde_json::Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap()),
-            other => other.to_string(),
-        };
-        println!("{k:<20} {shown:>12}");
-    }
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("transfer.json"),
-        serde_json::to_string_pretty(&results).unwrap(),
-    )
-    .unwrap();
-    println!("wrote {}", out.join("transfer.json").display());
+    common::report("transfer", &results);
 }

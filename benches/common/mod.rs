@@ -123,3 +123,22 @@ pub fn run_worker(config: &Path, extra: &[&str]) -> Kill {
             .unwrap(),
     )
 }
+
+/// Prints `results` (one JSON object) as a table and writes it to `target/bench/NAME.json`.
+pub fn report(name: &str, results: &serde_json::Value) {
+    let fields = results.as_object().expect("results are one object");
+    let width = fields.keys().map(String::len).max().unwrap_or(6).max(6);
+    println!("{:<width$} {:>12}", "metric", "value");
+    for (k, v) in fields {
+        let shown = match v {
+            serde_json::Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap()),
+            other => other.to_string(),
+        };
+        println!("{k:<width$} {shown:>12}");
+    }
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    let file = out.join(format!("{name}.json"));
+    std::fs::write(&file, serde_json::to_string_pretty(results).unwrap()).unwrap();
+    println!("wrote {}", file.display());
+}
