@@ -86,6 +86,7 @@ fn main() {
         workdir: None,
         env_vars: Default::default(),
         timeout_secs: None,
+        on_disconnect: Default::default(),
     };
     let run = |s: &JobSpec| {
         let r = rt

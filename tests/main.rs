@@ -11,6 +11,7 @@ mod common;
 mod cli_hub;
 mod cli_worker;
 mod daemon;
+mod durable;
 mod end_to_end;
 mod eval;
 mod protocol_golden;

@@ -106,8 +106,29 @@ fn hub_to_worker() {
             session: "s1".into(),
             heartbeat_secs: 5,
             limits: Limits { max_frame_bytes: 16 },
+            resume: vec![],
         }),
         json!({"type":"welcome","session":"s1","heartbeat_secs":5,"limits":{"max_frame_bytes":16}}),
+    );
+    golden(
+        HubMessage::Welcome(Welcome {
+            session: "s2".into(),
+            heartbeat_secs: 5,
+            limits: Limits { max_frame_bytes: 16 },
+            resume: vec![Resumed {
+                job: "j1".into(),
+                stdout_offset: 10,
+                stderr_offset: 0,
+                stdout: 7,
+                stderr: 8,
+            }],
+        }),
+        json!({"type":"welcome","session":"s2","heartbeat_secs":5,"limits":{"max_frame_bytes":16},
+               "resume":[{"job":"j1","stdout_offset":10,"stderr_offset":0,"stdout":7,"stderr":8}]}),
+    );
+    golden(
+        HubMessage::Ack { job: "j1".into() },
+        json!({"type":"ack","job":"j1"}),
     );
     golden(
         HubMessage::Reject(Reject {
@@ -137,6 +158,7 @@ fn hub_to_worker() {
             output_timeout_ms: None,
             stdout: 1,
             stderr: 2,
+            on_disconnect: OnDisconnect::Continue,
         }),
         json!({"type":"exec","job":"j1","cmd":"echo hi","workdir":"/tmp","env":{"K":"V"},"timeout_ms":1500,"stdout":1,"stderr":2}),
     );
@@ -152,8 +174,10 @@ fn hub_to_worker() {
             output_timeout_ms: Some(10),
             stdout: 3,
             stderr: 4,
+            on_disconnect: OnDisconnect::CancelAfter(60),
         }),
-        json!({"type":"exec","job":"j2","argv":["ls","-l"],"output_timeout_ms":10,"stdout":3,"stderr":4}),
+        json!({"type":"exec","job":"j2","argv":["ls","-l"],"output_timeout_ms":10,"stdout":3,"stderr":4,
+               "on_disconnect":{"cancel_after":60}}),
     );
     golden(
         HubMessage::Cancel {
@@ -177,6 +201,7 @@ fn eval_messages() {
             stash: serde_json::json!({"a": 1}),
             timeout_ms: Some(5000),
             stdout: 5,
+            on_disconnect: OnDisconnect::Continue,
         }),
         json!({"type":"eval","job":"j3","code":"1+1","stash":{"a":1},"timeout_ms":5000,"stdout":5}),
     );
@@ -222,6 +247,7 @@ fn eval_messages() {
             workdir: None,
             env_vars: Default::default(),
             timeout_secs: None,
+            on_disconnect: Default::default(),
         })),
         json!({"type":"exec","worker":"w","code":"stash.x","stash":{"x":1}}),
     );
@@ -248,6 +274,7 @@ fn api_bodies() {
             }),
             workdir: None,
             env_vars: Default::default(),
+            on_disconnect: Default::default(),
             timeout_secs: Some(2.5),
         })),
         json!({"type":"exec","tags":["java"],"env":"QA","queue_timeout_secs":30.0,"argv":["true"],"timeout_secs":2.5}),
@@ -425,6 +452,7 @@ fn transfers() {
             workdir: None,
             env_vars: Default::default(),
             timeout_secs: None,
+            on_disconnect: Default::default(),
         },
         json!({"worker":"w1","ship":{"dest":"/opt/","mkdir":false,"source":"dist"}}),
     );
@@ -438,6 +466,7 @@ fn transfers() {
             workdir: None,
             env_vars: Default::default(),
             timeout_secs: None,
+            on_disconnect: Default::default(),
         },
         json!({"fetch":{"path":"logs"}}),
     );

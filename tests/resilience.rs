@@ -37,9 +37,12 @@ fn a_silent_worker_is_marked_offline_and_comes_back() {
 #[test]
 fn running_job_of_a_vanished_worker_is_lost_not_hung() {
     let dir = tempfile::tempdir().unwrap();
-    let (hub, _setup, mut worker) = hub_with_worker(dir.path(), "w1", "t");
+    let hub = Hub::start_with(dir.path(), "127.0.0.1:0", &["--lost-after", "1"]);
+    let setup = register(&hub, dir.path(), "w1", "t");
+    let mut worker = run_worker(&setup, &[]);
+    hub.wait_worker_state("w1", "idle", 20);
     let id = hub
-        .ok(&["exec", "--worker", "w1", "--detach", "--", "sleep 300"])
+        .ok(&["exec", "--worker", "w1", "--detach", "--", "sleep 30"])
         .trim()
         .to_owned();
     wait_until("the job to run", 20, || {
@@ -51,7 +54,13 @@ fn running_job_of_a_vanished_worker_is_lost_not_hung() {
     assert_eq!(out.status.code(), Some(255));
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(v["state"], "lost");
-    assert!(v["error"].as_str().unwrap().contains("disconnected"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not come back within 1s"),
+        "{v}"
+    );
 }
 
 #[test]

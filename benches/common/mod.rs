@@ -117,6 +117,8 @@ pub fn run_worker(config: &Path, extra: &[&str]) -> Kill {
             .arg("-c")
             .arg(config)
             .arg("run")
+            .arg("--spool-dir")
+            .arg(config.with_extension("spool"))
             .args(extra)
             .stderr(Stdio::null())
             .spawn()

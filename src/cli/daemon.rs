@@ -87,6 +87,9 @@ pub(crate) fn start(a: RunArgs, loaded: &LoadedConfig, verbose: u8, strict: bool
     if let Some(w) = &a.workdir {
         cmd.arg("--workdir").arg(absolute(w));
     }
+    if let Some(d) = &a.spool_dir {
+        cmd.arg("--spool-dir").arg(absolute(d));
+    }
     cmd.arg("--pidfile")
         .arg(&paths.pidfile)
         .arg("--logfile")

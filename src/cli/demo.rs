@@ -117,6 +117,8 @@ async fn drive(
         &loaded,
         &Overrides {
             capacity: Some(2),
+            // The demo's own spool, removed with its temp dir.
+            spool_dir: config_path.parent().map(|d| d.join("spool")),
             ..Default::default()
         },
     )?;
@@ -147,6 +149,7 @@ async fn drive(
         workdir: None,
         env_vars: Default::default(),
         timeout_secs: timeout,
+        on_disconnect: Default::default(),
     };
     let shell = |s: &str| CommandLine::Shell { cmd: s.to_owned() };
     let runs = [

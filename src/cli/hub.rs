@@ -82,6 +82,13 @@ pub struct ServeArgs {
     /// Seconds between pings; a worker silent for 3 of them is marked OFFLINE.
     #[arg(long, default_value_t = 5, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat: u64,
+    /// Seconds the jobs of a disconnected worker wait for it to come back (and resume them) before they
+    /// are marked lost.
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=604800))]
+    pub lost_after: u64,
+    /// Seconds a worker has to accept or refuse an offered job before it is offered elsewhere.
+    #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub offer_lease: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +139,10 @@ pub struct ExecArgs {
     /// Queue the job and print its id instead of waiting.
     #[arg(long)]
     pub detach: bool,
+    /// Cancel the command when its worker has been disconnected from the hub this many seconds (by
+    /// default it keeps running and its output is delivered when the worker reconnects).
+    #[arg(long, value_name = "SECS")]
+    pub cancel_after_disconnect: Option<u64>,
     /// The command: one string runs through the worker's shell, several words run as argv.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,
@@ -257,6 +268,8 @@ async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
         .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", a.listen)))?;
     let mut cfg = HubConfig::new(data_dir);
     cfg.heartbeat = Duration::from_secs(a.heartbeat);
+    cfg.lost_after = Duration::from_secs(a.lost_after);
+    cfg.offer_lease = Duration::from_secs(a.offer_lease);
     server::run(listener, cfg, crate::shutdown::on_signals()).await?;
     Ok(ExitCode::Success)
 }

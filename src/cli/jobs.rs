@@ -9,8 +9,8 @@ use super::table::{or_dash, render};
 use crate::error::{Error, Result};
 use crate::exit::ExitCode;
 use crate::hub::client::{AdminClient, ExecEvent};
-use crate::protocol::CommandLine;
 use crate::protocol::api::{EvalTask, JobRecord, JobSpec, JobState, Target, Task};
+use crate::protocol::{CommandLine, OnDisconnect};
 
 /// The target flags shared by `exec`, `eval`, `ship` and `fetch`.
 pub(crate) fn target(a: &TargetArgs) -> Result<Target> {
@@ -28,6 +28,11 @@ pub(crate) fn target(a: &TargetArgs) -> Result<Target> {
     })
 }
 
+/// `--cancel-after-disconnect SECS` as the job's disconnect policy.
+fn on_disconnect(secs: Option<u64>) -> OnDisconnect {
+    secs.map_or(OnDisconnect::Continue, OnDisconnect::CancelAfter)
+}
+
 /// Builds the job spec of `exec` arguments.
 pub(crate) fn exec_spec(a: &ExecArgs) -> Result<JobSpec> {
     let target = target(&a.target)?;
@@ -39,6 +44,7 @@ pub(crate) fn exec_spec(a: &ExecArgs) -> Result<JobSpec> {
         workdir: a.workdir.clone(),
         env_vars,
         timeout_secs: a.timeout,
+        on_disconnect: on_disconnect(a.cancel_after_disconnect),
     })
 }
 
@@ -78,6 +84,7 @@ pub(crate) fn eval_spec(a: &EvalArgs) -> Result<JobSpec> {
         workdir: None,
         env_vars: BTreeMap::new(),
         timeout_secs: a.timeout,
+        on_disconnect: Default::default(),
     })
 }
 

@@ -151,6 +151,7 @@ async fn open(
         workdir: None,
         env_vars: Default::default(),
         timeout_secs: None,
+        on_disconnect: Default::default(),
     };
     c.open_transfer(&spec, cancel, &mut |why| on(Update::Waiting(why)))
         .await

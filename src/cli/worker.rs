@@ -168,6 +168,10 @@ pub struct RunArgs {
     /// Directory jobs run in unless they name one (default: where the worker was started).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
+    /// Where jobs' output and results wait for the hub's acknowledgement (the spool of worker ID is
+    /// SPOOL_DIR/ID; default ~/.local/share/cla-worker/spool, /var/lib/cla-worker/spool for root).
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
     /// On SIGINT/SIGTERM, seconds running jobs get to finish before they are killed.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub drain_timeout: u64,
@@ -395,6 +399,7 @@ pub(crate) fn overrides(a: &RunArgs) -> Overrides {
         envs: a.labels.envs(),
         capacity: a.capacity,
         workdir: a.workdir.clone(),
+        spool_dir: a.spool_dir.clone(),
     }
 }
 

@@ -29,6 +29,10 @@ pub struct ConfigFile {
     /// Rotated logfiles kept (`worker.log.1` … `.N`, default 5).
     pub log_keep: Option<u32>,
     pub pidfile: Option<PathBuf>,
+    /// Where jobs' output and results wait for the hub's acknowledgement (`SPOOL_DIR/ID/`).
+    pub spool_dir: Option<PathBuf>,
+    /// Spool size limit in MiB (default 1024): output past it is not spooled.
+    pub spool_max_mb: Option<u64>,
     #[serde(default)]
     pub registrations: Vec<Registration>,
     pub policy: Option<Policy>,
@@ -111,6 +115,8 @@ const TOP_KEYS: &[&str] = &[
     "log_max_mb",
     "log_keep",
     "pidfile",
+    "spool_dir",
+    "spool_max_mb",
     "registrations",
     "policy",
     "tls",

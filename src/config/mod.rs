@@ -137,6 +137,7 @@ pub struct Overrides {
     pub envs: Vec<String>,
     pub capacity: Option<u32>,
     pub workdir: Option<PathBuf>,
+    pub spool_dir: Option<PathBuf>,
 }
 
 /// Everything a running worker needs, resolved from file + flags.
@@ -150,6 +151,10 @@ pub struct WorkerSettings {
     pub capacity: u32,
     pub workdir: Option<PathBuf>,
     pub policy: Policy,
+    /// This worker's spool directory (`SPOOL_DIR/ID`).
+    pub spool_dir: PathBuf,
+    /// The spool's size limit in bytes.
+    pub spool_max_bytes: u64,
     /// The config file the registration was found in, if any.
     pub source: Option<PathBuf>,
 }
@@ -249,15 +254,34 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
     }
     Ok(WorkerSettings {
         url: url.trim_end_matches('/').to_owned(),
-        id,
         token,
         tags: tags.unwrap_or_else(|| f.tags.clone()),
         envs: envs.unwrap_or_else(|| f.envs.clone()),
         capacity,
         workdir: cli.workdir.clone().or_else(|| f.workdir.clone()),
         policy: f.policy.clone().unwrap_or_default(),
+        spool_dir: cli
+            .spool_dir
+            .clone()
+            .or_else(|| f.spool_dir.clone())
+            .unwrap_or_else(default_spool_base)
+            .join(&id),
+        spool_max_bytes: f.spool_max_mb.unwrap_or(1024).max(1) << 20,
         source: loaded.path.clone(),
+        id,
     })
+}
+
+/// Where spools go by default: `/var/lib/cla-worker/spool` for root, else the user's local data dir
+/// (`~/.local/share/cla-worker/spool` on Linux).
+pub fn default_spool_base() -> PathBuf {
+    #[cfg(unix)]
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/cla-worker/spool");
+    }
+    directories::ProjectDirs::from("", "", "cla-worker")
+        .map(|d| d.data_local_dir().join("spool"))
+        .unwrap_or_else(|| PathBuf::from(".cla-worker-spool"))
 }
 
 #[cfg(test)]

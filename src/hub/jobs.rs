@@ -20,7 +20,7 @@ use crate::protocol::api::{
 };
 use crate::protocol::{
     Chunk, CommandLine, EvalRequest, ExecRequest, FEATURE_TRANSFER, FetchRequest, Hello, HubMessage,
-    JobResult, Outcome, ShipRequest, TransferFrame, TransferOp, TransferSummary,
+    JobResult, Outcome, Resumed, ShipRequest, TransferFrame, TransferOp, TransferSummary,
 };
 use crate::util::now_rfc3339;
 
@@ -89,9 +89,34 @@ pub(crate) struct LiveJob {
     parked: Option<JobResult>,
     /// When the job's queue timeout runs out (it still applies after a refused or lost offer).
     queue_deadline: Option<tokio::time::Instant>,
+    /// Set while the job's worker is disconnected (the job waits for it to come back): the number of
+    /// this disconnect, which its grace timer checks.
+    detached: Option<u64>,
 }
 
 impl LiveJob {
+    /// A job as it enters the hub's memory (new, or reloaded from the store after a restart).
+    fn new(record: JobRecord, subscriber: Option<mpsc::Sender<JobEvent>>) -> LiveJob {
+        let queue_deadline = (record.state == JobState::Queued)
+            .then_some(record.spec.target.queue_timeout_secs)
+            .flatten()
+            .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
+        LiveJob {
+            stdout: record.stdout.clone().into_bytes(),
+            stderr: record.stderr.clone().into_bytes(),
+            record,
+            subscribers: subscriber.into_iter().collect(),
+            waiters: Vec::new(),
+            refused_by: HashSet::new(),
+            cancel_requested: false,
+            stream: None,
+            verdict: None,
+            parked: None,
+            queue_deadline,
+            detached: None,
+        }
+    }
+
     /// The subscribers still listening (those whose client went away are dropped).
     fn live_subscribers(&mut self) -> Vec<mpsc::Sender<JobEvent>> {
         self.subscribers.retain(|s| !s.is_closed());
@@ -105,6 +130,16 @@ impl LiveJob {
         r
     }
 }
+
+/// An offer on its way: the session's channel and id, the job, the request, and the write of the
+/// `offered` state that must be durable before the request goes.
+type Offer = (
+    mpsc::Sender<Outbound>,
+    String,
+    String,
+    HubMessage,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::hub::store::StoreError>> + Send>>,
+);
 
 /// A job that just ended: what must still be written and told, outside the state lock.
 struct Ended {
@@ -287,14 +322,24 @@ impl Hub {
                 format!("no worker `{w}` is registered: see `cla-hub workers` for the ids"),
             ));
         }
-        let record = JobRecord::queued(new_job_id(), spec, now_rfc3339());
+        let mut record = JobRecord::queued(new_job_id(), spec, now_rfc3339());
+        record.streamed = subscriber.is_some();
         // The rest runs as its own task: a caller dropped half-way (an HTTP client that left) must not
         // leave a stored job that nothing in memory backs.
         let commit = self.store.put_job(&record);
         let hub = Arc::clone(self);
         tokio::spawn(async move {
-            commit.await?;
-            Ok(hub.enqueue(record, subscriber).await)
+            // Queued in memory at once: its offer is written after it in the store's order and sent only
+            // when that write is durable, so no worker hears of a job before it is stored — and the two
+            // writes usually share one fsync.
+            let now = hub.enqueue(record.clone(), subscriber).await;
+            match commit.await {
+                Ok(()) => Ok(now),
+                Err(e) => {
+                    hub.unstored(&record.id, &e.to_string()).await;
+                    Err(e.into())
+                }
+            }
         })
         .await
         .map_err(|e| ApiFail::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
@@ -306,44 +351,15 @@ impl Hub {
         record: JobRecord,
         subscriber: Option<mpsc::Sender<JobEvent>>,
     ) -> JobRecord {
-        let queue_deadline = record
-            .spec
-            .target
-            .queue_timeout_secs
-            .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s));
+        let live = LiveJob::new(record.clone(), subscriber);
+        let queue_deadline = live.queue_deadline;
         {
             let mut st = self.state();
-            st.jobs.insert(
-                record.id.clone(),
-                LiveJob {
-                    record: record.clone(),
-                    stdout: Vec::new(),
-                    stderr: Vec::new(),
-                    subscribers: subscriber.into_iter().collect(),
-                    waiters: Vec::new(),
-                    refused_by: HashSet::new(),
-                    cancel_requested: false,
-                    stream: None,
-                    verdict: None,
-                    parked: None,
-                    queue_deadline,
-                },
-            );
+            st.jobs.insert(record.id.clone(), live);
             st.queue.push_back(record.id.clone());
         }
         tracing::info!(job = %record.id, target = %record.spec.target.describe(), task = %record.spec.task.display(), "job queued");
-        if let Some(deadline) = queue_deadline {
-            // The timer does not keep the hub alive; a job that has left the queue by then is left alone
-            // (should it come back, `requeue_or_cancel` applies the deadline).
-            let hub = Arc::downgrade(self);
-            let id = record.id.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep_until(deadline).await;
-                if let Some(hub) = hub.upgrade() {
-                    hub.queue_timed_out(&id).await;
-                }
-            });
-        }
+        self.queue_timer(&record.id, queue_deadline);
         // A worker unregistered while the job was being stored: it fails now rather than wait for ever.
         if let Some(w) = &record.spec.target.worker
             && self.store.worker(w).ok().flatten().is_none()
@@ -352,6 +368,42 @@ impl Hub {
         }
         self.dispatch().await;
         self.job(&record.id).unwrap_or(record)
+    }
+
+    /// Starts the timer of a queued job's queue timeout.
+    fn queue_timer(&self, id: &str, queue_deadline: Option<tokio::time::Instant>) {
+        if let Some(deadline) = queue_deadline {
+            // The timer does not keep the hub alive; a job that has left the queue by then is left alone
+            // (should it come back, `requeue_or_cancel` applies the deadline).
+            let hub = self.me.clone();
+            let id = id.to_owned();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(deadline).await;
+                if let Some(hub) = hub.upgrade() {
+                    hub.queue_timed_out(&id).await;
+                }
+            });
+        }
+    }
+
+    /// A new job could not be stored: it fails (no offer of it was sent, as offers wait for the store).
+    async fn unstored(&self, id: &str, why: &str) {
+        let ended = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            st.queue.retain(|q| q != id);
+            let worker = st.jobs.get(id).and_then(|j| j.record.worker.clone());
+            if let Some(s) = worker.and_then(|w| st.sessions.get_mut(&w)) {
+                release(s, id);
+            }
+            end_job(st, id, |r| {
+                r.state = JobState::Failed;
+                r.error = Some(format!("the hub could not store the job: {why}"));
+            })
+        };
+        if let Some(e) = ended {
+            self.deliver(e).await;
+        }
     }
 
     /// A job's queue timeout: if no worker has taken it yet, it ends `timed_out`, saying why it waited.
@@ -373,7 +425,7 @@ impl Hub {
 
     /// Offers queued jobs, oldest first, to matching workers with a free slot (least loaded first).
     pub(crate) async fn dispatch(&self) {
-        let mut offers = Vec::new();
+        let mut offers: Vec<Offer> = Vec::new();
         let mut told = Vec::new();
         {
             let mut guard = self.state();
@@ -417,18 +469,20 @@ impl Hub {
                 job.record.waiting = None;
                 let req = offer(session, job);
                 let record = job.snapshot();
-                // Written (queued for the store) under the lock, so the store sees a job's states in order.
-                self.persist(&record);
-                offers.push((session.tx.clone(), record, req));
+                // Written under the lock, so the store sees a job's states in order.
+                let commit = Box::pin(self.store.put_job(&record));
+                offers.push((
+                    session.tx.clone(),
+                    session.session.clone(),
+                    record.id,
+                    req,
+                    commit,
+                ));
             }
             *queue = waiting;
         }
-        for (_, record, _) in &offers {
-            tracing::info!(job = %record.id, worker = record.worker.as_deref().unwrap_or(""), "job offered");
-        }
-        for (tx, _, msg) in offers {
-            // A closed channel means the session is ending; its cleanup re-queues offered jobs.
-            let _ = tx.send(Outbound::Message(msg)).await;
+        if !offers.is_empty() {
+            self.send_offers(offers);
         }
         // Only informative: a client that is not reading misses it rather than holding up dispatch.
         for (subs, why) in told {
@@ -438,15 +492,87 @@ impl Hub {
         }
     }
 
-    /// The worker took the job.
-    pub(crate) fn job_accepted(&self, worker: &str, job: &str) {
-        let mut st = self.state();
-        if let Some(j) = st.jobs.get_mut(job)
-            && j.record.worker.as_deref() == Some(worker)
-            && j.record.state == JobState::Offered
-        {
-            j.record.state = JobState::Accepted;
-            self.persist(&j.snapshot());
+    /// Sends offers once each is stored (a restarted hub then knows every job it offered, and to whom),
+    /// and starts their leases. Runs as its own task: the caller does not wait for the disk.
+    fn send_offers(&self, offers: Vec<Offer>) {
+        let (hub, lease) = (self.me.clone(), self.cfg.offer_lease);
+        tokio::spawn(async move {
+            for (tx, session, job, msg, commit) in offers {
+                match commit.await {
+                    Ok(()) => {
+                        tracing::info!(job = %job, "job offered");
+                        // A closed channel means the session is ending; its cleanup sees to the job.
+                        let _ = tx.send(Outbound::Message(msg)).await;
+                    }
+                    // Not sent: the lease below puts it back in the queue.
+                    Err(e) => tracing::error!(job = %job, "offer not sent: {e}"),
+                }
+                let hub = hub.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(lease).await;
+                    if let Some(hub) = hub.upgrade() {
+                        hub.offer_expired(&job, &session).await;
+                    }
+                });
+            }
+        });
+    }
+
+    /// An offer's lease ran out: if the worker has neither taken nor refused the job, it is offered
+    /// elsewhere (and should the worker accept it late, it is told to cancel).
+    async fn offer_expired(&self, job: &str, session: &str) {
+        let (requeued, ended) = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let Some(j) = st.jobs.get_mut(job) else { return };
+            let Some(worker) = j.record.worker.clone() else {
+                return;
+            };
+            let Some(s) = st.sessions.get_mut(&worker) else {
+                return;
+            };
+            if j.record.state != JobState::Offered || j.detached.is_some() || s.session != session {
+                return;
+            }
+            tracing::warn!(job, worker = %worker, "the worker did not answer the offer within {:?}: offering the job elsewhere", self.cfg.offer_lease);
+            release(s, job);
+            j.refused_by.insert(session.to_owned());
+            let (requeued, ended) = requeue_or_cancel(st, job);
+            if let Some(r) = &requeued {
+                self.persist(r);
+            }
+            (requeued, ended)
+        };
+        self.after_requeue(requeued, ended).await;
+    }
+
+    /// The worker took the job. A worker answering an offer that is no longer its own (the lease ran out
+    /// and the job went elsewhere, or it ended) is told to drop it.
+    pub(crate) async fn job_accepted(&self, worker: &str, job: &str) {
+        let stale = {
+            let mut st = self.state();
+            match st.jobs.get_mut(job) {
+                Some(j) if j.record.worker.as_deref() == Some(worker) => {
+                    if j.record.state == JobState::Offered {
+                        j.record.state = JobState::Accepted;
+                        self.persist(&j.snapshot());
+                    }
+                    None
+                }
+                _ => st.sessions.get(worker).map(|s| s.tx.clone()),
+            }
+        };
+        if let Some(tx) = stale {
+            tracing::warn!(
+                job,
+                worker,
+                "the worker accepted an offer it no longer holds: telling it to cancel"
+            );
+            let msg = HubMessage::Cancel {
+                job: job.to_owned(),
+                reason: "the offer expired before the worker accepted it".into(),
+            };
+            let _ = tx.send(Outbound::Message(msg)).await;
         }
     }
 
@@ -499,7 +625,10 @@ impl Hub {
         let (subs, stream) = {
             let mut st = self.state();
             match st.jobs.get_mut(job) {
-                Some(j) if j.record.worker.as_deref() == Some(worker) => {
+                // A resumed job's start is told again; once is enough.
+                Some(j)
+                    if j.record.worker.as_deref() == Some(worker) && j.record.state != JobState::Running =>
+                {
                     j.record.state = JobState::Running;
                     j.record.started = Some(now_rfc3339());
                     self.persist(&j.snapshot());
@@ -535,6 +664,11 @@ impl Hub {
             // File bytes (TRANSFER_STREAM) are relayed, not kept.
             if which != TRANSFER_STREAM {
                 let data = chunk.payload();
+                if which == STDOUT_STREAM {
+                    j.record.stdout_bytes += data.len() as u64;
+                } else {
+                    j.record.stderr_bytes += data.len() as u64;
+                }
                 let (buf, truncated) = if which == STDOUT_STREAM {
                     (&mut j.stdout, &mut j.record.stdout_truncated)
                 } else {
@@ -564,15 +698,19 @@ impl Hub {
     /// The job ended on the worker. A fetch that the worker sent completely ends only with its receiving
     /// client's verdict (see [`Hub::transfer_from_client`]).
     pub(crate) async fn job_finished(&self, worker: &str, result: JobResult) {
-        let ended = {
+        let job = result.job.clone();
+        let ended = 'ended: {
             let mut guard = self.state();
             let st = &mut *guard;
-            let Some(j) = st.jobs.get_mut(&result.job) else {
-                return;
+            // Not live, or not this worker's: ended here already (cancelled, lost), or a repeat after a
+            // reconnect. The worker may forget it.
+            let Some(j) = st
+                .jobs
+                .get_mut(&result.job)
+                .filter(|j| j.record.worker.as_deref() == Some(worker))
+            else {
+                break 'ended None;
             };
-            if j.record.worker.as_deref() != Some(worker) {
-                return;
-            }
             let hold = matches!(j.record.spec.task, Task::Fetch(_))
                 && result.outcome == Outcome::Succeeded
                 && j.verdict.is_none();
@@ -585,9 +723,20 @@ impl Hub {
             if hold { None } else { finish_with(st, result) }
         };
         if let Some(e) = ended {
+            // Stored (durably) before the worker is told it may forget the job.
             self.deliver(e).await;
         }
+        self.ack(worker, &job).await;
         self.dispatch().await;
+    }
+
+    /// Tells a worker the hub has the end of `job` (it drops the job's spool).
+    async fn ack(&self, worker: &str, job: &str) {
+        let tx = self.state().sessions.get(worker).map(|s| s.tx.clone());
+        if let Some(tx) = tx {
+            let msg = HubMessage::Ack { job: job.to_owned() };
+            let _ = tx.send(Outbound::Message(msg)).await;
+        }
     }
 
     /// A transfer frame from the worker: relayed to the job's client.
@@ -753,7 +902,7 @@ impl Hub {
                 .cloned()
                 .collect();
             st.queue.retain(|id| !pinned.contains(id));
-            pinned
+            let mut ended: Vec<Ended> = pinned
                 .iter()
                 .filter_map(|id| {
                     end_job(st, id, |r| {
@@ -761,15 +910,36 @@ impl Hub {
                         r.error = Some(format!("worker {worker} was unregistered before the job started"));
                     })
                 })
-                .collect()
+                .collect();
+            // Jobs waiting for the worker to come back: it will not.
+            let waiting: Vec<String> = st
+                .jobs
+                .iter()
+                .filter(|(_, j)| j.detached.is_some() && j.record.worker.as_deref() == Some(worker))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in waiting {
+                ended.extend(end_job(st, &id, |r| {
+                    r.error = Some(format!(
+                        "worker {worker} was unregistered while disconnected, with the job {}",
+                        r.state.as_str()
+                    ));
+                    r.state = JobState::Lost;
+                }));
+            }
+            ended
         };
         self.deliver_all(ended).await;
     }
 
-    /// A worker's session ended: offered jobs go back to the queue, accepted and running ones are lost.
+    /// A worker's session ended. Its exec and eval jobs (offered, accepted or running) wait for it to come
+    /// back, for `lost_after`: it resumes them with the output the hub missed, or they end `lost`. Its
+    /// transfers cannot wait (their client streams them): an offered one goes back to the queue, a
+    /// started one is lost.
     pub(crate) async fn session_ended(&self, worker: &str, session: &str) {
         let mut ended = Vec::new();
         let mut requeued = Vec::new();
+        let mut detached = Vec::new();
         {
             let mut guard = self.state();
             let st = &mut *guard;
@@ -778,8 +948,15 @@ impl Hub {
             }
             let s = st.sessions.remove(worker).expect("checked above");
             for job_id in s.running {
-                let Some(j) = st.jobs.get(&job_id) else { continue };
-                if j.record.state == JobState::Offered {
+                let Some(j) = st.jobs.get_mut(&job_id) else {
+                    continue;
+                };
+                if !j.record.spec.task.is_transfer() {
+                    let epoch = self.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    j.detached = Some(epoch);
+                    j.stream = None;
+                    detached.push((job_id, epoch));
+                } else if j.record.state == JobState::Offered {
                     let (r, e) = requeue_or_cancel(st, &job_id);
                     if let Some(r) = &r {
                         self.persist(r);
@@ -788,17 +965,221 @@ impl Hub {
                     ended.extend(e);
                 } else if let Some(e) = end_job(st, &job_id, |r| {
                     r.error = Some(format!(
-                        "worker {worker} disconnected while the job was {}",
+                        "worker {worker} disconnected while the transfer was {}; run it again",
                         r.state.as_str()
                     ));
                     r.state = JobState::Lost;
                 }) {
-                    tracing::warn!(job = %job_id, worker, "job lost: worker disconnected");
+                    tracing::warn!(job = %job_id, worker, "transfer lost: worker disconnected");
                     ended.push(e);
                 }
             }
         }
+        if !detached.is_empty() {
+            tracing::warn!(
+                worker,
+                jobs = detached.len(),
+                "worker disconnected with jobs: they wait {:?} for it to come back",
+                self.cfg.lost_after
+            );
+        }
+        for (job, epoch) in detached {
+            self.grace_timer(job, epoch);
+        }
         self.after_requeue(requeued, ended).await;
+    }
+
+    /// Ends a detached job as `lost` if its worker has not come back within `lost_after`.
+    fn grace_timer(&self, job: String, epoch: u64) {
+        let (hub, grace) = (self.me.clone(), self.cfg.lost_after);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(hub) = hub.upgrade() else { return };
+            let ended = {
+                let mut guard = hub.state();
+                let st = &mut *guard;
+                if st.jobs.get(&job).is_none_or(|j| j.detached != Some(epoch)) {
+                    return;
+                }
+                end_job(st, &job, |r| {
+                    let worker = r.worker.clone().unwrap_or_default();
+                    r.error = Some(format!(
+                        "worker {worker} did not come back within {}s of disconnecting, with the job {}{}",
+                        grace.as_secs(),
+                        r.state.as_str(),
+                        if r.state == JobState::Offered {
+                            " (it may have started there)"
+                        } else {
+                            ""
+                        }
+                    ));
+                    r.state = JobState::Lost;
+                })
+            };
+            if let Some(e) = ended {
+                tracing::warn!(job = %job, "job lost: its worker did not come back in time");
+                hub.deliver(e).await;
+            }
+        });
+    }
+
+    /// A worker connected (session `session`, already in the state) naming in `hello.resume` the jobs it
+    /// still has. The hub's jobs waiting for this worker that it named are taken back on this session,
+    /// with new stream ids and the output offsets the worker replays from; an offered one it did not name
+    /// never reached it (or it restarted before taking it) and goes back to the queue; an accepted or
+    /// running one it did not name is lost (the worker restarted without it). Returns what `welcome`
+    /// says; the cancels asked for meanwhile are sent after it.
+    pub(crate) async fn resume_jobs(&self, worker: &str, session: &str, named: &[String]) -> Vec<Resumed> {
+        let named: HashSet<&str> = named.iter().map(String::as_str).collect();
+        let mut resumed = Vec::new();
+        let mut cancels = Vec::new();
+        let mut requeued = Vec::new();
+        let mut ended = Vec::new();
+        let tx;
+        {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let mut unnamed = Vec::new();
+            {
+                let State { sessions, jobs, .. } = &mut *st;
+                let Some(s) = sessions.get_mut(worker).filter(|s| s.session == session) else {
+                    return Vec::new();
+                };
+                tx = s.tx.clone();
+                for (id, j) in jobs.iter_mut() {
+                    if j.detached.is_none() || j.record.worker.as_deref() != Some(worker) {
+                        continue;
+                    }
+                    j.detached = None;
+                    if !named.contains(id.as_str()) {
+                        unnamed.push((id.clone(), j.record.state));
+                        continue;
+                    }
+                    s.running.insert(id.clone());
+                    let mut stream = |which: u64| {
+                        let n = s.next_stream;
+                        s.next_stream += 1;
+                        s.streams.insert(n, (id.clone(), which));
+                        n
+                    };
+                    resumed.push(Resumed {
+                        job: id.clone(),
+                        stdout_offset: j.record.stdout_bytes,
+                        stderr_offset: j.record.stderr_bytes,
+                        stdout: stream(STDOUT_STREAM),
+                        stderr: stream(STDERR_STREAM),
+                    });
+                    if j.cancel_requested {
+                        cancels.push(id.clone());
+                    }
+                    tracing::info!(job = %id, worker, "job resumed after the worker reconnected");
+                }
+            }
+            for (id, state) in unnamed {
+                if state == JobState::Offered {
+                    let (r, e) = requeue_or_cancel(st, &id);
+                    if let Some(r) = &r {
+                        self.persist(r);
+                    }
+                    requeued.extend(r);
+                    ended.extend(e);
+                } else {
+                    tracing::warn!(job = %id, worker, "job lost: the worker reconnected without it");
+                    ended.extend(end_job(st, &id, |r| {
+                        r.error = Some(format!(
+                            "worker {worker} reconnected without the job, which was {} (the worker restarted, or lost its spool)",
+                            r.state.as_str()
+                        ));
+                        r.state = JobState::Lost;
+                    }));
+                }
+            }
+        }
+        // After the welcome: the cancels go to the worker once it has the jobs back.
+        let hub = self.me.clone();
+        tokio::spawn(async move {
+            for job in cancels {
+                let msg = HubMessage::Cancel {
+                    job,
+                    reason: "cancelled while the worker was disconnected".into(),
+                };
+                let _ = tx.send(Outbound::Message(msg)).await;
+            }
+            if let Some(hub) = hub.upgrade() {
+                hub.after_requeue(requeued, ended).await;
+            }
+        });
+        resumed
+    }
+
+    /// Loads the jobs a previous hub process left unfinished (called at start-up, before anything
+    /// connects). Queued ones wait in the queue again — except those a client was streaming: that client
+    /// went with the old process, so they are cancelled. Jobs offered to, or taken by, a worker wait for
+    /// it to reconnect and resume them (see [`Hub::resume_jobs`]), or end `lost` after `lost_after`.
+    /// Transfers in flight are lost: their client went with the old process.
+    pub(crate) async fn reload(&self) -> Result<(), crate::hub::store::StoreError> {
+        let mut detached = Vec::new();
+        let mut ended = Vec::new();
+        let (mut queued, mut waiting) = (0, 0);
+        for mut r in self.store.jobs()?.into_iter().filter(|r| !r.state.is_terminal()) {
+            let id = r.id.clone();
+            let stop = |r: &mut JobRecord, state: JobState, why: String| {
+                r.state = state;
+                r.error = Some(why);
+                r.ended = Some(now_rfc3339());
+                r.waiting = None;
+            };
+            if r.spec.task.is_transfer() {
+                let why = format!(
+                    "the hub restarted while the transfer was {}; run it again",
+                    r.state.as_str()
+                );
+                stop(&mut r, JobState::Lost, why);
+                ended.push(r);
+                continue;
+            }
+            if r.state == JobState::Queued || r.worker.is_none() {
+                if r.streamed {
+                    let why = "cancelled before it started: the hub restarted, and the client streaming it went with it".to_owned();
+                    stop(&mut r, JobState::Cancelled, why);
+                    ended.push(r);
+                    continue;
+                }
+                r.state = JobState::Queued;
+                r.worker = None;
+                let live = LiveJob::new(r, None);
+                let deadline = live.queue_deadline;
+                {
+                    let mut st = self.state();
+                    st.jobs.insert(id.clone(), live);
+                    st.queue.push_back(id.clone());
+                }
+                self.queue_timer(&id, deadline);
+                queued += 1;
+                continue;
+            }
+            let epoch = self.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut live = LiveJob::new(r, None);
+            live.detached = Some(epoch);
+            self.state().jobs.insert(id.clone(), live);
+            detached.push((id, epoch));
+            waiting += 1;
+        }
+        for r in &ended {
+            self.store.put_job_now(r)?;
+        }
+        for (job, epoch) in detached {
+            self.grace_timer(job, epoch);
+        }
+        if queued + waiting + ended.len() > 0 {
+            tracing::warn!(
+                queued,
+                waiting_for_workers = waiting,
+                ended = ended.len(),
+                "jobs left unfinished by the previous hub process reloaded"
+            );
+        }
+        Ok(())
     }
 
     /// Cancels a job: a queued one ends at once, a started one is killed by its worker (tree and all).
@@ -807,6 +1188,7 @@ impl Hub {
             Ended(Box<Ended>),
             Tell(mpsc::Sender<Outbound>, Box<JobRecord>),
             TellClient(Vec<mpsc::Sender<JobEvent>>, Box<JobRecord>),
+            Later(Box<JobRecord>),
         }
         let action = {
             let mut guard = self.state();
@@ -834,7 +1216,11 @@ impl Hub {
                     let j = st.jobs.get_mut(id).expect("matched above");
                     j.cancel_requested = true;
                     let snapshot = j.snapshot();
-                    tx.map(|tx| Action::Tell(tx, Box::new(snapshot)))
+                    // A job whose worker is disconnected is cancelled when the worker comes back.
+                    Some(match tx {
+                        Some(tx) => Action::Tell(tx, Box::new(snapshot)),
+                        None => Action::Later(Box::new(snapshot)),
+                    })
                 }
             }
         };
@@ -851,6 +1237,13 @@ impl Hub {
                     reason: "cancelled by an admin".into(),
                 };
                 let _ = tx.send(Outbound::Message(msg)).await;
+                Ok(*record)
+            }
+            Some(Action::Later(record)) => {
+                tracing::info!(
+                    job = id,
+                    "cancel requested; sent when the job's worker reconnects"
+                );
                 Ok(*record)
             }
             Some(Action::TellClient(subs, record)) => {
@@ -914,23 +1307,6 @@ impl Hub {
         Ok(all)
     }
 
-    /// Marks jobs a previous hub process left unfinished as `lost` (called at start-up).
-    pub(crate) fn reap_orphans(&self) -> Result<usize, crate::hub::store::StoreError> {
-        let mut n = 0;
-        for mut r in self.store.jobs()?.into_iter().filter(|r| !r.state.is_terminal()) {
-            r.error = Some(format!(
-                "the hub restarted while the job was {}",
-                r.state.as_str()
-            ));
-            r.state = JobState::Lost;
-            r.ended = Some(now_rfc3339());
-            r.waiting = None;
-            self.store.put_job_now(&r)?;
-            n += 1;
-        }
-        Ok(n)
-    }
-
     /// Stores a job's state without waiting for the write (it is committed in order, and its failure
     /// logged, by the store's writer).
     fn persist(&self, record: &JobRecord) {
@@ -990,6 +1366,7 @@ fn finish_with(st: &mut State, result: JobResult) -> Option<Ended> {
             Outcome::Failed | Outcome::Error => JobState::Failed,
             Outcome::TimedOut => JobState::TimedOut,
             Outcome::Cancelled => JobState::Cancelled,
+            Outcome::Lost => JobState::Lost,
         };
         r.rc = result.rc;
         r.signal = result.signal;
@@ -1041,6 +1418,7 @@ fn offer(session: &mut Session, job: &mut LiveJob) -> HubMessage {
             output_timeout_ms: None,
             stdout: stream(STDOUT_STREAM),
             stderr: stream(STDERR_STREAM),
+            on_disconnect: spec.on_disconnect,
         }),
         Task::Eval(e) => HubMessage::Eval(EvalRequest {
             job: id.clone(),
@@ -1048,6 +1426,7 @@ fn offer(session: &mut Session, job: &mut LiveJob) -> HubMessage {
             stash: e.stash.clone(),
             timeout_ms,
             stdout: stream(STDOUT_STREAM),
+            on_disconnect: spec.on_disconnect,
         }),
         Task::Ship(t) => {
             let s = stream(TRANSFER_STREAM);
@@ -1145,6 +1524,7 @@ mod tests {
             workdir: None,
             env_vars: Default::default(),
             timeout_secs: None,
+            on_disconnect: Default::default(),
         }
     }
 

@@ -37,6 +37,10 @@ pub struct HubConfig {
     pub heartbeat: Duration,
     /// Output kept per job and stream for `job show` (the live stream is not cut).
     pub max_output_bytes: usize,
+    /// How long the jobs of a disconnected worker wait for it to come back before they are `lost`.
+    pub lost_after: Duration,
+    /// How long a worker has to accept or refuse an offer before the job is offered elsewhere.
+    pub offer_lease: Duration,
 }
 
 impl HubConfig {
@@ -46,6 +50,8 @@ impl HubConfig {
             data_dir,
             heartbeat: Duration::from_secs(5),
             max_output_bytes: 1 << 20,
+            lost_after: Duration::from_secs(300),
+            offer_lease: Duration::from_secs(30),
         }
     }
 }
@@ -112,6 +118,10 @@ pub struct Hub {
     pub(crate) admin_hash: String,
     pub(crate) shutdown: CancellationToken,
     state: Mutex<State>,
+    /// This hub, for the timers it starts (they hold it weakly: they do not keep it alive).
+    pub(crate) me: std::sync::Weak<Hub>,
+    /// Numbers each disconnect of a job, so a grace timer ends only the disconnect it was set for.
+    pub(crate) epochs: std::sync::atomic::AtomicU64,
 }
 
 impl Hub {
@@ -121,12 +131,14 @@ impl Hub {
         admin_hash: String,
         shutdown: CancellationToken,
     ) -> Arc<Hub> {
-        Arc::new(Hub {
+        Arc::new_cyclic(|me| Hub {
             store,
             cfg,
             admin_hash,
             shutdown,
             state: Mutex::new(State::default()),
+            me: me.clone(),
+            epochs: Default::default(),
         })
     }
 

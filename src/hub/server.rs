@@ -31,10 +31,7 @@ pub async fn run(listener: TcpListener, cfg: HubConfig, shutdown: CancellationTo
     let url = local_url(addr);
     let admin_hash = admin_token(&store, &cfg.data_dir, &url)?;
     let hub = Hub::new(store, cfg, admin_hash, shutdown.clone());
-    let orphans = hub.reap_orphans()?;
-    if orphans > 0 {
-        tracing::warn!("{orphans} job(s) left unfinished by the previous hub process marked lost");
-    }
+    hub.reload().await?;
     tracing::info!(data_dir = %hub.cfg.data_dir.display(), "listening on {addr}");
     axum::serve(listener, router(hub))
         .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -89,7 +89,10 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
         let msg = format!("worker {id} is not registered on this hub (unregistered)");
         return reject(&mut writer, RejectCode::Unauthorized, msg, None).await;
     }
+    // The jobs this worker had when its last connection (or the last hub process) went.
+    let resume = hub.resume_jobs(&id, &session, &hello.resume).await;
     let welcome = Welcome {
+        resume,
         session: session.clone(),
         heartbeat_secs: hb.as_secs().max(1),
         limits: Limits {
@@ -262,7 +265,7 @@ async fn handle(hub: &Arc<Hub>, id: &str, text: &str) {
     };
     match msg {
         WorkerMessage::Hello(_) => tracing::warn!(worker = id, "duplicate hello ignored"),
-        WorkerMessage::Accepted { job } => hub.job_accepted(id, &job),
+        WorkerMessage::Accepted { job } => hub.job_accepted(id, &job).await,
         WorkerMessage::Refused { job, reason } => hub.job_refused(id, &job, &reason).await,
         WorkerMessage::Started { job, .. } => hub.job_started(id, &job).await,
         WorkerMessage::Finished(result) => hub.job_finished(id, result).await,

@@ -363,15 +363,16 @@ impl Store {
         Ok(self.all(WORKERS)?.into_iter().map(|(_, w)| w).collect())
     }
 
-    /// Stores a job, in order with the job writes before it. A new (queued) or ended job is fsynced
-    /// before the returned future completes; the steps in between (offered, accepted, running) are not, to
-    /// spare a job's round trip three fsyncs: after a crash such a job falls back to its last durable state
-    /// (queued), which a restarted hub reports as lost. Dropping the future does not cancel the write.
+    /// Stores a job, in order with the job writes before it. A queued, offered or ended job is fsynced
+    /// before the returned future completes (an offer is sent only then, so a restarted hub knows every
+    /// offer it made); `accepted` and `running` are not, to spare a round trip two fsyncs: after a crash
+    /// such a job falls back to `offered` to the same worker, which resumes it when it reconnects.
+    /// Dropping the future does not cancel the write.
     pub fn put_job(
         &self,
         rec: &JobRecord,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + use<> {
-        let durable = rec.state == JobState::Queued || rec.state.is_terminal();
+        let durable = matches!(rec.state, JobState::Queued | JobState::Offered) || rec.state.is_terminal();
         let (tx, rx) = oneshot::channel();
         let bytes = Arc::new(serde_json::to_vec(rec).expect("records serialize"));
         let sent = self.jobs.as_ref().is_some_and(|jobs| {

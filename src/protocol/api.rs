@@ -335,6 +335,9 @@ pub struct JobSpec {
     pub env_vars: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<f64>,
+    /// What the job does while its worker is disconnected from the hub (exec and eval).
+    #[serde(default, skip_serializing_if = "crate::protocol::OnDisconnect::is_continue")]
+    pub on_disconnect: crate::protocol::OnDisconnect,
 }
 
 /// A job's lifecycle (DESIGN.md §5).
@@ -410,6 +413,12 @@ pub struct JobRecord {
     /// True when the captured output was cut at the cap (the live stream had all of it).
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// Output bytes received from the worker per stream (the kept text stops at the cap). A worker that
+    /// reconnects, or a restarted hub, resumes the output from here.
+    #[serde(default)]
+    pub stdout_bytes: u64,
+    #[serde(default)]
+    pub stderr_bytes: u64,
     pub created: String,
     pub started: Option<String>,
     pub ended: Option<String>,
@@ -425,6 +434,9 @@ pub struct JobRecord {
     /// While the job is queued: why no worker has taken it yet ("all 2 matching workers busy").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// Created by a client that streams it (`exec`, `ship`, a rulebook step) rather than detached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streamed: bool,
 }
 
 impl JobRecord {
@@ -441,6 +453,8 @@ impl JobRecord {
             stderr: String::new(),
             stdout_truncated: false,
             stderr_truncated: false,
+            stdout_bytes: 0,
+            stderr_bytes: 0,
             created,
             started: None,
             ended: None,
@@ -448,6 +462,7 @@ impl JobRecord {
             eval: None,
             transfer: None,
             waiting: None,
+            streamed: false,
         }
     }
 }

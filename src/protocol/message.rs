@@ -68,6 +68,9 @@ pub enum HubMessage {
     Cancel { job: String, reason: String },
     /// Exit the worker process with code 10.
     Shutdown { reason: String },
+    /// The hub has stored the job's end (its `finished` and all output before it): the worker forgets
+    /// the job and deletes its spool.
+    Ack { job: String },
     /// Answer to a message the hub could not handle.
     Error { code: ErrorCode, message: String },
 }
@@ -85,7 +88,8 @@ pub struct Hello {
     pub os: String,
     pub arch: String,
     pub pid: u32,
-    /// Jobs the worker still runs or has unacknowledged results for (filled by the resume logic).
+    /// Jobs the worker still runs, or has ended without the hub's `ack` of their result (on a restart,
+    /// the jobs found in its spool). The hub answers with [`Welcome::resume`].
     #[serde(default)]
     pub resume: Vec<String>,
     /// Request kinds beyond exec and eval this worker handles ([`FEATURES`]); the hub offers a job only to
@@ -108,6 +112,40 @@ pub struct Welcome {
     /// The hub pings this often; either side treats 3 silent intervals as a dead connection.
     pub heartbeat_secs: u64,
     pub limits: Limits,
+    /// The jobs of `hello.resume` the hub still wants, with how much of their output it has. The worker
+    /// replays the rest from its spool, then goes on; a job it listed that is not here is over for the
+    /// hub (ended, cancelled or lost meanwhile): the worker stops it and forgets it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resume: Vec<Resumed>,
+}
+
+/// One job the hub takes back after a reconnect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resumed {
+    pub job: String,
+    /// Output bytes the hub has of stdout and stderr: the worker sends what follows.
+    pub stdout_offset: u64,
+    pub stderr_offset: u64,
+    /// The binary stream ids for stdout and stderr on this connection (eval: console on `stdout`).
+    pub stdout: u64,
+    pub stderr: u64,
+}
+
+/// What a job does while its worker has no connection to the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisconnect {
+    /// Keep running; the output is spooled and sent when the connection is back (the default).
+    #[default]
+    Continue,
+    /// Cancel the job when the connection has been down this many seconds.
+    CancelAfter(u64),
+}
+
+impl OnDisconnect {
+    pub fn is_continue(&self) -> bool {
+        *self == OnDisconnect::Continue
+    }
 }
 
 /// Limits the hub announces in `welcome`.
@@ -246,6 +284,8 @@ pub struct ExecRequest {
     pub stdout: u64,
     /// Binary stream id for stderr bytes.
     pub stderr: u64,
+    #[serde(default, skip_serializing_if = "OnDisconnect::is_continue")]
+    pub on_disconnect: OnDisconnect,
 }
 
 /// How a job ended, from the worker's point of view.
@@ -262,6 +302,9 @@ pub enum Outcome {
     Cancelled,
     /// Never ran: the command could not be started (not found, bad workdir, ...).
     Error,
+    /// The worker process stopped while the job ran (killed, crashed): a restarted worker found the
+    /// job in its spool without an end. Its processes may have outlived it.
+    Lost,
 }
 
 /// `finished`: the end of a job.
@@ -316,6 +359,8 @@ pub struct EvalRequest {
     pub timeout_ms: Option<u64>,
     /// Binary stream id for console output, streamed as it is logged.
     pub stdout: u64,
+    #[serde(default, skip_serializing_if = "OnDisconnect::is_continue")]
+    pub on_disconnect: OnDisconnect,
 }
 
 /// The outcome of an eval.

@@ -480,6 +480,7 @@ impl<'a> Runner<'a> {
             workdir: None,
             env_vars: Default::default(),
             timeout_secs: None,
+            on_disconnect: Default::default(),
         };
         let words = |v: &Json| -> Result<Vec<String>, String> {
             match v {
@@ -580,6 +581,7 @@ impl<'a> Runner<'a> {
             workdir: None,
             env_vars: Default::default(),
             timeout_secs: timeout,
+            on_disconnect: Default::default(),
         };
         let reporter = &mut *self.reporter;
         let record = self

@@ -3,6 +3,7 @@
 //! the child's whole process tree (including commands started with `cla.run`); the worker is unaffected.
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -10,8 +11,8 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use super::exec::{ExecCtx, PIPE_LINGER, scrub_env};
+use super::journal::{Journal, Stream};
 use super::process::{Ending, drain, exit_status, own_group, supervise};
-use super::session::Out;
 use crate::eval::child::{CHILD_ENV, ChildLine};
 use crate::eval::{DEFAULT_TIMEOUT_MS, EvalInput, EvalLimits, WorkerInfo};
 use crate::protocol::{ConsoleLine, EvalOutput, EvalRequest, JobResult, Outcome};
@@ -53,7 +54,12 @@ fn own_executable() -> std::io::Result<std::path::PathBuf> {
 }
 
 /// Runs one eval request to its end.
-pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: CancellationToken) -> JobResult {
+pub(crate) async fn handle(
+    req: EvalRequest,
+    ctx: &ExecCtx,
+    journal: Arc<Journal>,
+    cancel: CancellationToken,
+) -> JobResult {
     let start = Instant::now();
     let result = |outcome, rc, error, eval| JobResult {
         job: req.job.clone(),
@@ -113,7 +119,7 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
             );
         }
     };
-    ctx.started(&req.job, child.id()).await;
+    journal.started(child.id()).await;
 
     let request = serde_json::to_vec(&input).expect("eval input serializes");
     let mut stdin = child.stdin.take().expect("piped");
@@ -121,7 +127,7 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
         let _ = stdin.write_all(&request).await;
         // Dropping stdin closes it: the child reads to EOF.
     });
-    let (out, stream) = (ctx.out.clone(), req.stdout);
+    let out = journal.clone();
     let stdout = child.stdout.take().expect("piped");
     let reader = tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
@@ -132,11 +138,7 @@ pub(crate) async fn handle(req: EvalRequest, ctx: &ExecCtx, cancel: Cancellation
                     // In frames of at most 64 KiB, like exec output: a huge line never makes a huge message.
                     let bytes = bytes::Bytes::from(render(&c).into_bytes());
                     for start in (0..bytes.len()).step_by(FRAME) {
-                        let _ = out
-                            .send(Out::Data(
-                                stream,
-                                bytes.slice(start..bytes.len().min(start + FRAME)),
-                            ))
+                        out.output(Stream::Stdout, bytes.slice(start..bytes.len().min(start + FRAME)))
                             .await;
                     }
                 }

@@ -14,6 +14,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::journal::{Journal, Stream};
 use super::process::{Ending, drain, exit_status, own_group, shell, supervise};
 use super::session::Out;
 use crate::protocol::{CommandLine, ExecRequest, JobResult, Outcome, WorkerMessage};
@@ -79,7 +80,12 @@ impl ExecCtx {
 }
 
 /// Runs one exec request to its end.
-pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: CancellationToken) -> JobResult {
+pub(crate) async fn handle(
+    req: ExecRequest,
+    ctx: &ExecCtx,
+    journal: Arc<Journal>,
+    cancel: CancellationToken,
+) -> JobResult {
     let start = Instant::now();
     let result = |outcome, rc, signal, error| JobResult {
         job: req.job.clone(),
@@ -138,15 +144,15 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
             return result(Outcome::Error, None, None, Some(msg));
         }
     };
-    ctx.started(&req.job, child.id()).await;
+    journal.started(child.id()).await;
 
     let last_output = Arc::new(AtomicU64::new(0));
     let spawn_pump = |pipe: Box<dyn AsyncRead + Unpin + Send>, stream| {
-        tokio::spawn(pump(pipe, stream, ctx.out.clone(), start, last_output.clone()))
+        tokio::spawn(pump(pipe, stream, journal.clone(), start, last_output.clone()))
     };
     let pumps = [
-        spawn_pump(Box::new(child.stdout.take().expect("piped")), req.stdout),
-        spawn_pump(Box::new(child.stderr.take().expect("piped")), req.stderr),
+        spawn_pump(Box::new(child.stdout.take().expect("piped")), Stream::Stdout),
+        spawn_pump(Box::new(child.stderr.take().expect("piped")), Stream::Stderr),
     ];
 
     let timeout = req.timeout_ms.map(Duration::from_millis);
@@ -177,11 +183,11 @@ pub(crate) async fn handle(req: ExecRequest, ctx: &ExecCtx, cancel: Cancellation
     result(outcome, rc, signal, error)
 }
 
-/// Copies a pipe to the hub as binary frames on `stream` until EOF.
+/// Copies a pipe into the job's journal (which sends it on to the hub) until EOF.
 async fn pump(
     mut pipe: impl AsyncRead + Unpin,
-    stream: u64,
-    out: mpsc::Sender<Out>,
+    stream: Stream,
+    journal: Arc<Journal>,
     start: Instant,
     last: Arc<AtomicU64>,
 ) {
@@ -191,13 +197,7 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                if out
-                    .send(Out::Data(stream, Bytes::copy_from_slice(&buf[..n])))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+                journal.output(stream, Bytes::copy_from_slice(&buf[..n])).await;
             }
         }
     }

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod doctor;
 mod eval;
 mod exec;
+mod journal;
 pub(crate) mod process;
 pub mod registration;
 pub mod session;

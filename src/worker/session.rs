@@ -3,8 +3,9 @@
 //! after a successful handshake). SIGINT/SIGTERM drains: no new jobs, running ones get a deadline, then
 //! the kill ladder.
 //!
-//! Until the durable-jobs work lands (spool + resume), a lost connection cancels the jobs it carried:
-//! their results could not be delivered, and the hub reports them `lost`.
+//! Exec and eval jobs outlive the connection they came on: their output and results go through a
+//! [`Journal`] (spooled on disk until the hub acknowledges the end), and after a reconnect the worker
+//! lists them in `hello.resume` and replays what the hub missed. Transfers stop with their connection.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,14 +19,15 @@ use tokio_util::task::TaskTracker;
 use super::daemon::{ConnState, Reporter};
 use super::eval;
 use super::exec::{self, ExecCtx};
+use super::journal::{Journal, Link, Spool};
 use super::transfer;
 use crate::config::WorkerSettings;
 use crate::error::{Error, Result};
 use crate::protocol::connection::Incoming;
 use crate::protocol::{
-    Connection, ConnectionReader, ConnectionWriter, ErrorCode, Frame, Hello, HubMessage, JobResult, Outcome,
-    PROTOCOL_VERSION, ProtocolError, RejectCode, TransferFrame, WORKER_ID_HEADER, WS_PATH, WorkerMessage,
-    decode_text,
+    Connection, ConnectionReader, ConnectionWriter, ErrorCode, Frame, Hello, HubMessage, JobResult,
+    OnDisconnect, Outcome, PROTOCOL_VERSION, ProtocolError, RejectCode, Resumed, TransferFrame,
+    WORKER_ID_HEADER, WS_PATH, WorkerMessage, decode_text,
 };
 use crate::transfer::Piece;
 
@@ -171,7 +173,9 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
     ));
     let mut hup = Hup::new();
     let mut backoff = Backoff::default();
-    let mut seen = BoundedIds::new(SEEN_CAPACITY);
+    let spool = Arc::new(Spool::open(&settings.spool_dir, settings.spool_max_bytes)?);
+    let mut worker = WorkerJobs::new(spool);
+    worker.recover().await;
     tracing::info!(id = %settings.id, url = %settings.url, tags = ?settings.tags, capacity = settings.capacity, "cla-worker {} starting", crate::VERSION);
     let result = loop {
         let end = match connect_once(
@@ -179,7 +183,7 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
             &opts,
             &shutdown,
             &mut backoff,
-            &mut seen,
+            &mut worker,
             &reporter,
             &mut hup,
         )
@@ -216,6 +220,9 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
             break Ok(());
         }
     };
+    // Stopped while disconnected: jobs still running get the drain deadline; their ends wait in the
+    // spool for the next start.
+    worker.drain_offline(opts.drain_timeout).await;
     reporter.remove();
     result
 }
@@ -225,7 +232,7 @@ async fn connect_once(
     opts: &RunOptions,
     shutdown: &CancellationToken,
     backoff: &mut Backoff,
-    seen: &mut BoundedIds,
+    worker: &mut WorkerJobs,
     reporter: &Arc<Reporter>,
     hup: &mut Hup,
 ) -> Result<End> {
@@ -248,7 +255,9 @@ async fn connect_once(
         Err(e) => return Ok(lost(e.to_string())),
     };
     let (mut writer, mut reader) = conn.split();
-    if let Err(e) = writer.send(&WorkerMessage::Hello(hello(s, ""))).await {
+    let mut greeting = hello(s, "");
+    greeting.resume = worker.journaled();
+    if let Err(e) = writer.send(&WorkerMessage::Hello(greeting)).await {
         return Ok(lost(e.to_string()));
     }
     let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, first_message(&mut reader)).await {
@@ -274,8 +283,9 @@ async fn connect_once(
     reporter.state(ConnState::Connected, None);
     tracing::info!(session = %welcome.session, "connected to hub {} as {}", s.url, s.id);
     let heartbeat = Duration::from_secs(welcome.heartbeat_secs.max(1));
-    let mut live = Live::new(s, writer, reporter.clone(), heartbeat, opts.clone());
-    let end = live.serve(&mut reader, shutdown, seen, s, hup).await;
+    let mut live = Live::new(s, writer, reporter.clone(), heartbeat, opts.clone(), worker);
+    live.resume(&welcome.resume).await;
+    let end = live.serve(&mut reader, shutdown, s, hup).await;
     live.finish(matches!(end, End::Lost { .. })).await;
     Ok(end)
 }
@@ -317,17 +327,124 @@ async fn first_message(reader: &mut ConnectionReader) -> Result<HubMessage, Prot
     }
 }
 
-/// One established session: the writer task, the running jobs and their cancel tokens.
-struct Live {
+/// A job this worker process has taken, kept across connections until the hub acknowledges its end.
+struct Taken {
+    cancel: CancellationToken,
+    /// Transfers (which have their own limit, and stop with their connection).
+    transfer: bool,
+    /// Exec and eval jobs: their journal.
+    journal: Option<Arc<Journal>>,
+    on_disconnect: OnDisconnect,
+    /// The job's task is over; its end waits in the journal for the hub's `ack`.
+    ended: bool,
+}
+
+type Table = Arc<Mutex<HashMap<String, Taken>>>;
+
+/// The jobs of this worker process, across connections.
+struct WorkerJobs {
+    table: Table,
+    tracker: TaskTracker,
+    spool: Arc<Spool>,
+    /// Ids of accepted jobs (so a repeated offer is answered, not run twice).
+    seen: BoundedIds,
+    /// Counts established connections: a disconnect policy applies only if no new one came since.
+    epoch: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl WorkerJobs {
+    fn new(spool: Arc<Spool>) -> WorkerJobs {
+        WorkerJobs {
+            table: Arc::default(),
+            tracker: TaskTracker::new(),
+            spool,
+            seen: BoundedIds::new(SEEN_CAPACITY),
+            epoch: Arc::default(),
+        }
+    }
+
+    /// Takes in the journals a previous process left in the spool; a job without an end is lost.
+    async fn recover(&mut self) {
+        for journal in self.spool.recover() {
+            journal
+                .end_if_unfinished("the worker process stopped while the job ran (killed or crashed); its processes may have outlived it")
+                .await;
+            tracing::info!(job = %journal.job, "found in the spool: its end goes to the hub on connect");
+            self.seen.insert(journal.job.clone());
+            self.table.lock().expect("jobs lock").insert(
+                journal.job.clone(),
+                Taken {
+                    cancel: CancellationToken::new(),
+                    transfer: false,
+                    journal: Some(journal),
+                    on_disconnect: OnDisconnect::Continue,
+                    ended: true,
+                },
+            );
+        }
+    }
+
+    /// The jobs to name in `hello.resume`: all with a journal, running or ended.
+    fn journaled(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .table
+            .lock()
+            .expect("jobs lock")
+            .iter()
+            .filter(|(_, t)| t.journal.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn running(&self) -> u32 {
+        running(&self.table)
+    }
+
+    /// Stopping without a connection: running jobs get `timeout`, then are cancelled.
+    async fn drain_offline(&self, timeout: Duration) {
+        self.tracker.close();
+        let running = self.running();
+        if running == 0 {
+            return;
+        }
+        tracing::info!(
+            running,
+            "draining while disconnected: running jobs get {timeout:?}"
+        );
+        if tokio::time::timeout(timeout, self.tracker.wait()).await.is_err() {
+            tracing::warn!("drain deadline passed: cancelling running jobs");
+            cancel_all(&self.table);
+            self.tracker.wait().await;
+        }
+    }
+}
+
+fn running(table: &Table) -> u32 {
+    table
+        .lock()
+        .expect("jobs lock")
+        .values()
+        .filter(|t| !t.ended)
+        .count() as u32
+}
+
+fn cancel_all(table: &Table) {
+    for t in table.lock().expect("jobs lock").values() {
+        t.cancel.cancel();
+    }
+}
+
+/// One established session: the writer task and what it needs to take jobs.
+struct Live<'w> {
     reporter: Arc<Reporter>,
     /// The hub's heartbeat: 3 silent ones mean the connection is dead.
     heartbeat: Duration,
     opts: RunOptions,
     ctx: ExecCtx,
     capacity: usize,
-    /// Running jobs: their cancel token, and whether they are transfers (which have their own limit).
-    jobs: Arc<Mutex<HashMap<String, (CancellationToken, bool)>>>,
-    tracker: TaskTracker,
+    worker: &'w mut WorkerJobs,
     /// Cancelled when the writer fails: the connection is dead.
     dead: CancellationToken,
     /// Jobs cancelled before their offer arrived.
@@ -335,17 +452,19 @@ struct Live {
     writer: tokio::task::JoinHandle<()>,
 }
 
-impl Live {
+impl<'w> Live<'w> {
     fn new(
         s: &WorkerSettings,
         writer: ConnectionWriter,
         reporter: Arc<Reporter>,
         heartbeat: Duration,
         opts: RunOptions,
-    ) -> Live {
+        worker: &'w mut WorkerJobs,
+    ) -> Live<'w> {
         let (tx, rx) = mpsc::channel(256);
         let dead = CancellationToken::new();
         let writer = tokio::spawn(write_loop(writer, rx, dead.clone()));
+        worker.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Live {
             reporter,
             heartbeat,
@@ -360,8 +479,7 @@ impl Live {
                 routes: Arc::default(),
             },
             capacity: s.capacity as usize,
-            jobs: Arc::default(),
-            tracker: TaskTracker::new(),
+            worker,
             dead,
             cancelled_early: BoundedIds::new(EARLY_CANCELS),
             writer,
@@ -372,11 +490,41 @@ impl Live {
         let _ = self.ctx.out.send(Out::msg(msg)).await;
     }
 
+    /// Takes back the jobs the hub still wants after a reconnect (each replays what the hub missed, in
+    /// its own task), and gives up those it does not.
+    async fn resume(&mut self, wanted: &[Resumed]) {
+        let wanted: HashMap<&str, &Resumed> = wanted.iter().map(|r| (r.job.as_str(), r)).collect();
+        let mut dropped = Vec::new();
+        {
+            let mut table = self.worker.table.lock().expect("jobs lock");
+            table.retain(|id, t| {
+                let Some(journal) = &t.journal else { return true };
+                if let Some(r) = wanted.get(id.as_str()) {
+                    let (journal, r) = (journal.clone(), (*r).clone());
+                    let link = Link {
+                        out: self.ctx.out.clone(),
+                        streams: [r.stdout, r.stderr],
+                    };
+                    tokio::spawn(async move { journal.relink(link, &r).await });
+                    return true;
+                }
+                // The hub ended the job meanwhile (cancelled, lost): stop it and forget it.
+                tracing::warn!(job = %id, "the hub no longer has this job: stopping it and dropping its spool");
+                t.cancel.cancel();
+                dropped.push(journal.clone());
+                false
+            });
+        }
+        for j in dropped {
+            j.remove().await;
+        }
+        self.reporter.update(|s| s.running = running(&self.worker.table));
+    }
+
     async fn serve(
         &mut self,
         reader: &mut ConnectionReader,
         shutdown: &CancellationToken,
-        seen: &mut BoundedIds,
         settings: &mut WorkerSettings,
         hup: &mut Hup,
     ) -> End {
@@ -387,19 +535,19 @@ impl Live {
             let draining = drain_deadline.is_some();
             let incoming = tokio::select! {
                 _ = shutdown.cancelled(), if !draining => {
-                    let running = self.jobs.lock().expect("jobs lock").len();
+                    let running = self.worker.running();
                     tracing::info!(running, "draining: no new jobs; running ones get {:?}", opts.drain_timeout);
                     self.send(WorkerMessage::Draining).await;
                     self.reporter.state(ConnState::Draining, None);
                     drain_deadline = Some(tokio::time::Instant::now() + opts.drain_timeout);
-                    self.tracker.close();
+                    self.worker.tracker.close();
                     continue;
                 }
-                _ = self.tracker.wait(), if draining => return End::Shutdown,
+                _ = self.worker.tracker.wait(), if draining => return End::Shutdown,
                 _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if draining => {
                     tracing::warn!("drain deadline passed: cancelling running jobs");
-                    self.cancel_all();
-                    self.tracker.wait().await;
+                    cancel_all(&self.worker.table);
+                    self.worker.tracker.wait().await;
                     return End::Shutdown;
                 }
                 _ = self.dead.cancelled() => return lost("connection to the hub failed".into()),
@@ -448,53 +596,67 @@ impl Live {
             };
             match msg {
                 HubMessage::Exec(req) => {
+                    let kind = Kind::Journaled {
+                        streams: [req.stdout, req.stderr],
+                        on_disconnect: req.on_disconnect,
+                    };
                     let (job, what) = (req.job.clone(), req.command.display());
-                    let work =
-                        move |ctx: ExecCtx, cancel| async move { exec::handle(req, &ctx, cancel).await };
-                    self.start_job(job, what, false, draining, seen, work).await
+                    let work = move |ctx: ExecCtx, journal: Option<Arc<Journal>>, cancel| async move {
+                        exec::handle(req, &ctx, journal.expect("exec jobs have a journal"), cancel).await
+                    };
+                    self.start_job(job, what, kind, draining, work).await
                 }
                 HubMessage::Eval(req) => {
+                    let kind = Kind::Journaled {
+                        streams: [req.stdout, 0],
+                        on_disconnect: req.on_disconnect,
+                    };
                     let (job, what) = (
                         req.job.clone(),
                         format!("eval ({} bytes of JavaScript)", req.code.len()),
                     );
-                    let work =
-                        move |ctx: ExecCtx, cancel| async move { eval::handle(req, &ctx, cancel).await };
-                    self.start_job(job, what, false, draining, seen, work).await
+                    let work = move |ctx: ExecCtx, journal: Option<Arc<Journal>>, cancel| async move {
+                        eval::handle(req, &ctx, journal.expect("eval jobs have a journal"), cancel).await
+                    };
+                    self.start_job(job, what, kind, draining, work).await
                 }
                 HubMessage::Ship(req) => {
                     let (job, what) = (req.job.clone(), format!("ship → {}", req.dest));
                     let work =
-                        move |ctx: ExecCtx, cancel| async move { transfer::ship(req, &ctx, cancel).await };
-                    self.start_job(job, what, true, draining, seen, work).await
+                        move |ctx: ExecCtx, _, cancel| async move { transfer::ship(req, &ctx, cancel).await };
+                    self.start_job(job, what, Kind::Transfer, draining, work).await
                 }
                 HubMessage::Fetch(req) => {
                     let (job, what) = (req.job.clone(), format!("fetch {}", req.path));
-                    let work =
-                        move |ctx: ExecCtx, cancel| async move { transfer::fetch(req, &ctx, cancel).await };
-                    self.start_job(job, what, true, draining, seen, work).await
+                    let work = move |ctx: ExecCtx, _, cancel| async move {
+                        transfer::fetch(req, &ctx, cancel).await
+                    };
+                    self.start_job(job, what, Kind::Transfer, draining, work).await
                 }
+                HubMessage::Ack { job } => self.acknowledged(&job).await,
                 HubMessage::Transfer(TransferFrame { job, op }) => {
                     if !transfer::route(&self.ctx.routes, Some(&job), None, Piece::Op(op)) {
                         tracing::debug!(job = %job, "transfer frame for no running transfer ignored");
                     }
                 }
-                HubMessage::Cancel { job, reason } => match self.jobs.lock().expect("jobs lock").get(&job) {
-                    Some((t, _)) => {
-                        tracing::info!(job = %job, "cancel: {reason}");
-                        t.cancel();
+                HubMessage::Cancel { job, reason } => {
+                    match self.worker.table.lock().expect("jobs lock").get(&job) {
+                        Some(t) => {
+                            tracing::info!(job = %job, "cancel: {reason}");
+                            t.cancel.cancel();
+                        }
+                        None => {
+                            // The offer may still be on its way (sent after the cancel): remember it, bounded.
+                            tracing::debug!(job = %job, "cancel for a job not running here (yet)");
+                            self.cancelled_early.insert(job);
+                        }
                     }
-                    None => {
-                        // The offer may still be on its way (sent after the cancel): remember it, bounded.
-                        tracing::debug!(job = %job, "cancel for a job not running here (yet)");
-                        self.cancelled_early.insert(job);
-                    }
-                },
+                }
                 HubMessage::Shutdown { reason } => {
                     tracing::warn!("the hub ordered a shutdown: {reason}");
-                    self.cancel_all();
-                    self.tracker.close();
-                    self.tracker.wait().await;
+                    cancel_all(&self.worker.table);
+                    self.worker.tracker.close();
+                    self.worker.tracker.wait().await;
                     return End::HubShutdown(reason);
                 }
                 HubMessage::Error { code, message } => tracing::warn!(?code, "hub reported: {message}"),
@@ -505,24 +667,33 @@ impl Live {
         }
     }
 
+    /// The hub has stored the job's end: forget it.
+    async fn acknowledged(&mut self, job: &str) {
+        let journal = {
+            let mut table = self.worker.table.lock().expect("jobs lock");
+            match table.get(job) {
+                Some(t) if t.ended => table.remove(job).and_then(|t| t.journal),
+                _ => None,
+            }
+        };
+        if let Some(j) = journal {
+            j.remove().await;
+            tracing::debug!(job, "end acknowledged by the hub; spool dropped");
+        }
+    }
+
     /// Accepts (or refuses) an offered job and runs `work` for it as a tracked task.
-    async fn start_job<F, Fut>(
-        &mut self,
-        job: String,
-        what: String,
-        is_transfer: bool,
-        draining: bool,
-        seen: &mut BoundedIds,
-        work: F,
-    ) where
-        F: FnOnce(ExecCtx, CancellationToken) -> Fut + Send + 'static,
+    async fn start_job<F, Fut>(&mut self, job: String, what: String, kind: Kind, draining: bool, work: F)
+    where
+        F: FnOnce(ExecCtx, Option<Arc<Journal>>, CancellationToken) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobResult> + Send + 'static,
     {
-        if !seen.insert(job.clone()) {
-            // Started here before a connection dropped (and stopped then): never run twice, but answer, so
-            // the hub ends the job and frees the slot.
-            tracing::warn!(job = %job, "job offered again after a reconnect; not running it twice");
-            let why = "the job was started on this worker before the connection dropped, and stopped; it is not run twice";
+        let is_transfer = matches!(kind, Kind::Transfer);
+        if !self.worker.seen.insert(job.clone()) {
+            // Taken here before (a transfer stopped by a dropped connection, or a repeat the hub sent
+            // before it heard of the first): never run twice, but answer, so the hub frees the slot.
+            tracing::warn!(job = %job, "job offered again; not running it twice");
+            let why = "the job was already taken by this worker; it is not run twice";
             let result = JobResult::not_run(job, Outcome::Error, why);
             self.send(WorkerMessage::Finished(result)).await;
             return;
@@ -532,12 +703,13 @@ impl Live {
             self.send(WorkerMessage::Finished(result)).await;
             return;
         }
-        let running = self
-            .jobs
+        let busy = self
+            .worker
+            .table
             .lock()
             .expect("jobs lock")
             .values()
-            .filter(|(_, t)| *t == is_transfer)
+            .filter(|t| !t.ended && t.transfer == is_transfer)
             .count();
         let limit = if is_transfer {
             crate::transfer::MAX_CONCURRENT
@@ -546,64 +718,122 @@ impl Live {
         };
         let refusal = if draining {
             Some("the worker is draining".to_owned())
-        } else if running >= limit {
+        } else if busy >= limit {
             let what = if is_transfer { "transfers" } else { "capacity" };
-            Some(format!("at {what} limit ({running}/{limit})"))
+            Some(format!("at {what} limit ({busy}/{limit})"))
         } else {
             None
         };
         if let Some(reason) = refusal {
-            seen.remove(&job);
+            self.worker.seen.remove(&job);
             self.send(WorkerMessage::Refused { job, reason }).await;
             return;
         }
+        // The journal (and its spool file) exists before the hub hears the job is taken.
+        let (journal, on_disconnect) = match kind {
+            Kind::Journaled {
+                streams,
+                on_disconnect,
+            } => {
+                let link = Link {
+                    out: self.ctx.out.clone(),
+                    streams,
+                };
+                (
+                    Some(Journal::create(&self.worker.spool, &job, link)),
+                    on_disconnect,
+                )
+            }
+            Kind::Transfer => (None, OnDisconnect::Continue),
+        };
         self.send(WorkerMessage::Accepted { job: job.clone() }).await;
         let cancel = CancellationToken::new();
-        let running = {
-            let mut jobs = self.jobs.lock().expect("jobs lock");
-            jobs.insert(job.clone(), (cancel.clone(), is_transfer));
-            jobs.len() as u32
-        };
-        self.reporter.update(|s| s.running = running);
-        let (ctx, jobs, reporter) = (self.ctx.clone(), self.jobs.clone(), self.reporter.clone());
+        self.worker.table.lock().expect("jobs lock").insert(
+            job.clone(),
+            Taken {
+                cancel: cancel.clone(),
+                transfer: is_transfer,
+                journal: journal.clone(),
+                on_disconnect,
+                ended: false,
+            },
+        );
+        let (ctx, table, reporter) = (self.ctx.clone(), self.worker.table.clone(), self.reporter.clone());
+        reporter.update(|s| s.running = running(&table));
         let span = tracing::info_span!("job", job_id = %job);
-        self.tracker.spawn(tracing::Instrument::instrument(
+        self.worker.tracker.spawn(tracing::Instrument::instrument(
             async move {
                 tracing::info!("running {what}");
-                let result = work(ctx.clone(), cancel).await;
+                let result = work(ctx.clone(), journal.clone(), cancel).await;
                 tracing::info!(outcome = ?result.outcome, rc = ?result.rc, ms = result.duration_ms, "finished");
-                let running = {
-                    let mut jobs = jobs.lock().expect("jobs lock");
-                    jobs.remove(&result.job);
-                    jobs.len() as u32
-                };
-                reporter.update(|s| s.running = running);
-                let _ = ctx.out.send(Out::msg(WorkerMessage::Finished(result))).await;
+                let job = result.job.clone();
+                match &journal {
+                    // Sent (now, or after a reconnect) and kept until the hub's ack.
+                    Some(j) => j.finish(result).await,
+                    None => {
+                        let _ = ctx.out.send(Out::msg(WorkerMessage::Finished(result))).await;
+                    }
+                }
+                {
+                    let mut table = table.lock().expect("jobs lock");
+                    match table.get_mut(&job) {
+                        Some(t) if journal.is_some() => t.ended = true,
+                        _ => {
+                            table.remove(&job);
+                        }
+                    }
+                }
+                reporter.update(|s| s.running = running(&table));
             },
             span,
         ));
     }
 
-    fn cancel_all(&self) {
-        for (t, _) in self.jobs.lock().expect("jobs lock").values() {
-            t.cancel();
-        }
-    }
-
-    /// Ends the session: jobs still running are cancelled (their results cannot be delivered without a
-    /// connection), then the writer is stopped. When the connection was lost, the writer may be stuck in a
-    /// write to a peer that is gone: it is aborted first, so job tasks sending their results fail at once
-    /// instead of waiting on a full channel.
+    /// Ends the session. When the connection was lost, the writer may be stuck in a write to a peer that
+    /// is gone: it is aborted first, so tasks sending to it fail at once. Transfers stop (they cannot go
+    /// on without their connection); exec and eval jobs go on, their journals keeping what they produce
+    /// for the next connection, unless their policy cancels them after a while.
     async fn finish(self, connection_lost: bool) {
         if connection_lost {
             self.writer.abort();
         }
-        self.cancel_all();
-        self.tracker.close();
-        self.tracker.wait().await;
+        let journals: Vec<Arc<Journal>> = {
+            let table = self.worker.table.lock().expect("jobs lock");
+            let epoch = self.worker.epoch.load(std::sync::atomic::Ordering::SeqCst);
+            for (id, t) in table.iter().filter(|(_, t)| !t.ended) {
+                match t.on_disconnect {
+                    _ if t.transfer => t.cancel.cancel(),
+                    OnDisconnect::Continue => {}
+                    OnDisconnect::CancelAfter(secs) => {
+                        let (cancel, epochs, id) = (t.cancel.clone(), self.worker.epoch.clone(), id.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(secs)).await;
+                            if epochs.load(std::sync::atomic::Ordering::SeqCst) == epoch {
+                                tracing::warn!(job = %id, "still disconnected after {secs}s: cancelling the job (its on_disconnect policy)");
+                                cancel.cancel();
+                            }
+                        });
+                    }
+                }
+            }
+            table.values().filter_map(|t| t.journal.clone()).collect()
+        };
+        for j in journals {
+            j.unlink().await;
+        }
         drop(self.ctx);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.writer).await;
     }
+}
+
+/// What kind of job is being started.
+enum Kind {
+    /// Exec and eval: journaled, with their output streams on this connection.
+    Journaled {
+        streams: [u64; 2],
+        on_disconnect: OnDisconnect,
+    },
+    Transfer,
 }
 
 async fn write_loop(mut writer: ConnectionWriter, mut rx: mpsc::Receiver<Out>, dead: CancellationToken) {

@@ -119,11 +119,17 @@ impl Hub {
     }
 
     pub fn start_at(dir: &Path, listen: &str) -> Hub {
+        Hub::start_with(dir, listen, &[])
+    }
+
+    /// A hub with extra `serve` flags (`--lost-after 3`).
+    pub fn start_with(dir: &Path, listen: &str, extra: &[&str]) -> Hub {
         let data_dir = dir.join("hub");
         let mut cmd = Command::new(HUB);
         cmd.arg("--data-dir")
             .arg(&data_dir)
-            .args(["serve", "--listen", listen, "--heartbeat", "1"]);
+            .args(["serve", "--listen", listen, "--heartbeat", "1"])
+            .args(extra);
         let proc = Proc::spawn(cmd);
         let line = proc.wait_for_line("listening on ", 30);
         let addr = line
@@ -225,6 +231,10 @@ pub fn register(hub: &Hub, dir: &Path, id: &str, tags: &str) -> WorkerSetup {
         .unwrap();
     assert!(out.status.success(), "register failed: {}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    // Each test's workers spool in its temp dir (not in the shared default under $HOME).
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("spool_dir: {}\n", dir.join("spool").display()));
+    std::fs::write(&config, text).unwrap();
     WorkerSetup {
         config,
         id: id.to_owned(),
@@ -264,4 +274,106 @@ pub fn pid_alive(pid: i32) -> bool {
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
+}
+
+/// A TCP proxy on loopback that a test can cut (every open connection is shut down and new ones are
+/// refused) and restore: a network outage between a worker and its hub.
+pub struct Proxy {
+    pub url: String,
+    state: Arc<ProxyState>,
+}
+
+struct ProxyState {
+    cut: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    open: Mutex<Vec<std::net::TcpStream>>,
+    connections: std::sync::atomic::AtomicUsize,
+}
+
+impl Proxy {
+    /// Forwards `127.0.0.1:<free port>` to `target` (`host:port`).
+    pub fn start(target: &str) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let state = Arc::new(ProxyState {
+            cut: false.into(),
+            stop: false.into(),
+            open: Mutex::new(Vec::new()),
+            connections: 0.into(),
+        });
+        let (st, target) = (state.clone(), target.to_owned());
+        std::thread::spawn(move || {
+            while !st.stop.load(Ordering::SeqCst) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                if st.cut.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                client.set_nonblocking(false).unwrap();
+                let Ok(upstream) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                st.connections.fetch_add(1, Ordering::SeqCst);
+                {
+                    let mut open = st.open.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(upstream.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                    (upstream, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { url, state }
+    }
+
+    /// The outage starts: open connections are shut down, new ones refused.
+    pub fn cut(&self) {
+        self.state.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.state.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// The network is back.
+    pub fn restore(&self) {
+        self.state.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections forwarded so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.state.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The JSON of `job show ID` (after `--wait` if `wait`).
+pub fn job_json(hub: &Hub, id: &str, wait: bool) -> serde_json::Value {
+    let mut args = vec!["job", "show", id, "--json"];
+    if wait {
+        args.push("--wait");
+    }
+    let out = hub.run(&args);
+    serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("job show {id}: {e}: {}", stderr(&out)))
 }

@@ -1,0 +1,446 @@
+//! A job's journal on the worker: its output, start and end, kept until the hub acknowledges the end,
+//! so that neither a dropped connection nor a restarted hub loses any of it (DESIGN.md §5).
+//!
+//! Everything a job produces is appended to its spool file and, while the worker is connected, sent on.
+//! After a reconnect the hub says how much of each stream it has ([`crate::protocol::Resumed`]); the
+//! journal replays the rest from the spool, then the job goes on live. The file goes when the hub's
+//! `ack` says the job's end is stored.
+//!
+//! Spool file `SPOOL_DIR/JOB.spool`: records `[kind u8][length u32 LE][payload]`: 1 stdout bytes,
+//! 2 stderr bytes, 3 started (pid as u32 LE, 0 for none), 4 the result (JSON [`JobResult`]). A record
+//! cut short by a crash is ignored. The file is created when the job is accepted, so a worker
+//! restarted after dying finds the jobs it had taken, and reports those without an end as lost.
+//! Writes are not fsynced: the spool outlives the worker process, not the machine.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::session::Out;
+use crate::protocol::{JobResult, Outcome, Resumed, WorkerMessage};
+
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+const STARTED: u8 = 3;
+const RESULT: u8 = 4;
+
+/// Largest replay read (and frame) at a time.
+const REPLAY_CHUNK: usize = 64 * 1024;
+
+/// Which output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stream {
+    Stdout = 0,
+    Stderr = 1,
+}
+
+/// The worker's spool directory: one file per job not yet acknowledged by the hub.
+pub(crate) struct Spool {
+    dir: Option<PathBuf>,
+    /// Bytes in all spool files; writes past `max` are not spooled.
+    used: AtomicU64,
+    max: u64,
+    #[cfg(unix)]
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+impl Spool {
+    /// Opens (creating it) the spool directory, locked against a second worker process using it.
+    pub(crate) fn open(dir: &Path, max_bytes: u64) -> crate::error::Result<Spool> {
+        use crate::error::Error;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::Usage(format!(
+                "cannot create the spool directory {}: {e}; set `spool_dir` in the config to a writable directory",
+                dir.display()
+            ))
+        })?;
+        #[cfg(unix)]
+        let lock = {
+            use nix::fcntl::{Flock, FlockArg};
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("lock"))
+                .map_err(|e| Error::io(dir, e))?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => Some(l),
+                Err(_) => {
+                    return Err(Error::Usage(format!(
+                        "the spool directory {} is in use by another cla-worker process; give each worker \
+                         its own `spool_dir` (or stop the other one)",
+                        dir.display()
+                    )));
+                }
+            }
+        };
+        Ok(Spool {
+            dir: Some(dir.to_path_buf()),
+            used: AtomicU64::new(0),
+            max: max_bytes,
+            #[cfg(unix)]
+            _lock: lock,
+        })
+    }
+
+    fn path(&self, job: &str) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join(format!("{job}.spool")))
+    }
+
+    /// The journals a previous worker process left: jobs it accepted whose end the hub has not
+    /// acknowledged. Those without an end are given one: `lost` (the process running them is gone).
+    pub(crate) fn recover(self: &Arc<Self>) -> Vec<Arc<Journal>> {
+        let Some(dir) = &self.dir else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(job) = name.strip_suffix(".spool") else {
+                continue;
+            };
+            if job.is_empty() || job.starts_with('.') {
+                continue;
+            }
+            match self.reopen(job, &e.path()) {
+                Ok(j) => found.push(j),
+                Err(err) => {
+                    tracing::warn!(job, "unreadable spool file {} skipped: {err}", e.path().display())
+                }
+            }
+        }
+        found.sort_by(|a, b| a.job.cmp(&b.job));
+        found
+    }
+
+    fn reopen(self: &Arc<Self>, job: &str, path: &Path) -> std::io::Result<Arc<Journal>> {
+        let mut state = State::default();
+        let mut valid = 0u64;
+        for_each_record(path, |kind, payload, end| {
+            match kind {
+                STDOUT => state.written[0] += payload.len() as u64,
+                STDERR => state.written[1] += payload.len() as u64,
+                STARTED => {
+                    let pid = payload
+                        .get(..4)
+                        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+                    state.started = Some(pid.filter(|p| *p != 0));
+                }
+                RESULT => state.result = serde_json::from_slice(payload).ok(),
+                _ => {}
+            }
+            valid = end;
+        })?;
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        // Drop a record a crash cut short, so new records follow whole ones.
+        file.set_len(valid)?;
+        let mut file = file;
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::End(0))?;
+        self.used.fetch_add(valid, Ordering::Relaxed);
+        state.file = Some(file);
+        state.spooled = valid;
+        let journal = Arc::new(Journal {
+            job: job.to_owned(),
+            path: Some(path.to_path_buf()),
+            spool: self.clone(),
+            state: tokio::sync::Mutex::new(state),
+        });
+        Ok(journal)
+    }
+}
+
+/// Calls `f(kind, payload, end_offset)` for each whole record of a spool file.
+fn for_each_record(path: &Path, mut f: impl FnMut(u8, &[u8], u64)) -> std::io::Result<()> {
+    let mut r = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut offset = 0u64;
+    let mut payload = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        if read_full(&mut r, &mut head)? < 5 {
+            return Ok(());
+        }
+        let len = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
+        payload.resize(len, 0);
+        if read_full(&mut r, &mut payload)? < len {
+            return Ok(());
+        }
+        offset += 5 + len as u64;
+        f(head[0], &payload, offset);
+    }
+}
+
+/// Reads until `buf` is full or the end of the file; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Where a journal sends what its job produces: the current connection's writer and stream ids.
+pub(crate) struct Link {
+    pub out: mpsc::Sender<Out>,
+    pub streams: [u64; 2],
+}
+
+#[derive(Default)]
+struct State {
+    /// The spool file, while it takes writes.
+    file: Option<std::fs::File>,
+    /// Bytes in the spool file.
+    spooled: u64,
+    /// True once a write was not spooled (limit or error): a replay may then miss output.
+    gap: bool,
+    /// Output bytes the job produced, per stream.
+    written: [u64; 2],
+    /// `Some(pid)` once the process runs.
+    started: Option<Option<u32>>,
+    result: Option<JobResult>,
+    link: Option<Link>,
+    /// The hub gave the job up: nothing more is kept or sent.
+    abandoned: bool,
+}
+
+/// One job's journal (see the module docs).
+pub(crate) struct Journal {
+    pub job: String,
+    path: Option<PathBuf>,
+    spool: Arc<Spool>,
+    state: tokio::sync::Mutex<State>,
+}
+
+impl Journal {
+    /// Starts the journal of a job being accepted (its spool file exists from now on).
+    pub(crate) fn create(spool: &Arc<Spool>, job: &str, link: Link) -> Arc<Journal> {
+        let path = spool.path(job);
+        let file = path.as_ref().and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(p)
+                .map_err(|e| {
+                    tracing::warn!(
+                        job,
+                        "cannot create spool file {}: {e}; output is not spooled",
+                        p.display()
+                    )
+                })
+                .ok()
+        });
+        Arc::new(Journal {
+            job: job.to_owned(),
+            path,
+            spool: spool.clone(),
+            state: tokio::sync::Mutex::new(State {
+                gap: file.is_none(),
+                file,
+                link: Some(link),
+                ..State::default()
+            }),
+        })
+    }
+
+    /// Appends a record to the spool (if it still takes writes).
+    fn spool_write(&self, st: &mut State, kind: u8, payload: &[u8]) {
+        let Some(file) = st.file.as_mut() else {
+            st.gap |= kind == STDOUT || kind == STDERR;
+            return;
+        };
+        let size = 5 + payload.len() as u64;
+        let small = kind == STARTED || kind == RESULT;
+        // The limit applies to output; the start and the end are always kept.
+        if !small && self.spool.used.load(Ordering::Relaxed) + size > self.spool.max {
+            if !st.gap {
+                tracing::warn!(
+                    job = %self.job,
+                    "spool limit of {} MiB reached: further output of this job is not spooled, and is lost if the connection drops",
+                    self.spool.max >> 20
+                );
+            }
+            st.gap = true;
+            return;
+        }
+        let mut head = [0u8; 5];
+        head[0] = kind;
+        head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let written = file.write_all(&head).and_then(|_| file.write_all(payload));
+        match written {
+            Ok(()) => {
+                st.spooled += size;
+                self.spool.used.fetch_add(size, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(job = %self.job, "spool write failed ({e}): output is no longer spooled");
+                // A half-written record would corrupt what follows: stop writing this file.
+                st.file = None;
+                st.gap = true;
+            }
+        }
+    }
+
+    /// Sends through the link; a failed send (the connection went) unlinks.
+    async fn send(st: &mut State, out: Out) {
+        if let Some(l) = &st.link
+            && l.out.send(out).await.is_err()
+        {
+            st.link = None;
+        }
+    }
+
+    /// Output of the job.
+    pub(crate) async fn output(&self, which: Stream, data: Bytes) {
+        let mut st = self.state.lock().await;
+        if st.abandoned {
+            return;
+        }
+        let kind = if which == Stream::Stdout { STDOUT } else { STDERR };
+        self.spool_write(&mut st, kind, &data);
+        st.written[which as usize] += data.len() as u64;
+        if let Some(stream) = st.link.as_ref().map(|l| l.streams[which as usize]) {
+            Self::send(&mut st, Out::Data(stream, data)).await;
+        }
+    }
+
+    /// The job's process runs.
+    pub(crate) async fn started(&self, pid: Option<u32>) {
+        let mut st = self.state.lock().await;
+        if st.abandoned {
+            return;
+        }
+        self.spool_write(&mut st, STARTED, &pid.unwrap_or(0).to_le_bytes());
+        st.started = Some(pid);
+        let msg = WorkerMessage::Started {
+            job: self.job.clone(),
+            pid,
+        };
+        Self::send(&mut st, Out::msg(msg)).await;
+    }
+
+    /// The job ended: kept until the hub acknowledges it.
+    pub(crate) async fn finish(&self, result: JobResult) {
+        let mut st = self.state.lock().await;
+        if st.abandoned {
+            return;
+        }
+        let json = serde_json::to_vec(&result).expect("results serialize");
+        self.spool_write(&mut st, RESULT, &json);
+        if let Some(f) = st.file.as_mut() {
+            let _ = f.flush();
+        }
+        st.result = Some(result.clone());
+        Self::send(&mut st, Out::msg(WorkerMessage::Finished(result))).await;
+    }
+
+    /// True once the job has ended (its result is known).
+    pub(crate) async fn ended(&self) -> bool {
+        self.state.lock().await.result.is_some()
+    }
+
+    /// The connection went: keep everything for the next one.
+    pub(crate) async fn unlink(&self) {
+        self.state.lock().await.link = None;
+    }
+
+    /// A new connection takes the job back: sends what the hub is missing (output past its offsets, the
+    /// start, the end), then links the job to the connection. Holding the journal meanwhile makes the
+    /// job's new output wait, so it follows the replay in order.
+    pub(crate) async fn relink(&self, link: Link, from: &Resumed) {
+        let mut st = self.state.lock().await;
+        if st.abandoned {
+            return;
+        }
+        st.link = Some(link);
+        let offsets = [from.stdout_offset, from.stderr_offset];
+        let missing = offsets[0] < st.written[0] || offsets[1] < st.written[1];
+        if missing {
+            if let Err(e) = self.replay(&mut st, offsets).await {
+                tracing::warn!(job = %self.job, "replaying the spool failed: {e}");
+            }
+            if st.gap {
+                tracing::warn!(job = %self.job, "part of this job's output was not spooled and could not be resent");
+            }
+        }
+        if let Some(pid) = st.started {
+            let msg = WorkerMessage::Started {
+                job: self.job.clone(),
+                pid,
+            };
+            Self::send(&mut st, Out::msg(msg)).await;
+        }
+        if let Some(r) = st.result.clone() {
+            Self::send(&mut st, Out::msg(WorkerMessage::Finished(r))).await;
+        }
+    }
+
+    /// Sends the spooled output past `offsets`.
+    async fn replay(&self, st: &mut State, offsets: [u64; 2]) -> std::io::Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        if let Some(f) = st.file.as_mut() {
+            f.flush()?;
+        }
+        // Read the records first (outside the async sends); the file is bounded by the spool limit, and
+        // only output past the offsets is kept.
+        let mut pending: Vec<(usize, Bytes)> = Vec::new();
+        let mut seen = [0u64; 2];
+        for_each_record(path, |kind, payload, _| {
+            let which = match kind {
+                STDOUT => 0,
+                STDERR => 1,
+                _ => return,
+            };
+            let start = seen[which];
+            seen[which] += payload.len() as u64;
+            if seen[which] > offsets[which] {
+                let skip = offsets[which].saturating_sub(start) as usize;
+                let data = Bytes::copy_from_slice(&payload[skip..]);
+                for c in (0..data.len()).step_by(REPLAY_CHUNK) {
+                    pending.push((which, data.slice(c..data.len().min(c + REPLAY_CHUNK))));
+                }
+            }
+        })?;
+        let resent: usize = pending.iter().map(|(_, d)| d.len()).sum();
+        for (which, data) in pending {
+            let Some(stream) = st.link.as_ref().map(|l| l.streams[which]) else {
+                break;
+            };
+            Self::send(st, Out::Data(stream, data)).await;
+        }
+        tracing::info!(job = %self.job, bytes = resent, "resent the output the hub had not received");
+        Ok(())
+    }
+
+    /// The job is over for this worker (acknowledged by the hub, or given up by it): the spool file goes.
+    pub(crate) async fn remove(&self) {
+        let mut st = self.state.lock().await;
+        st.abandoned = true;
+        st.link = None;
+        st.file = None;
+        self.spool.used.fetch_sub(
+            st.spooled.min(self.spool.used.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        st.spooled = 0;
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// The result a recovered journal ends with when its process is gone.
+    pub(crate) async fn end_if_unfinished(&self, why: &str) {
+        if self.ended().await {
+            return;
+        }
+        let result = JobResult::not_run(self.job.clone(), Outcome::Lost, why);
+        self.finish(result).await;
+    }
+}

@@ -1,0 +1,346 @@
+//! Nothing lost, nothing run twice (DESIGN.md §5): connections cut mid-job through a proxy the test
+//! controls, a hub killed with SIGKILL and restarted, workers killed mid-job. Each job appends a line to
+//! a file when it starts, so a second run would show.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::common::*;
+
+/// A job that says when it runs (one line in `runs`) and prints numbered lines on both streams.
+fn script(runs: &Path, lines: u32, pause: &str) -> String {
+    format!(
+        "echo run >> {}; for i in $(seq 1 {lines}); do echo out $i; echo err $i >&2; sleep {pause}; done",
+        runs.display()
+    )
+}
+
+fn expected(prefix: &str, lines: u32) -> String {
+    (1..=lines).map(|i| format!("{prefix} {i}\n")).collect()
+}
+
+/// Waits until a job has produced at least `n` bytes of stdout.
+fn wait_output(hub: &Hub, id: &str, n: u64) {
+    wait_until(&format!("job {id} to print {n} bytes"), 30, || {
+        job_json(hub, id, false)["stdout_bytes"].as_u64().unwrap_or(0) >= n
+    });
+}
+
+fn spool_files(dir: &Path, id: &str) -> Vec<String> {
+    std::fs::read_dir(dir.join("spool").join(id))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".spool"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A `cla-hub exec` client whose stdout goes to a file; killed on drop.
+struct Client {
+    child: std::process::Child,
+}
+
+impl Client {
+    fn exec(hub: &Hub, out: &Path, args: &[&str]) -> Client {
+        let child = hub
+            .cmd()
+            .arg("exec")
+            .args(args)
+            .stdout(std::fs::File::create(out).unwrap())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Client { child }
+    }
+
+    fn wait(&mut self, secs: u64) -> std::process::ExitStatus {
+        let mut status = None;
+        wait_until("the exec client to exit", secs, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_connection_cut_mid_job_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let proxy = Proxy::start(&hub.addr);
+    let setup = register(&hub, dir.path(), "w1", "t");
+    let worker = run_worker(&setup, &["--url", &proxy.url]);
+    hub.wait_worker_state("w1", "idle", 20);
+
+    // A client streams the job straight from the hub while the worker's link is cut and restored.
+    let runs = dir.path().join("runs");
+    let streamed = dir.path().join("streamed.txt");
+    let mut client = Client::exec(
+        &hub,
+        &streamed,
+        &["--worker", "w1", "--", &script(&runs, 60, "0.05")],
+    );
+    wait_until("the job to start printing", 30, || {
+        std::fs::read_to_string(&streamed).is_ok_and(|s| s.lines().count() >= 5)
+    });
+    proxy.cut();
+    hub.wait_worker_state("w1", "offline", 20);
+    // The job goes on while its worker is cut off; its output is spooled.
+    std::thread::sleep(Duration::from_millis(1500));
+    proxy.restore();
+
+    let status = client.wait(90);
+    assert!(status.success(), "exec client: {status}");
+    assert_eq!(std::fs::read_to_string(&streamed).unwrap(), expected("out", 60));
+    let jobs: serde_json::Value = serde_json::from_str(&hub.ok(&["jobs", "--json"])).unwrap();
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let id = jobs[0]["id"].as_str().unwrap();
+    let v = job_json(&hub, id, true);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["stdout"], expected("out", 60));
+    assert_eq!(v["stderr"], expected("err", 60));
+    assert_eq!(
+        v["stdout_bytes"].as_u64().unwrap() as usize,
+        expected("out", 60).len()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "run\n",
+        "the job ran once"
+    );
+    assert!(proxy.connections() >= 2, "the worker reconnected");
+    worker.wait_for_line("resent the output", 10);
+    // The hub acknowledged the end: the worker's spool is empty.
+    wait_until("the spool to empty", 10, || {
+        spool_files(dir.path(), "w1").is_empty()
+    });
+}
+
+#[test]
+fn a_hub_killed_mid_job_and_restarted_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");
+    let runs = dir.path().join("runs");
+    let id = hub
+        .ok(&[
+            "exec",
+            "--worker",
+            "w1",
+            "--detach",
+            "--",
+            &script(&runs, 40, "0.05"),
+        ])
+        .trim()
+        .to_owned();
+    wait_output(&hub, &id, 20);
+    let addr = hub.addr.clone();
+    hub.proc.signal(Signal::SIGKILL);
+    hub.proc.kill();
+    // The job goes on while the hub is down.
+    std::thread::sleep(Duration::from_millis(700));
+    let hub = Hub::start_at(dir.path(), &addr);
+    let v = job_json(&hub, &id, true);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["stdout"], expected("out", 40));
+    assert_eq!(v["stderr"], expected("err", 40));
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "run\n",
+        "the job ran once"
+    );
+    wait_until("the spool to empty", 10, || {
+        spool_files(dir.path(), "w1").is_empty()
+    });
+}
+
+#[test]
+fn queued_jobs_survive_a_hub_restart_and_run_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = Hub::start(dir.path());
+    let setup = register(&hub, dir.path(), "w1", "t");
+    let runs = dir.path().join("runs");
+    // Detached: it waits in the queue for w1, which is not running yet.
+    let id = hub
+        .ok(&[
+            "exec",
+            "--worker",
+            "w1",
+            "--detach",
+            "--",
+            &format!("echo run >> {}; echo hi", runs.display()),
+        ])
+        .trim()
+        .to_owned();
+    // Streamed: its client goes with the hub, so it must not run later.
+    let streamed_out = dir.path().join("streamed.txt");
+    let mut client = Client::exec(
+        &hub,
+        &streamed_out,
+        &["--worker", "w1", "--", "echo nobody watches"],
+    );
+    wait_until("two queued jobs", 20, || {
+        serde_json::from_str::<serde_json::Value>(&hub.ok(&["jobs", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    });
+    let addr = hub.addr.clone();
+    hub.proc.signal(Signal::SIGKILL);
+    hub.proc.kill();
+    assert!(!client.wait(20).success());
+
+    let hub = Hub::start_at(dir.path(), &addr);
+    let _worker = run_worker(&setup, &[]);
+    let v = job_json(&hub, &id, true);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["stdout"], "hi\n");
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n");
+    let jobs: serde_json::Value = serde_json::from_str(&hub.ok(&["jobs", "--json"])).unwrap();
+    let other = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] != id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(other["state"], "cancelled", "{other}");
+    assert!(
+        other["error"].as_str().unwrap().contains("hub restarted"),
+        "{other}"
+    );
+}
+
+#[test]
+fn a_worker_killed_mid_job_reports_it_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    // Long grace: the restarted worker, not the timer, must end the job.
+    let hub = Hub::start(dir.path());
+    let setup = register(&hub, dir.path(), "w1", "t");
+    let mut worker = run_worker(&setup, &[]);
+    hub.wait_worker_state("w1", "idle", 20);
+    let id = hub
+        .ok(&["exec", "--worker", "w1", "--detach", "--", "sleep 20"])
+        .trim()
+        .to_owned();
+    wait_until("the job to run", 20, || {
+        job_json(&hub, &id, false)["state"] == "running"
+    });
+    worker.signal(Signal::SIGKILL);
+    worker.kill();
+    // Restarted with the same spool: it finds the job it had taken, without an end.
+    let _worker = run_worker(&setup, &[]);
+    let v = job_json(&hub, &id, true);
+    assert_eq!(v["state"], "lost", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("worker process stopped while the job ran"),
+        "{v}"
+    );
+    wait_until("the spool to empty", 10, || {
+        spool_files(dir.path(), "w1").is_empty()
+    });
+}
+
+#[test]
+fn a_worker_that_never_comes_back_has_its_jobs_lost_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start_with(dir.path(), "127.0.0.1:0", &["--lost-after", "2"]);
+    let setup = register(&hub, dir.path(), "w1", "t");
+    let mut worker = run_worker(&setup, &[]);
+    hub.wait_worker_state("w1", "idle", 20);
+    let id = hub
+        .ok(&["exec", "--worker", "w1", "--detach", "--", "sleep 20"])
+        .trim()
+        .to_owned();
+    wait_until("the job to run", 20, || {
+        job_json(&hub, &id, false)["state"] == "running"
+    });
+    worker.kill();
+    let out = hub.run(&["job", "show", &id, "--wait", "--json"]);
+    assert_eq!(out.status.code(), Some(255));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["state"], "lost");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not come back within 2s"),
+        "{v}"
+    );
+}
+
+#[test]
+fn cancel_after_disconnect_stops_a_job_while_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let proxy = Proxy::start(&hub.addr);
+    let setup = register(&hub, dir.path(), "w1", "t");
+    let worker = run_worker(&setup, &["--url", &proxy.url]);
+    hub.wait_worker_state("w1", "idle", 20);
+    let id = hub
+        .ok(&[
+            "exec",
+            "--worker",
+            "w1",
+            "--detach",
+            "--cancel-after-disconnect",
+            "1",
+            "--",
+            "echo started; sleep 30",
+        ])
+        .trim()
+        .to_owned();
+    wait_output(&hub, &id, 8);
+    proxy.cut();
+    worker.wait_for_line("cancelling the job (its on_disconnect policy)", 20);
+    proxy.restore();
+    let v = job_json(&hub, &id, true);
+    assert_eq!(v["state"], "cancelled", "{v}");
+    assert_eq!(v["stdout"], "started\n");
+}
+
+#[test]
+fn a_job_cancelled_while_its_worker_is_cut_off_is_cancelled_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let proxy = Proxy::start(&hub.addr);
+    let setup = register(&hub, dir.path(), "w1", "t");
+    let _worker = run_worker(&setup, &["--url", &proxy.url]);
+    hub.wait_worker_state("w1", "idle", 20);
+    let id = hub
+        .ok(&[
+            "exec",
+            "--worker",
+            "w1",
+            "--detach",
+            "--",
+            "echo started; sleep 30",
+        ])
+        .trim()
+        .to_owned();
+    wait_output(&hub, &id, 8);
+    proxy.cut();
+    hub.wait_worker_state("w1", "offline", 20);
+    hub.ok(&["job", "cancel", &id]);
+    proxy.restore();
+    let v = job_json(&hub, &id, true);
+    assert_eq!(v["state"], "cancelled", "{v}");
+}
