@@ -344,3 +344,69 @@ fn a_job_cancelled_while_its_worker_is_cut_off_is_cancelled_when_it_returns() {
     let v = job_json(&hub, &id, true);
     assert_eq!(v["state"], "cancelled", "{v}");
 }
+
+#[test]
+fn workers_are_drained_disabled_shut_down_and_unregistered_from_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let setup = register(&hub, dir.path(), "w1", "t");
+    let mut worker = run_worker(&setup, &[]);
+    hub.wait_worker_state("w1", "idle", 20);
+
+    // Disable: no jobs, with the reason; kept across a reconnect; enable lets the job run.
+    let out = hub.ok(&["worker", "disable", "w1"]);
+    assert!(out.contains("disabled"), "{out}");
+    assert_eq!(hub.worker_state("w1").as_deref(), Some("disabled"));
+    let o = hub.run(&["exec", "--worker", "w1", "--queue-timeout", "1", "--", "echo no"]);
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    assert!(stderr(&o).contains("disabled"), "{}", stderr(&o));
+    worker.kill();
+    let mut worker = run_worker(&setup, &[]);
+    hub.wait_worker_state("w1", "disabled", 20);
+    hub.ok(&["worker", "enable", "w1"]);
+    hub.wait_worker_state("w1", "idle", 5);
+    assert_eq!(hub.ok(&["exec", "--worker", "w1", "--", "echo yes"]), "yes\n");
+
+    // Drain: the running job finishes, nothing new starts, the worker exits 0.
+    let id = hub
+        .ok(&[
+            "exec",
+            "--worker",
+            "w1",
+            "--detach",
+            "--",
+            "sleep 1; echo drained",
+        ])
+        .trim()
+        .to_owned();
+    wait_until("the job to run", 20, || {
+        job_json(&hub, &id, false)["state"] == "running"
+    });
+    hub.ok(&["worker", "drain", "w1"]);
+    assert_eq!(worker.wait_exit(30).code(), Some(0));
+    let v = job_json(&hub, &id, true);
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["stdout"], "drained\n");
+
+    // Drain and shutdown need the worker connected.
+    let o = hub.run(&["worker", "shutdown", "w1"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not connected"), "{}", stderr(&o));
+
+    // Shutdown: exit 10.
+    let mut worker = run_worker(&setup, &[]);
+    hub.wait_worker_state("w1", "idle", 20);
+    hub.ok(&["worker", "shutdown", "w1"]);
+    assert_eq!(worker.wait_exit(30).code(), Some(10));
+
+    // Unregister: the worker forgets the registration and exits; the hub no longer knows it.
+    let mut worker = run_worker(&setup, &[]);
+    hub.wait_worker_state("w1", "idle", 20);
+    hub.ok(&["worker", "unregister", "w1"]);
+    assert_eq!(worker.wait_exit(30).code(), Some(0));
+    let config = std::fs::read_to_string(&setup.config).unwrap();
+    assert!(!config.contains("w1"), "{config}");
+    assert_eq!(hub.worker_state("w1"), None);
+    let o = hub.run(&["worker", "disable", "nope"]);
+    assert!(stderr(&o).contains("no worker `nope`"), "{}", stderr(&o));
+}

@@ -8,6 +8,7 @@
 
 mod common;
 
+mod chaos;
 mod cli_hub;
 mod cli_worker;
 mod daemon;

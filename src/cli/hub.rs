@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::exit::ExitCode;
 use crate::hub::client::AdminClient;
 use crate::hub::{HubConfig, default_data_dir, server};
-use crate::protocol::api::JobState;
+use crate::protocol::api::{JobState, WorkerAction};
 use crate::secret::Secret;
 
 /// cla-hub: the server cla-workers connect to, and its admin commands.
@@ -55,6 +55,13 @@ pub enum Command {
     Passkey(PasskeyCommand),
     /// List registered workers and their state.
     Workers,
+    /// Control a worker from here: drain, disable, enable, shutdown or unregister it.
+    Worker {
+        #[arg(value_enum)]
+        action: ActionArg,
+        /// The worker id (see `cla-hub workers`).
+        id: String,
+    },
     /// Run a command on a worker and stream its output; exits with the command's exit code.
     Exec(ExecArgs),
     /// Evaluate JavaScript on a worker; prints the result as JSON.
@@ -72,6 +79,33 @@ pub enum Command {
     Run(super::rulebook::RunArgs),
     /// Start an embedded hub and a local worker, run a few commands, clean up.
     Demo,
+}
+
+/// What `cla-hub worker` does.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ActionArg {
+    /// Take no new jobs, let the running ones finish, then exit (code 0).
+    Drain,
+    /// Stay connected but get no jobs until `enable` (kept across restarts).
+    Disable,
+    /// Take jobs again after `disable`.
+    Enable,
+    /// Exit now with code 10; running jobs are cancelled.
+    Shutdown,
+    /// Delete the registration; a connected worker removes it from its config and exits.
+    Unregister,
+}
+
+impl From<ActionArg> for WorkerAction {
+    fn from(a: ActionArg) -> Self {
+        match a {
+            ActionArg::Drain => WorkerAction::Drain,
+            ActionArg::Disable => WorkerAction::Disable,
+            ActionArg::Enable => WorkerAction::Enable,
+            ActionArg::Shutdown => WorkerAction::Shutdown,
+            ActionArg::Unregister => WorkerAction::Unregister,
+        }
+    }
 }
 
 #[derive(Debug, ClapArgs)]
@@ -245,6 +279,15 @@ async fn execute(args: Args) -> Result<ExitCode> {
         Command::Serve(a) => serve(a, data_dir.clone()).await,
         Command::Passkey(p) => passkey(&client()?, p, json).await,
         Command::Workers => workers(&client()?, json).await,
+        Command::Worker { action, id } => {
+            let done = client()?.worker_action(&id, action.into()).await?;
+            if json {
+                print_json(&done)?;
+            } else {
+                println!("{}", done.message);
+            }
+            Ok(ExitCode::Success)
+        }
         Command::Exec(a) => {
             let spec = jobs::exec_spec(&a)?;
             jobs::exec(&client()?, spec, a.detach, json).await

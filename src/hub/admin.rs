@@ -18,7 +18,7 @@ use super::server::{Admin, parse_body, upgrade};
 use super::store::PasskeyRecord;
 use crate::protocol::api::{
     AdminEvent, AdminRequest, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
-    PasskeyView, WorkerState, WorkerView,
+    PasskeyView, WorkerAction, WorkerActionDone, WorkerState, WorkerView,
 };
 use crate::protocol::connection::Incoming;
 use crate::protocol::{Connection, Frame, ProtocolError, decode_text};
@@ -39,6 +39,8 @@ pub(crate) async fn workers(_: Admin, State(hub): State<Arc<Hub>>) -> Result<Jso
             Some(s) => WorkerView {
                 state: if s.draining {
                     WorkerState::Draining
+                } else if s.disabled {
+                    WorkerState::Disabled
                 } else if s.running.is_empty() {
                     WorkerState::Idle
                 } else {
@@ -73,6 +75,18 @@ pub(crate) async fn workers(_: Admin, State(hub): State<Arc<Hub>>) -> Result<Jso
         })
         .collect();
     Ok(Json(views))
+}
+
+/// `POST /api/v1/admin/workers/{id}/{action}`: drain, disable, enable, shut down or unregister a worker.
+pub(crate) async fn worker_action(
+    _: Admin,
+    State(hub): State<Arc<Hub>>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<WorkerActionDone>, ApiFail> {
+    let action: WorkerAction = action
+        .parse()
+        .map_err(|e: String| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", e))?;
+    Ok(Json(hub.worker_action(&id, action).await?))
 }
 
 /// `GET /api/v1/admin/passkeys`.

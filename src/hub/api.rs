@@ -106,6 +106,7 @@ pub(crate) async fn register(
                 capacity: 1,
                 registered: now_rfc3339(),
                 last_seen: None,
+                disabled: false,
             };
             (rec, t)
         }

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::http::HttpClient;
 use crate::protocol::api::{
     AdminEvent, AdminRequest, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
-    PasskeyView, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, WorkerView,
+    PasskeyView, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, WorkerAction, WorkerActionDone, WorkerView,
 };
 use crate::protocol::connection::Incoming;
 use crate::protocol::{
@@ -97,6 +97,15 @@ impl AdminClient {
 
     pub async fn workers(&self) -> Result<Vec<WorkerView>> {
         self.get("/api/v1/admin/workers").await
+    }
+
+    /// `cla-hub worker ACTION ID`.
+    pub async fn worker_action(&self, id: &str, action: WorkerAction) -> Result<WorkerActionDone> {
+        self.post(
+            &format!("/api/v1/admin/workers/{id}/{}", action.as_str()),
+            &serde_json::json!({}),
+        )
+        .await
     }
 
     pub async fn passkey_create(&self, project: &str) -> Result<PasskeyCreated> {

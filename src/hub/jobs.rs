@@ -205,10 +205,10 @@ fn why_waiting(job: &LiveJob, sessions: &HashMap<String, Session>) -> String {
     let n = able.len();
     let open: Vec<&Session> = able
         .into_iter()
-        .filter(|s| !s.draining && !job.refused_by.contains(&s.session))
+        .filter(|s| !s.draining && !s.disabled && !job.refused_by.contains(&s.session))
         .collect();
     if open.is_empty() {
-        return format!("the {n} matching worker(s) are draining or refused the job");
+        return format!("the {n} matching worker(s) are draining, disabled, or refused the job");
     }
     if spec.task.is_transfer() {
         let limit = crate::transfer::MAX_CONCURRENT;
@@ -452,6 +452,7 @@ impl Hub {
                             (s.exec_running() as u32) < s.hello.capacity
                         };
                         !s.draining
+                            && !s.disabled
                             && has_room
                             && !job.refused_by.contains(&s.session)
                             && matches(&job.record.spec, &s.id, &s.hello)

@@ -4,6 +4,7 @@
 //! - [`session`]: one task per connected worker (handshake, heartbeats, frames in and out).
 //! - [`jobs`]: the job lifecycle: create, dispatch to a matching worker, output, end, cancel, wait.
 //! - [`api`]: registration endpoints; [`admin`]: the admin API and the live exec stream.
+//! - [`control`]: `cla-hub worker drain|disable|enable|shutdown|unregister`.
 //! - [`store`]: the embedded store; [`client`]: the admin client the CLI (and the demo) use.
 //!
 //! The hub never binds ports or installs signal handlers itself: `server::run` gets a listener and a
@@ -12,6 +13,7 @@
 pub mod admin;
 pub mod api;
 pub mod client;
+mod control;
 pub mod jobs;
 pub mod server;
 pub mod session;
@@ -89,6 +91,8 @@ pub(crate) struct Session {
     /// The transfers among `running` (they have their own limit instead of the worker's capacity).
     pub transfers: HashSet<String>,
     pub draining: bool,
+    /// `cla-hub worker disable`: offered nothing.
+    pub disabled: bool,
     /// Binary stream id → (job id, admin stream id: stdout or stderr).
     pub streams: HashMap<u64, (String, u64)>,
     pub next_stream: u64,

@@ -48,6 +48,7 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/register", post(api::register))
         .route("/api/v1/unregister", post(api::unregister))
         .route("/api/v1/admin/workers", get(admin::workers))
+        .route("/api/v1/admin/workers/{id}/{action}", post(admin::worker_action))
         .route(
             "/api/v1/admin/passkeys",
             get(admin::passkeys).post(admin::passkey_create),

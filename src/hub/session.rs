@@ -40,8 +40,8 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
             return;
         }
     };
-    let id = match auth {
-        Auth::Ok(r) => r.id,
+    let (id, disabled) = match auth {
+        Auth::Ok(r) => (r.id, r.disabled),
         Auth::Denied(why) => return reject(&mut writer, RejectCode::Unauthorized, why, None).await,
     };
     if hello.version != PROTOCOL_VERSION {
@@ -70,6 +70,7 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
                     running: Default::default(),
                     transfers: Default::default(),
                     draining: false,
+                    disabled,
                     streams: Default::default(),
                     next_stream: 1,
                     close: close.clone(),

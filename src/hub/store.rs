@@ -70,6 +70,9 @@ pub struct WorkerRecord {
     pub capacity: u32,
     pub registered: String,
     pub last_seen: Option<String>,
+    /// `cla-hub worker disable`: the hub offers this worker nothing until `enable`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
 }
 
 /// The store handle (cheap to share behind an `Arc`).

@@ -113,6 +113,52 @@ pub struct WorkerView {
     pub transfers: u32,
 }
 
+/// What `cla-hub worker ACTION ID` asks of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerAction {
+    /// Take no new jobs, finish the running ones, then exit.
+    Drain,
+    /// Stay connected but get no jobs (kept across reconnects and hub restarts) until `enable`.
+    Disable,
+    /// Undo `disable`.
+    Enable,
+    /// Exit now (code 10), cancelling running jobs.
+    Shutdown,
+    /// Delete the registration; a connected worker removes it from its config and exits.
+    Unregister,
+}
+
+impl WorkerAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerAction::Drain => "drain",
+            WorkerAction::Disable => "disable",
+            WorkerAction::Enable => "enable",
+            WorkerAction::Shutdown => "shutdown",
+            WorkerAction::Unregister => "unregister",
+        }
+    }
+}
+
+impl std::str::FromStr for WorkerAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned()))
+            .map_err(|_| format!("unknown action `{s}`: drain, disable, enable, shutdown or unregister"))
+    }
+}
+
+/// The answer to a worker action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerActionDone {
+    pub id: String,
+    pub action: WorkerAction,
+    /// Whether the worker was connected (and so was told at once).
+    pub connected: bool,
+    pub message: String,
+}
+
 /// A worker's state on the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

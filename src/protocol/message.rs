@@ -68,6 +68,11 @@ pub enum HubMessage {
     Cancel { job: String, reason: String },
     /// Exit the worker process with code 10.
     Shutdown { reason: String },
+    /// Take no new jobs, let the running ones finish, then exit (code 0): `cla-hub worker drain`.
+    Drain { reason: String },
+    /// The hub has deleted this worker's registration: the worker removes it from its config file,
+    /// cancels its jobs and exits (code 0).
+    Unregistered { reason: String },
     /// The hub has stored the job's end (its `finished` and all output before it): the worker forgets
     /// the job and deletes its spool.
     Ack { job: String },

@@ -139,6 +139,8 @@ enum End {
     Shutdown,
     /// The hub sent `shutdown`.
     HubShutdown(String),
+    /// The hub deleted the registration.
+    Unregistered(String),
     /// The connection failed or dropped; try again (not before `retry_after`).
     Lost {
         reason: String,
@@ -195,6 +197,10 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
         let (reason, retry_after) = match end {
             End::Shutdown => break Ok(()),
             End::HubShutdown(reason) => break Err(Error::HubShutdown(reason)),
+            End::Unregistered(reason) => {
+                forget_registration(&settings, &reason);
+                break Ok(());
+            }
             End::Lost { reason, retry_after } => (reason, retry_after),
         };
         reporter.state(ConnState::Reconnecting, Some(reason.clone()));
@@ -225,6 +231,29 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
     worker.drain_offline(opts.drain_timeout).await;
     reporter.remove();
     result
+}
+
+/// After the hub deleted this worker's registration: removes it from the config file it came from.
+fn forget_registration(s: &WorkerSettings, reason: &str) {
+    match &s.source {
+        Some(path) => match crate::config::save::remove_registration(path, &s.id) {
+            Ok(true) => tracing::warn!(
+                "registration {} removed from {} ({reason}); register again with `cla-worker register`",
+                s.id,
+                path.display()
+            ),
+            Ok(false) => tracing::warn!("registration {} was not in {} ({reason})", s.id, path.display()),
+            Err(e) => tracing::error!(
+                "could not remove registration {} from {}: {e}",
+                s.id,
+                path.display()
+            ),
+        },
+        None => tracing::warn!(
+            "registration {} deleted by the hub ({reason}); it came from flags, not a config file",
+            s.id
+        ),
+    }
 }
 
 async fn connect_once(
@@ -530,21 +559,24 @@ impl<'w> Live<'w> {
     ) -> End {
         let opts = &self.opts.clone();
         let silence = self.heartbeat * 3;
+        // Draining: no new jobs; the worker stops once the running ones end. A signal drains with a
+        // deadline (then the kill ladder); the hub's `drain` without one.
+        let mut draining = false;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
         loop {
-            let draining = drain_deadline.is_some();
             let incoming = tokio::select! {
-                _ = shutdown.cancelled(), if !draining => {
+                _ = shutdown.cancelled(), if drain_deadline.is_none() => {
                     let running = self.worker.running();
                     tracing::info!(running, "draining: no new jobs; running ones get {:?}", opts.drain_timeout);
-                    self.send(WorkerMessage::Draining).await;
-                    self.reporter.state(ConnState::Draining, None);
+                    if !draining {
+                        self.start_draining().await;
+                        draining = true;
+                    }
                     drain_deadline = Some(tokio::time::Instant::now() + opts.drain_timeout);
-                    self.worker.tracker.close();
                     continue;
                 }
                 _ = self.worker.tracker.wait(), if draining => return End::Shutdown,
-                _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if draining => {
+                _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if drain_deadline.is_some() => {
                     tracing::warn!("drain deadline passed: cancelling running jobs");
                     cancel_all(&self.worker.table);
                     self.worker.tracker.wait().await;
@@ -652,6 +684,26 @@ impl<'w> Live<'w> {
                         }
                     }
                 }
+                HubMessage::Drain { reason } => {
+                    let running = self.worker.running();
+                    tracing::warn!(
+                        running,
+                        "the hub asked this worker to drain ({reason}): no new jobs; exiting when the running ones end"
+                    );
+                    if !draining {
+                        self.start_draining().await;
+                        draining = true;
+                    }
+                }
+                HubMessage::Unregistered { reason } => {
+                    tracing::warn!(
+                        "the hub deleted this worker's registration ({reason}): cancelling its jobs and exiting"
+                    );
+                    cancel_all(&self.worker.table);
+                    self.worker.tracker.close();
+                    self.worker.tracker.wait().await;
+                    return End::Unregistered(reason);
+                }
                 HubMessage::Shutdown { reason } => {
                     tracing::warn!("the hub ordered a shutdown: {reason}");
                     cancel_all(&self.worker.table);
@@ -665,6 +717,13 @@ impl<'w> Live<'w> {
                 }
             }
         }
+    }
+
+    /// Stops taking jobs: tells the hub, the status file, and closes the tracker (so it can run empty).
+    async fn start_draining(&mut self) {
+        self.send(WorkerMessage::Draining).await;
+        self.reporter.state(ConnState::Draining, None);
+        self.worker.tracker.close();
     }
 
     /// The hub has stored the job's end: forget it.
