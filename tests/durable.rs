@@ -410,3 +410,92 @@ fn workers_are_drained_disabled_shut_down_and_unregistered_from_the_hub() {
     let o = hub.run(&["worker", "disable", "nope"]);
     assert!(stderr(&o).contains("no worker `nope`"), "{}", stderr(&o));
 }
+
+#[test]
+fn a_reconnect_storm_of_200_workers_is_absorbed_and_spread_out() {
+    use cla_worker::secret::Secret;
+    use cla_worker::worker::registration::{RegisterParams, register as api_register};
+    const N: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = Hub::start(dir.path());
+    let key = hub.passkey("storm");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let creds: Vec<(String, String)> = rt.block_on(async {
+        let mut creds = Vec::new();
+        for i in 0..N {
+            let r = api_register(&RegisterParams {
+                url: hub.url.clone(),
+                passkey: Secret::new(key.clone()),
+                id: Some(format!("s{i:03}")),
+                tags: vec!["storm".into()],
+                envs: vec![],
+                token: None,
+            })
+            .await
+            .unwrap();
+            creds.push((r.id, r.token));
+        }
+        creds
+    });
+    let workers: Vec<Proc> = creds
+        .iter()
+        .map(|(id, token)| {
+            let mut cmd = std::process::Command::new(WORKER);
+            cmd.args(["run", "--url", &hub.url, "--id", id, "--spool-dir"])
+                .arg(dir.path().join("spool"))
+                .env("CLA_WORKER_TOKEN", token);
+            Proc::spawn(cmd)
+        })
+        .collect();
+    let connected = |hub: &Hub| {
+        hub.workers_json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "idle")
+            .count()
+    };
+    wait_until("all workers to connect", 120, || connected(&hub) == N);
+
+    // The hub dies and comes back: every worker reconnects at once.
+    let addr = hub.addr.clone();
+    hub.proc.signal(Signal::SIGKILL);
+    hub.proc.kill();
+    let hub = Hub::start_at(dir.path(), &addr);
+    wait_until("all workers to reconnect", 120, || connected(&hub) == N);
+    let log = hub.proc.log_text();
+    assert!(!log.contains("worker rejected"), "{log}");
+    let stamps = hub.proc.stamps_of("worker connected");
+    assert_eq!(stamps.len(), N, "each worker connected once");
+    let span = *stamps.last().unwrap() - stamps[0];
+    // The most connections that arrived within any 50 ms.
+    let peak = (0..stamps.len())
+        .map(|i| {
+            stamps[i..]
+                .iter()
+                .take_while(|t| **t - stamps[i] < Duration::from_millis(50))
+                .count()
+        })
+        .max()
+        .unwrap();
+    eprintln!("reconnect storm: {N} workers over {span:?}, at most {peak} within 50 ms");
+    assert!(span >= Duration::from_millis(150), "not spread out: {span:?}");
+    assert!(peak < N / 2, "{peak} of {N} connected within 50 ms");
+
+    // A hub that takes one handshake at a time turns the rest away with `busy`; they all get in.
+    let mut hub = hub;
+    hub.proc.signal(Signal::SIGKILL);
+    hub.proc.kill();
+    let hub = Hub::start_with(dir.path(), &addr, &["--max-handshakes", "1"]);
+    wait_until("all workers to reconnect past the busy hub", 120, || {
+        connected(&hub) == N
+    });
+    let waited = workers
+        .iter()
+        .filter(|w| w.log_text().contains("the hub asked us to wait"))
+        .count();
+    eprintln!("with --max-handshakes 1: {waited} of {N} workers were asked to come back later");
+}

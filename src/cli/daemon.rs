@@ -72,6 +72,8 @@ pub(crate) fn start(a: RunArgs, loaded: &LoadedConfig, verbose: u8, strict: bool
         &id,
         "--drain-timeout",
         &a.drain_timeout.to_string(),
+        "--startup-jitter",
+        &a.startup_jitter.to_string(),
     ]);
     if let Some(url) = &a.who.url {
         cmd.args(["--url", url]);

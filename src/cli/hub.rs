@@ -123,6 +123,10 @@ pub struct ServeArgs {
     /// Seconds a worker has to accept or refuse an offered job before it is offered elsewhere.
     #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub offer_lease: u64,
+    /// Worker handshakes handled at once; more are asked to come back in a few seconds (a restarted
+    /// hub with a large fleet sheds the reconnect storm).
+    #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100000))]
+    pub max_handshakes: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,6 +317,7 @@ async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     cfg.heartbeat = Duration::from_secs(a.heartbeat);
     cfg.lost_after = Duration::from_secs(a.lost_after);
     cfg.offer_lease = Duration::from_secs(a.offer_lease);
+    cfg.max_handshakes = a.max_handshakes as usize;
     server::run(listener, cfg, crate::shutdown::on_signals()).await?;
     Ok(ExitCode::Success)
 }

@@ -175,6 +175,10 @@ pub struct RunArgs {
     /// On SIGINT/SIGTERM, seconds running jobs get to finish before they are killed.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub drain_timeout: u64,
+    /// Wait a random 0..SECS before connecting the first time, so a fleet started together (a config
+    /// push, a data-center power-up) does not reach the hub in the same instant.
+    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    pub startup_jitter: f64,
     /// Write this pidfile (and a status file beside it for `cla-worker status`); `start` defaults it.
     #[arg(long, value_name = "PATH")]
     pub pidfile: Option<PathBuf>,
@@ -415,6 +419,12 @@ async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig, strict: bool) -> 
     });
     let mut opts = RunOptions {
         drain_timeout: Duration::from_secs(a.drain_timeout),
+        startup_jitter: Duration::try_from_secs_f64(a.startup_jitter).map_err(|_| {
+            Error::Usage(format!(
+                "--startup-jitter must be a number of seconds, not {}",
+                a.startup_jitter
+            ))
+        })?,
         status_file: None,
         reload: Some(reload),
     };

@@ -43,6 +43,9 @@ pub struct HubConfig {
     pub lost_after: Duration,
     /// How long a worker has to accept or refuse an offer before the job is offered elsewhere.
     pub offer_lease: Duration,
+    /// Worker handshakes in progress at once; more are refused with `busy` and a `retry_after` (a
+    /// restarted hub sheds the reconnect storm instead of drowning in it).
+    pub max_handshakes: usize,
 }
 
 impl HubConfig {
@@ -54,6 +57,7 @@ impl HubConfig {
             max_output_bytes: 1 << 20,
             lost_after: Duration::from_secs(300),
             offer_lease: Duration::from_secs(30),
+            max_handshakes: 128,
         }
     }
 }
@@ -126,6 +130,8 @@ pub struct Hub {
     pub(crate) me: std::sync::Weak<Hub>,
     /// Numbers each disconnect of a job, so a grace timer ends only the disconnect it was set for.
     pub(crate) epochs: std::sync::atomic::AtomicU64,
+    /// Worker handshakes in progress (see [`HubConfig::max_handshakes`]).
+    pub(crate) handshakes: std::sync::atomic::AtomicUsize,
 }
 
 impl Hub {
@@ -143,6 +149,7 @@ impl Hub {
             state: Mutex::new(State::default()),
             me: me.clone(),
             epochs: Default::default(),
+            handshakes: Default::default(),
         })
     }
 

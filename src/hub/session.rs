@@ -29,9 +29,32 @@ pub(crate) enum Auth {
     Denied(String),
 }
 
+/// Counts a handshake in progress while it lives.
+struct Handshake<'h>(&'h std::sync::atomic::AtomicUsize);
+
+impl Drop for Handshake<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Seconds a worker refused as `busy` is told to wait: 1 to 4, so the refused ones do not all come
+/// back together (the worker adds its own jitter too).
+fn busy_retry_after() -> u64 {
+    1 + crate::token::random_hex(1).bytes().map(u64::from).sum::<u64>() % 4
+}
+
 /// Runs a worker session to its end.
 pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
     let (mut writer, mut reader) = conn.split();
+    let busy = hub.handshakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let handshake = Handshake(&hub.handshakes);
+    if busy >= hub.cfg.max_handshakes {
+        // Read the hello first, so the worker gets the reason rather than a dropped connection.
+        let _ = read_hello(&mut reader).await;
+        let msg = format!("the hub is busy with {busy} connecting workers");
+        return reject(&mut writer, RejectCode::Busy, msg, Some(busy_retry_after())).await;
+    }
     let hello = match read_hello(&mut reader).await {
         Ok(h) => h,
         Err(e) => {
@@ -100,7 +123,9 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
             max_frame_bytes: crate::protocol::connection::MAX_MESSAGE_BYTES as u64,
         },
     };
-    if writer.send(&HubMessage::Welcome(welcome)).await.is_ok() {
+    let welcomed = writer.send(&HubMessage::Welcome(welcome)).await.is_ok();
+    drop(handshake);
+    if welcomed {
         tracing::info!(worker = %id, session = %session, host = %hello.host, tags = ?hello.tags, "worker connected");
         // The writer must run before anything is offered: offers go through the session's bounded channel.
         let writing = tokio::spawn(write_loop(writer, rx, hb, close.clone()));
@@ -147,7 +172,11 @@ async fn read_hello(reader: &mut ConnectionReader) -> Result<Hello, ProtocolErro
 }
 
 async fn reject(writer: &mut ConnectionWriter, code: RejectCode, message: String, retry_after: Option<u64>) {
-    tracing::warn!(?code, "worker rejected: {message}");
+    if code == RejectCode::Busy {
+        tracing::debug!("worker asked to come back later: {message}");
+    } else {
+        tracing::warn!(?code, "worker rejected: {message}");
+    }
     let _ = writer
         .send(&HubMessage::Reject(Reject {
             code,

@@ -46,6 +46,8 @@ pub type Reload = Arc<dyn Fn() -> Result<(Vec<String>, Vec<String>)> + Send + Sy
 pub struct RunOptions {
     /// On SIGINT/SIGTERM, how long running jobs may take before they are killed.
     pub drain_timeout: Duration,
+    /// Wait a random time up to this before the first connection (a fleet started at once spreads out).
+    pub startup_jitter: Duration,
     /// Where to keep the status `cla-worker status` reads.
     pub status_file: Option<std::path::PathBuf>,
     /// What SIGHUP does; `None` ignores it.
@@ -56,6 +58,7 @@ impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             drain_timeout: Duration::from_secs(30),
+            startup_jitter: Duration::ZERO,
             status_file: None,
             reload: None,
         }
@@ -179,6 +182,14 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
     let mut worker = WorkerJobs::new(spool);
     worker.recover().await;
     tracing::info!(id = %settings.id, url = %settings.url, tags = ?settings.tags, capacity = settings.capacity, "cla-worker {} starting", crate::VERSION);
+    if !opts.startup_jitter.is_zero() {
+        let wait = opts.startup_jitter.mul_f64(unit_random());
+        tracing::info!("startup jitter: connecting in {:.1}s", wait.as_secs_f64());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
     let result = loop {
         let end = match connect_once(
             &mut settings,
@@ -204,7 +215,12 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
             End::Lost { reason, retry_after } => (reason, retry_after),
         };
         reporter.state(ConnState::Reconnecting, Some(reason.clone()));
-        let wait = backoff.next().max(retry_after.unwrap_or_default());
+        // The hub's `retry_after` is a floor; the jitter on top keeps the workers it turned away from
+        // all coming back in the same instant.
+        let wait = match retry_after {
+            Some(floor) => floor + backoff.next(),
+            None => backoff.next(),
+        };
         tracing::warn!(
             attempt = backoff.attempt,
             "{reason}; reconnecting in {:.1}s",
@@ -960,6 +976,13 @@ const SEEN_CAPACITY: usize = 10_000;
 /// Early cancels remembered.
 const EARLY_CANCELS: usize = 1024;
 
+/// A uniform random number in [0, 1].
+fn unit_random() -> f64 {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).expect("OS random source");
+    u64::from_le_bytes(r) as f64 / u64::MAX as f64
+}
+
 /// Full-jitter exponential backoff: the n-th wait is uniform in [0, min(cap, base·2ⁿ)].
 #[derive(Debug, Default)]
 pub(crate) struct Backoff {
@@ -972,9 +995,7 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(16))
             .min(BACKOFF_CAP);
         self.attempt = self.attempt.saturating_add(1);
-        let mut r = [0u8; 8];
-        getrandom::fill(&mut r).expect("OS random source");
-        ceiling.mul_f64(u64::from_le_bytes(r) as f64 / u64::MAX as f64)
+        ceiling.mul_f64(unit_random())
     }
 
     pub fn reset(&mut self) {

@@ -26,7 +26,9 @@ pub fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
 /// A child process whose stderr is collected line by line; killed on drop.
 pub struct Proc {
     pub child: Child,
+    /// Its stderr lines, each with when the test read it.
     pub log: Arc<Mutex<Vec<String>>>,
+    pub stamps: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl Proc {
@@ -36,14 +38,28 @@ impl Proc {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn");
         let log = Arc::new(Mutex::new(Vec::new()));
+        let stamps = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
+        let (sink, times) = (log.clone(), stamps.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
+                let mut log = sink.lock().unwrap();
+                log.push(line);
+                times.lock().unwrap().push(Instant::now());
             }
         });
-        Proc { child, log }
+        Proc { child, log, stamps }
+    }
+
+    /// When each log line containing `needle` was read, in order.
+    pub fn stamps_of(&self, needle: &str) -> Vec<Instant> {
+        let log = self.log.lock().unwrap();
+        let stamps = self.stamps.lock().unwrap();
+        log.iter()
+            .zip(stamps.iter())
+            .filter(|(l, _)| l.contains(needle))
+            .map(|(_, t)| *t)
+            .collect()
     }
 
     pub fn log_text(&self) -> String {
