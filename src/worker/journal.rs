@@ -444,3 +444,147 @@ impl Journal {
         self.finish(result).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::WorkerMessage;
+
+    fn link(streams: [u64; 2]) -> (Link, mpsc::Receiver<Out>) {
+        let (out, rx) = mpsc::channel(1024);
+        (Link { out, streams }, rx)
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Out>) -> Vec<Out> {
+        let mut v = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            v.push(o);
+        }
+        v
+    }
+
+    fn data(outs: &[Out], stream: u64) -> Vec<u8> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Out::Data(s, d) if *s == stream => Some(d.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn replays_past_the_offsets_then_goes_on_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        let (l, mut rx) = link([1, 2]);
+        let j = Journal::create(&spool, "j1", l);
+        j.started(Some(42)).await;
+        j.output(Stream::Stdout, Bytes::from_static(b"hello ")).await;
+        j.output(Stream::Stderr, Bytes::from_static(b"oops\n")).await;
+        j.output(Stream::Stdout, Bytes::from_static(b"world\n")).await;
+        assert_eq!(data(&drain(&mut rx), 1), b"hello world\n");
+        // The connection goes; more output comes meanwhile.
+        j.unlink().await;
+        j.output(Stream::Stdout, Bytes::from_static(b"more\n")).await;
+        // The hub had 3 bytes of stdout and all of stderr.
+        let (l, mut rx) = link([7, 8]);
+        let resumed = Resumed {
+            job: "j1".into(),
+            stdout_offset: 3,
+            stderr_offset: 5,
+            stdout: 7,
+            stderr: 8,
+        };
+        j.relink(l, &resumed).await;
+        let outs = drain(&mut rx);
+        assert_eq!(data(&outs, 7), b"lo world\nmore\n");
+        assert!(data(&outs, 8).is_empty());
+        assert!(outs.iter().any(
+            |o| matches!(o, Out::Message(m) if matches!(**m, WorkerMessage::Started { pid: Some(42), .. }))
+        ));
+        j.output(Stream::Stderr, Bytes::from_static(b"live\n")).await;
+        assert_eq!(data(&drain(&mut rx), 8), b"live\n");
+        j.finish(JobResult::not_run("j1".into(), Outcome::Succeeded, "x"))
+            .await;
+        assert!(j.ended().await);
+        j.remove().await;
+        assert!(!dir.path().join("j1.spool").exists());
+        assert_eq!(spool.used.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_worker_recovers_its_journals_and_ends_the_unfinished_as_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+            let (l, _rx) = link([1, 2]);
+            let done = Journal::create(&spool, "done", l);
+            done.output(Stream::Stdout, Bytes::from_static(b"out\n")).await;
+            done.finish(JobResult::not_run("done".into(), Outcome::Succeeded, "fine"))
+                .await;
+            let (l, _rx2) = link([3, 4]);
+            let cut = Journal::create(&spool, "cut", l);
+            cut.started(None).await;
+            cut.output(Stream::Stdout, Bytes::from_static(b"partial\n")).await;
+        }
+        // A crash mid-record leaves a torn tail.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("cut.spool"))
+            .unwrap();
+        f.write_all(&[STDOUT, 100, 0, 0, 0, b'x']).unwrap();
+        drop(f);
+
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        let found = spool.recover();
+        assert_eq!(
+            found.iter().map(|j| j.job.as_str()).collect::<Vec<_>>(),
+            ["cut", "done"]
+        );
+        for j in &found {
+            j.end_if_unfinished("the worker stopped").await;
+        }
+        let (l, mut rx) = link([5, 6]);
+        let cut = &found[0];
+        let from = Resumed {
+            job: "cut".into(),
+            stdout_offset: 0,
+            stderr_offset: 0,
+            stdout: 5,
+            stderr: 6,
+        };
+        cut.relink(l, &from).await;
+        let outs = drain(&mut rx);
+        assert_eq!(data(&outs, 5), b"partial\n", "the torn record is dropped");
+        let end = outs.iter().find_map(|o| match o {
+            Out::Message(m) => match &**m {
+                WorkerMessage::Finished(r) => Some(r.clone()),
+                _ => None,
+            },
+            _ => None,
+        });
+        let end = end.expect("the end is sent");
+        assert_eq!(end.outcome, Outcome::Lost);
+        // A second lock on the same directory is refused.
+        let again = Spool::open(dir.path(), 1 << 20);
+        assert!(again.is_err_and(|e| e.to_string().contains("in use by another cla-worker")));
+    }
+
+    #[tokio::test]
+    async fn output_past_the_limit_is_not_spooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 64).unwrap());
+        let (l, mut rx) = link([1, 2]);
+        let j = Journal::create(&spool, "big", l);
+        j.output(Stream::Stdout, Bytes::from(vec![b'a'; 40])).await;
+        j.output(Stream::Stdout, Bytes::from(vec![b'b'; 40])).await;
+        // Both are sent live; only the first fits the spool.
+        assert_eq!(data(&drain(&mut rx), 1).len(), 80);
+        assert_eq!(std::fs::metadata(dir.path().join("big.spool")).unwrap().len(), 45);
+        // The end is kept regardless of the limit.
+        j.finish(JobResult::not_run("big".into(), Outcome::Succeeded, "x"))
+            .await;
+        assert!(std::fs::metadata(dir.path().join("big.spool")).unwrap().len() > 45);
+    }
+}
