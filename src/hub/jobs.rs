@@ -81,6 +81,9 @@ pub(crate) struct LiveJob {
     refused_by: HashSet<String>,
     /// A cancel was asked for after the job left the queue: if it comes back to the queue, it ends instead.
     cancel_requested: bool,
+    /// The client streaming the job left while it was offered: if it comes back to the queue, it ends
+    /// (a worker that took it runs it, unlike an admin's cancel).
+    client_gone: bool,
     /// Transfers: the binary stream of this job on its worker's session.
     stream: Option<u64>,
     /// Fetches: the receiving client's verdict (`committed` or `abort`).
@@ -109,6 +112,7 @@ impl LiveJob {
             waiters: Vec::new(),
             refused_by: HashSet::new(),
             cancel_requested: false,
+            client_gone: false,
             stream: None,
             verdict: None,
             parked: None,
@@ -140,6 +144,38 @@ type Offer = (
     HubMessage,
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::hub::store::StoreError>> + Send>>,
 );
+
+/// What a reconnecting worker gets back ([`Hub::resume_jobs`]): the jobs for its `welcome`, and what is
+/// left to do once the welcome is sent.
+#[derive(Default)]
+pub(crate) struct Resumption {
+    pub resumed: Vec<Resumed>,
+    /// The session's channel, the cancels to send, the jobs put back in the queue, the jobs ended.
+    rest: Option<(mpsc::Sender<Outbound>, Vec<String>, Vec<JobRecord>, Vec<Ended>)>,
+}
+
+impl Resumption {
+    /// After the welcome: the cancels asked for while the worker was away go to it (it has the jobs
+    /// back now); ended jobs are reported, re-queued ones dispatched.
+    pub(crate) fn settle(self, hub: &Hub) {
+        let Some((tx, cancels, requeued, ended)) = self.rest else {
+            return;
+        };
+        let hub = hub.me.clone();
+        tokio::spawn(async move {
+            for job in cancels {
+                let msg = HubMessage::Cancel {
+                    job,
+                    reason: "cancelled while the worker was disconnected".into(),
+                };
+                let _ = tx.send(Outbound::Message(msg)).await;
+            }
+            if let Some(hub) = hub.upgrade() {
+                hub.after_requeue(requeued, ended).await;
+            }
+        });
+    }
+}
 
 /// A job that just ended: what must still be written and told, outside the state lock.
 struct Ended {
@@ -573,7 +609,8 @@ impl Hub {
                 job: job.to_owned(),
                 reason: "the offer expired before the worker accepted it".into(),
             };
-            let _ = tx.send(Outbound::Message(msg)).await;
+            // Not from the read loop itself: it must never wait on the session's outbound queue.
+            tokio::spawn(async move { tx.send(Outbound::Message(msg)).await });
         }
     }
 
@@ -723,20 +760,25 @@ impl Hub {
             }
             if hold { None } else { finish_with(st, result) }
         };
-        if let Some(e) = ended {
-            // Stored (durably) before the worker is told it may forget the job.
-            self.deliver(e).await;
+        // Stored (durably) before the worker is told it may forget the job; if the store failed, the
+        // worker keeps it and sends it again after its next reconnect.
+        let stored = match ended {
+            Some(e) => self.deliver(e).await,
+            None => true,
+        };
+        if stored {
+            self.ack(worker, &job);
         }
-        self.ack(worker, &job).await;
         self.dispatch().await;
     }
 
-    /// Tells a worker the hub has the end of `job` (it drops the job's spool).
-    async fn ack(&self, worker: &str, job: &str) {
+    /// Tells a worker the hub has the end of `job` (it drops the job's spool). Sent from its own task:
+    /// the session's read loop must never wait on the session's outbound queue.
+    fn ack(&self, worker: &str, job: &str) {
         let tx = self.state().sessions.get(worker).map(|s| s.tx.clone());
         if let Some(tx) = tx {
             let msg = HubMessage::Ack { job: job.to_owned() };
-            let _ = tx.send(Outbound::Message(msg)).await;
+            tokio::spawn(async move { tx.send(Outbound::Message(msg)).await });
         }
     }
 
@@ -875,7 +917,7 @@ impl Hub {
                 // Offered: if the worker takes it, it runs (started jobs go on); if it comes back to the
                 // queue, it ends there.
                 Some((JobState::Offered, j)) => {
-                    j.cancel_requested = true;
+                    j.client_gone = true;
                     None
                 }
                 _ => None,
@@ -1030,7 +1072,17 @@ impl Hub {
     /// never reached it (or it restarted before taking it) and goes back to the queue; an accepted or
     /// running one it did not name is lost (the worker restarted without it). Returns what `welcome`
     /// says; the cancels asked for meanwhile are sent after it.
-    pub(crate) async fn resume_jobs(&self, worker: &str, session: &str, named: &[String]) -> Vec<Resumed> {
+    ///
+    /// Called under the state lock that inserted the session, so nothing is offered to the session
+    /// before its resumed jobs count against its capacity; [`Resumption::settle`] does the rest once the
+    /// welcome is sent.
+    pub(crate) fn resume_jobs(
+        &self,
+        st: &mut State,
+        worker: &str,
+        session: &str,
+        named: &[String],
+    ) -> Resumption {
         let named: HashSet<&str> = named.iter().map(String::as_str).collect();
         let mut resumed = Vec::new();
         let mut cancels = Vec::new();
@@ -1038,13 +1090,11 @@ impl Hub {
         let mut ended = Vec::new();
         let tx;
         {
-            let mut guard = self.state();
-            let st = &mut *guard;
             let mut unnamed = Vec::new();
             {
                 let State { sessions, jobs, .. } = &mut *st;
                 let Some(s) = sessions.get_mut(worker).filter(|s| s.session == session) else {
-                    return Vec::new();
+                    return Resumption::default();
                 };
                 tx = s.tx.clone();
                 for (id, j) in jobs.iter_mut() {
@@ -1096,21 +1146,10 @@ impl Hub {
                 }
             }
         }
-        // After the welcome: the cancels go to the worker once it has the jobs back.
-        let hub = self.me.clone();
-        tokio::spawn(async move {
-            for job in cancels {
-                let msg = HubMessage::Cancel {
-                    job,
-                    reason: "cancelled while the worker was disconnected".into(),
-                };
-                let _ = tx.send(Outbound::Message(msg)).await;
-            }
-            if let Some(hub) = hub.upgrade() {
-                hub.after_requeue(requeued, ended).await;
-            }
-        });
-        resumed
+        Resumption {
+            resumed,
+            rest: Some((tx, cancels, requeued, ended)),
+        }
     }
 
     /// Loads the jobs a previous hub process left unfinished (called at start-up, before anything
@@ -1314,25 +1353,28 @@ impl Hub {
         drop(self.store.put_job(record));
     }
 
-    async fn deliver(&self, e: Ended) {
-        self.deliver_all(vec![e]).await;
+    /// Stores an ended job and tells whoever waits for it; true when the end is durable.
+    async fn deliver(&self, e: Ended) -> bool {
+        self.deliver_all(vec![e]).await
     }
 
     /// Stores ended jobs and tells their waiters and subscribers, each end durable before anyone hears of
     /// it. The writes are queued before the first await, and the telling runs as its own task: a caller
     /// dropped half-way (an HTTP handler whose client left) cannot lose an end.
-    async fn deliver_all(&self, ended: Vec<Ended>) {
+    async fn deliver_all(&self, ended: Vec<Ended>) -> bool {
         if ended.is_empty() {
-            return;
+            return true;
         }
         let stored: Vec<_> = ended
             .into_iter()
             .map(|e| (self.store.put_job(&e.record), e))
             .collect();
         let tell = tokio::spawn(async move {
+            let mut all_stored = true;
             for (commit, e) in stored {
                 if let Err(err) = commit.await {
                     tracing::error!(job = %e.record.id, "{err}");
+                    all_stored = false;
                 }
                 tracing::info!(job = %e.record.id, state = e.record.state.as_str(), rc = ?e.record.rc, "job ended");
                 for w in e.waiters {
@@ -1342,8 +1384,9 @@ impl Hub {
                     let _ = s.send(JobEvent::Ended(Box::new(e.record.clone()))).await;
                 }
             }
+            all_stored
         });
-        let _ = tell.await;
+        tell.await.unwrap_or(false)
     }
 }
 
@@ -1457,10 +1500,15 @@ fn requeue_or_cancel(st: &mut State, id: &str) -> (Option<JobRecord>, Option<End
     let Some(j) = st.jobs.get_mut(id) else {
         return (None, None);
     };
-    if j.cancel_requested {
+    if j.cancel_requested || j.client_gone {
+        let why = if j.cancel_requested {
+            "cancelled before it started"
+        } else {
+            "its client went away before it started"
+        };
         let e = end_job(st, id, |r| {
             r.state = JobState::Cancelled;
-            r.error = Some("cancelled before it started".into());
+            r.error = Some(why.into());
         });
         return (None, e);
     }

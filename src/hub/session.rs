@@ -78,9 +78,10 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
     let session = crate::token::random_hex(8);
     let (tx, rx) = mpsc::channel(256);
     let close = hub.shutdown.child_token();
-    let duplicate = {
+    let (duplicate, resumption) = {
         let mut st = hub.state();
         let duplicate = st.sessions.contains_key(&id);
+        let mut resumption = Default::default();
         if !duplicate {
             st.sessions.insert(
                 id.clone(),
@@ -99,8 +100,10 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
                     close: close.clone(),
                 },
             );
+            // The jobs this worker had when its last connection (or the last hub process) went.
+            resumption = hub.resume_jobs(&mut st, &id, &session, &hello.resume);
         }
-        duplicate
+        (duplicate, resumption)
     };
     if duplicate {
         let retry = (hb * MISSED_HEARTBEATS).as_secs().max(1);
@@ -109,14 +112,15 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
     }
     if !remember(&hub, &id, Some(&hello)) {
         // Unregistered while we waited for hello.
+        resumption.settle(&hub);
         hub.session_ended(&id, &session).await;
+        hub.worker_unregistered(&id).await;
         let msg = format!("worker {id} is not registered on this hub (unregistered)");
         return reject(&mut writer, RejectCode::Unauthorized, msg, None).await;
     }
-    // The jobs this worker had when its last connection (or the last hub process) went.
-    let resume = hub.resume_jobs(&id, &session, &hello.resume).await;
+    let super::jobs::Resumption { resumed, .. } = &resumption;
     let welcome = Welcome {
-        resume,
+        resume: resumed.clone(),
         session: session.clone(),
         heartbeat_secs: hb.as_secs().max(1),
         limits: Limits {
@@ -124,6 +128,7 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
         },
     };
     let welcomed = writer.send(&HubMessage::Welcome(welcome)).await.is_ok();
+    resumption.settle(&hub);
     drop(handshake);
     if welcomed {
         tracing::info!(worker = %id, session = %session, host = %hello.host, tags = ?hello.tags, "worker connected");

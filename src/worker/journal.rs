@@ -119,8 +119,8 @@ impl Spool {
 
     fn reopen(self: &Arc<Self>, job: &str, path: &Path) -> std::io::Result<Arc<Journal>> {
         let mut state = State::default();
-        let mut valid = 0u64;
-        for_each_record(path, |kind, payload, end| {
+        let mut records = Records::open(path)?;
+        while let Some((kind, payload)) = records.next_record()? {
             match kind {
                 STDOUT => state.written[0] += payload.len() as u64,
                 STDERR => state.written[1] += payload.len() as u64,
@@ -130,11 +130,14 @@ impl Spool {
                         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
                     state.started = Some(pid.filter(|p| *p != 0));
                 }
-                RESULT => state.result = serde_json::from_slice(payload).ok(),
+                RESULT => state.result = serde_json::from_slice(&payload).ok(),
                 _ => {}
             }
-            valid = end;
-        })?;
+        }
+        let valid = records.end;
+        // Everything read was sent by the process that wrote it, as far as this one knows.
+        state.sent = state.written;
+        state.spooled_out = state.written;
         let file = std::fs::OpenOptions::new().write(true).open(path)?;
         // Drop a record a crash cut short, so new records follow whole ones.
         file.set_len(valid)?;
@@ -154,23 +157,41 @@ impl Spool {
     }
 }
 
-/// Calls `f(kind, payload, end_offset)` for each whole record of a spool file.
-fn for_each_record(path: &Path, mut f: impl FnMut(u8, &[u8], u64)) -> std::io::Result<()> {
-    let mut r = std::io::BufReader::new(std::fs::File::open(path)?);
-    let mut offset = 0u64;
-    let mut payload = Vec::new();
-    loop {
+/// Largest record a spool file may hold (output records are at most 64 KiB, a result at most a message);
+/// a longer length is a corrupt header, read as the end of the file.
+const MAX_RECORD: usize = 16 << 20;
+
+/// The whole records of a spool file, in order; a torn or corrupt tail ends them.
+struct Records {
+    r: std::io::BufReader<std::fs::File>,
+    /// File offset after the last record read.
+    end: u64,
+}
+
+impl Records {
+    fn open(path: &Path) -> std::io::Result<Records> {
+        Ok(Records {
+            r: std::io::BufReader::new(std::fs::File::open(path)?),
+            end: 0,
+        })
+    }
+
+    /// The next record's kind and payload.
+    fn next_record(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
         let mut head = [0u8; 5];
-        if read_full(&mut r, &mut head)? < 5 {
-            return Ok(());
+        if read_full(&mut self.r, &mut head)? < 5 {
+            return Ok(None);
         }
         let len = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
-        payload.resize(len, 0);
-        if read_full(&mut r, &mut payload)? < len {
-            return Ok(());
+        if len > MAX_RECORD {
+            return Ok(None);
         }
-        offset += 5 + len as u64;
-        f(head[0], &payload, offset);
+        let mut payload = vec![0u8; len];
+        if read_full(&mut self.r, &mut payload)? < len {
+            return Ok(None);
+        }
+        self.end += 5 + len as u64;
+        Ok(Some((head[0], payload)))
     }
 }
 
@@ -198,10 +219,17 @@ struct State {
     file: Option<std::fs::File>,
     /// Bytes in the spool file.
     spooled: u64,
-    /// True once a write was not spooled (limit or error): a replay may then miss output.
+    /// True once output was not spooled (limit or error): output stops being spooled for good, so the
+    /// spool holds a prefix of each stream and a replay can tell what it is missing.
     gap: bool,
+    /// Output bytes in the spool, per stream (a prefix of what was written).
+    spooled_out: [u64; 2],
     /// Output bytes the job produced, per stream.
     written: [u64; 2],
+    /// Output bytes handed to a connection, per stream (short of `written` when a send was interrupted).
+    sent: [u64; 2],
+    /// Output bytes a replay could not resend (they were past the spool limit).
+    lost: u64,
     /// `Some(pid)` once the process runs.
     started: Option<Option<u32>>,
     result: Option<JobResult>,
@@ -252,12 +280,16 @@ impl Journal {
 
     /// Appends a record to the spool (if it still takes writes).
     fn spool_write(&self, st: &mut State, kind: u8, payload: &[u8]) {
+        let output = kind == STDOUT || kind == STDERR;
+        if output && st.gap {
+            return;
+        }
         let Some(file) = st.file.as_mut() else {
-            st.gap |= kind == STDOUT || kind == STDERR;
+            st.gap |= output;
             return;
         };
         let size = 5 + payload.len() as u64;
-        let small = kind == STARTED || kind == RESULT;
+        let small = !output;
         // The limit applies to output; the start and the end are always kept.
         if !small && self.spool.used.load(Ordering::Relaxed) + size > self.spool.max {
             if !st.gap {
@@ -278,6 +310,9 @@ impl Journal {
             Ok(()) => {
                 st.spooled += size;
                 self.spool.used.fetch_add(size, Ordering::Relaxed);
+                if output {
+                    st.spooled_out[(kind - STDOUT) as usize] += payload.len() as u64;
+                }
             }
             Err(e) => {
                 tracing::warn!(job = %self.job, "spool write failed ({e}): output is no longer spooled");
@@ -305,9 +340,28 @@ impl Journal {
         }
         let kind = if which == Stream::Stdout { STDOUT } else { STDERR };
         self.spool_write(&mut st, kind, &data);
-        st.written[which as usize] += data.len() as u64;
-        if let Some(stream) = st.link.as_ref().map(|l| l.streams[which as usize]) {
-            Self::send(&mut st, Out::Data(stream, data)).await;
+        let i = which as usize;
+        let n = data.len() as u64;
+        st.written[i] += n;
+        let Some(stream) = st.link.as_ref().map(|l| l.streams[i]) else {
+            return;
+        };
+        let behind = st.sent[i] + n < st.written[i];
+        if behind && !st.gap {
+            // A send was interrupted (a pump stopped mid-send): catch up from the spool, which holds this
+            // chunk too, so the order holds.
+            let from = st.sent;
+            if let Err(e) = self.replay(&mut st, from).await {
+                tracing::warn!(job = %self.job, "resending unsent output failed: {e}");
+            }
+            return;
+        }
+        if behind {
+            st.lost += st.written[i] - n - st.sent[i];
+        }
+        Self::send(&mut st, Out::Data(stream, data)).await;
+        if st.link.is_some() {
+            st.sent[i] = st.written[i];
         }
     }
 
@@ -332,13 +386,38 @@ impl Journal {
         if st.abandoned {
             return;
         }
+        // Output whose send was interrupted (a pump stopped mid-send) goes before the end.
+        if st.link.is_some() && (st.sent[0] < st.written[0] || st.sent[1] < st.written[1]) {
+            let from = st.sent;
+            if let Err(e) = self.replay(&mut st, from).await {
+                tracing::warn!(job = %self.job, "resending unsent output failed: {e}");
+            }
+        }
         let json = serde_json::to_vec(&result).expect("results serialize");
         self.spool_write(&mut st, RESULT, &json);
         if let Some(f) = st.file.as_mut() {
             let _ = f.flush();
         }
-        st.result = Some(result.clone());
-        Self::send(&mut st, Out::msg(WorkerMessage::Finished(result))).await;
+        st.result = Some(result);
+        let end = self.end_message(&st);
+        Self::send(&mut st, end).await;
+    }
+
+    /// `finished`, saying how much output was lost if a replay could not resend all of it.
+    fn end_message(&self, st: &State) -> Out {
+        let mut result = st.result.clone().expect("called once the job has ended");
+        if st.lost > 0 {
+            let note = format!(
+                "{} bytes of output were lost in a disconnect (past the spool limit of {} MiB)",
+                st.lost,
+                self.spool.max >> 20
+            );
+            result.error = Some(match result.error.take() {
+                Some(e) => format!("{e}; {note}"),
+                None => note,
+            });
+        }
+        Out::msg(WorkerMessage::Finished(result))
     }
 
     /// True once the job has ended (its result is known).
@@ -361,14 +440,11 @@ impl Journal {
         }
         st.link = Some(link);
         let offsets = [from.stdout_offset, from.stderr_offset];
+        // Until the replay is done, the hub has what it says it has.
+        st.sent = [offsets[0].min(st.written[0]), offsets[1].min(st.written[1])];
         let missing = offsets[0] < st.written[0] || offsets[1] < st.written[1];
-        if missing {
-            if let Err(e) = self.replay(&mut st, offsets).await {
-                tracing::warn!(job = %self.job, "replaying the spool failed: {e}");
-            }
-            if st.gap {
-                tracing::warn!(job = %self.job, "part of this job's output was not spooled and could not be resent");
-            }
+        if missing && let Err(e) = self.replay(&mut st, offsets).await {
+            tracing::warn!(job = %self.job, "replaying the spool failed: {e}");
         }
         if let Some(pid) = st.started {
             let msg = WorkerMessage::Started {
@@ -377,43 +453,58 @@ impl Journal {
             };
             Self::send(&mut st, Out::msg(msg)).await;
         }
-        if let Some(r) = st.result.clone() {
-            Self::send(&mut st, Out::msg(WorkerMessage::Finished(r))).await;
+        if st.result.is_some() {
+            let end = self.end_message(&st);
+            Self::send(&mut st, end).await;
         }
     }
 
-    /// Sends the spooled output past `offsets`.
+    /// Sends the spooled output past `offsets`, record by record; `sent` follows. Output past what the
+    /// spool holds (the spool limit) cannot be resent: it is counted in `lost`, and `sent` moves past it
+    /// so the live output that follows is not held back.
     async fn replay(&self, st: &mut State, offsets: [u64; 2]) -> std::io::Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
-        if let Some(f) = st.file.as_mut() {
-            f.flush()?;
-        }
-        // Read the records first (outside the async sends); the file is bounded by the spool limit, and
-        // only output past the offsets is kept.
-        let mut pending: Vec<(usize, Bytes)> = Vec::new();
-        let mut seen = [0u64; 2];
-        for_each_record(path, |kind, payload, _| {
-            let which = match kind {
-                STDOUT => 0,
-                STDERR => 1,
-                _ => return,
-            };
-            let start = seen[which];
-            seen[which] += payload.len() as u64;
-            if seen[which] > offsets[which] {
+        let mut resent = 0u64;
+        if let Some(path) = &self.path {
+            if let Some(f) = st.file.as_mut() {
+                f.flush()?;
+            }
+            let mut records = Records::open(path)?;
+            let mut seen = [0u64; 2];
+            while let Some((kind, payload)) = records.next_record()? {
+                let which = match kind {
+                    STDOUT => 0,
+                    STDERR => 1,
+                    _ => continue,
+                };
+                let start = seen[which];
+                seen[which] += payload.len() as u64;
+                if seen[which] <= offsets[which] {
+                    continue;
+                }
                 let skip = offsets[which].saturating_sub(start) as usize;
-                let data = Bytes::copy_from_slice(&payload[skip..]);
+                let data = Bytes::from(payload).slice(skip..);
                 for c in (0..data.len()).step_by(REPLAY_CHUNK) {
-                    pending.push((which, data.slice(c..data.len().min(c + REPLAY_CHUNK))));
+                    let Some(stream) = st.link.as_ref().map(|l| l.streams[which]) else {
+                        return Ok(());
+                    };
+                    let piece = data.slice(c..data.len().min(c + REPLAY_CHUNK));
+                    let n = piece.len() as u64;
+                    Self::send(st, Out::Data(stream, piece)).await;
+                    if st.link.is_none() {
+                        return Ok(());
+                    }
+                    st.sent[which] = start + skip as u64 + c as u64 + n;
+                    resent += n;
                 }
             }
-        })?;
-        let resent: usize = pending.iter().map(|(_, d)| d.len()).sum();
-        for (which, data) in pending {
-            let Some(stream) = st.link.as_ref().map(|l| l.streams[which]) else {
-                break;
-            };
-            Self::send(st, Out::Data(stream, data)).await;
+        }
+        for i in 0..2 {
+            let beyond = st.written[i].saturating_sub(st.sent[i].max(st.spooled_out[i]));
+            if beyond > 0 && st.sent[i] < st.written[i] {
+                tracing::warn!(job = %self.job, bytes = beyond, "output past the spool limit could not be resent");
+                st.lost += beyond;
+                st.sent[i] = st.written[i];
+            }
         }
         tracing::info!(job = %self.job, bytes = resent, "resent the output the hub had not received");
         Ok(())
@@ -569,6 +660,76 @@ mod tests {
         // A second lock on the same directory is refused.
         let again = Spool::open(dir.path(), 1 << 20);
         assert!(again.is_err_and(|e| e.to_string().contains("in use by another cla-worker")));
+    }
+
+    #[tokio::test]
+    async fn a_spool_hole_is_reported_as_lost_output_not_filled_with_later_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 300).unwrap());
+        let (l, _rx) = link([1, 2]);
+        let j = Journal::create(&spool, "hole", l);
+        j.output(Stream::Stdout, Bytes::from(vec![b'A'; 100])).await;
+        j.output(Stream::Stdout, Bytes::from(vec![b'B'; 200])).await; // past the limit
+        j.output(Stream::Stdout, Bytes::from(vec![b'C'; 50])).await; // fits, but after a hole
+        j.unlink().await;
+        let (l, mut rx) = link([3, 4]);
+        let from = Resumed {
+            job: "hole".into(),
+            stdout_offset: 20,
+            stderr_offset: 0,
+            stdout: 3,
+            stderr: 4,
+        };
+        j.relink(l, &from).await;
+        assert_eq!(
+            data(&drain(&mut rx), 3),
+            vec![b'A'; 80],
+            "only the spooled prefix is resent"
+        );
+        j.finish(JobResult::not_run("hole".into(), Outcome::Succeeded, "done"))
+            .await;
+        let end = drain(&mut rx)
+            .into_iter()
+            .find_map(|o| match o {
+                Out::Message(m) => match *m {
+                    WorkerMessage::Finished(r) => Some(r),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .unwrap();
+        assert!(end.error.unwrap().contains("250 bytes of output were lost"));
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_send_is_made_good_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        let (out, mut rx) = mpsc::channel(1);
+        let j = Journal::create(&spool, "slow", Link { out, streams: [1, 2] });
+        j.output(Stream::Stdout, Bytes::from_static(b"one ")).await;
+        // The channel is full: this send blocks, and its task is stopped mid-send.
+        let stopped = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            j.output(Stream::Stdout, Bytes::from_static(b"two ")),
+        )
+        .await;
+        assert!(stopped.is_err());
+        let mut got = Vec::new();
+        let reader = tokio::spawn(async move {
+            while let Some(o) = rx.recv().await {
+                if let Out::Data(_, d) = o {
+                    got.extend_from_slice(&d);
+                }
+            }
+            got
+        });
+        j.output(Stream::Stdout, Bytes::from_static(b"three")).await;
+        j.finish(JobResult::not_run("slow".into(), Outcome::Succeeded, "x"))
+            .await;
+        j.remove().await;
+        drop(j);
+        assert_eq!(reader.await.unwrap(), b"one two three");
     }
 
     #[tokio::test]

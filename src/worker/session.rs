@@ -495,6 +495,8 @@ struct Live<'w> {
     /// Jobs cancelled before their offer arrived.
     cancelled_early: BoundedIds,
     writer: tokio::task::JoinHandle<()>,
+    /// Replays of resumed jobs, stopped if the connection ends first.
+    relinks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl<'w> Live<'w> {
@@ -528,6 +530,7 @@ impl<'w> Live<'w> {
             dead,
             cancelled_early: BoundedIds::new(EARLY_CANCELS),
             writer,
+            relinks: Vec::new(),
         }
     }
 
@@ -540,6 +543,7 @@ impl<'w> Live<'w> {
     async fn resume(&mut self, wanted: &[Resumed]) {
         let wanted: HashMap<&str, &Resumed> = wanted.iter().map(|r| (r.job.as_str(), r)).collect();
         let mut dropped = Vec::new();
+        let mut relinks = Vec::new();
         {
             let mut table = self.worker.table.lock().expect("jobs lock");
             table.retain(|id, t| {
@@ -550,7 +554,7 @@ impl<'w> Live<'w> {
                         out: self.ctx.out.clone(),
                         streams: [r.stdout, r.stderr],
                     };
-                    tokio::spawn(async move { journal.relink(link, &r).await });
+                    relinks.push(tokio::spawn(async move { journal.relink(link, &r).await }));
                     return true;
                 }
                 // The hub ended the job meanwhile (cancelled, lost): stop it and forget it.
@@ -560,6 +564,7 @@ impl<'w> Live<'w> {
                 false
             });
         }
+        self.relinks = relinks;
         for j in dropped {
             j.remove().await;
         }
@@ -744,14 +749,21 @@ impl<'w> Live<'w> {
 
     /// The hub has stored the job's end: forget it.
     async fn acknowledged(&mut self, job: &str) {
-        let journal = {
-            let mut table = self.worker.table.lock().expect("jobs lock");
-            match table.get(job) {
-                Some(t) if t.ended => table.remove(job).and_then(|t| t.journal),
-                _ => None,
-            }
-        };
-        if let Some(j) = journal {
+        let journal = self
+            .worker
+            .table
+            .lock()
+            .expect("jobs lock")
+            .get(job)
+            .and_then(|t| t.journal.clone());
+        let Some(journal) = journal else { return };
+        // The task marks its entry ended only after `finished` went out, so the ack can come first:
+        // the journal knows.
+        if !journal.ended().await {
+            return;
+        }
+        let removed = self.worker.table.lock().expect("jobs lock").remove(job);
+        if let Some(j) = removed.and_then(|t| t.journal) {
             j.remove().await;
             tracing::debug!(job, "end acknowledged by the hub; spool dropped");
         }
@@ -765,12 +777,11 @@ impl<'w> Live<'w> {
     {
         let is_transfer = matches!(kind, Kind::Transfer);
         if !self.worker.seen.insert(job.clone()) {
-            // Taken here before (a transfer stopped by a dropped connection, or a repeat the hub sent
-            // before it heard of the first): never run twice, but answer, so the hub frees the slot.
+            // Taken here before (a late answer to an offer whose lease ran out, or a transfer stopped by
+            // a dropped connection): never run twice here; refusing lets the hub place it elsewhere.
             tracing::warn!(job = %job, "job offered again; not running it twice");
-            let why = "the job was already taken by this worker; it is not run twice";
-            let result = JobResult::not_run(job, Outcome::Error, why);
-            self.send(WorkerMessage::Finished(result)).await;
+            let reason = "this worker took the job before; it does not run it twice".to_owned();
+            self.send(WorkerMessage::Refused { job, reason }).await;
             return;
         }
         if self.cancelled_early.remove(&job) {
@@ -871,6 +882,9 @@ impl<'w> Live<'w> {
     async fn finish(self, connection_lost: bool) {
         if connection_lost {
             self.writer.abort();
+        }
+        for r in &self.relinks {
+            r.abort();
         }
         let journals: Vec<Arc<Journal>> = {
             let table = self.worker.table.lock().expect("jobs lock");
