@@ -150,15 +150,29 @@ type Offer = (
 #[derive(Default)]
 pub(crate) struct Resumption {
     pub resumed: Vec<Resumed>,
-    /// The session's channel, the cancels to send, the jobs put back in the queue, the jobs ended.
-    rest: Option<(mpsc::Sender<Outbound>, Vec<String>, Vec<JobRecord>, Vec<Ended>)>,
+    rest: Option<AfterWelcome>,
+}
+
+/// What [`Resumption::settle`] does.
+struct AfterWelcome {
+    tx: mpsc::Sender<Outbound>,
+    /// Jobs cancelled while the worker was away.
+    cancels: Vec<String>,
+    requeued: Vec<JobRecord>,
+    ended: Vec<Ended>,
 }
 
 impl Resumption {
     /// After the welcome: the cancels asked for while the worker was away go to it (it has the jobs
     /// back now); ended jobs are reported, re-queued ones dispatched.
     pub(crate) fn settle(self, hub: &Hub) {
-        let Some((tx, cancels, requeued, ended)) = self.rest else {
+        let Some(AfterWelcome {
+            tx,
+            cancels,
+            requeued,
+            ended,
+        }) = self.rest
+        else {
             return;
         };
         let hub = hub.me.clone();
@@ -1148,7 +1162,12 @@ impl Hub {
         }
         Resumption {
             resumed,
-            rest: Some((tx, cancels, requeued, ended)),
+            rest: Some(AfterWelcome {
+                tx,
+                cancels,
+                requeued,
+                ended,
+            }),
         }
     }
 
