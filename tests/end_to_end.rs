@@ -304,3 +304,16 @@ fn jobs_do_not_inherit_the_workers_credentials() {
     ]);
     assert_eq!(stdout(&out), "unset unset\n", "{}", stderr(&out));
 }
+
+#[test]
+fn a_background_process_holding_the_pipe_does_not_hold_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");
+    let t = Instant::now();
+    // The background sleep keeps stdout open after the shell exits; the worker gives it up 2 s after
+    // the last byte.
+    let out = hub.run(&["exec", "--worker", "w1", "--", "sleep 30 & echo main done"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "main done\n");
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::journal::{Journal, Stream};
-use super::process::{Ending, drain, exit_status, own_group, shell, supervise};
+use super::process::{Ending, drain_while_moving, exit_status, own_group, shell, supervise};
 use super::session::Out;
 use crate::protocol::{CommandLine, ExecRequest, JobResult, Outcome, WorkerMessage};
 
@@ -178,7 +178,14 @@ pub(crate) async fn handle(
         Ending::TimedOut(why) => (Outcome::TimedOut, Some(why)),
         Ending::WaitFailed(why) => (Outcome::Error, Some(why)),
     };
-    drain(pumps, PIPE_LINGER).await;
+    // The linger counts from the pumps' last progress: output held back by a slow connection is not cut
+    // off, a pipe held open by a silent background process is.
+    let moved = last_output.clone();
+    let base = tokio::time::Instant::from_std(start);
+    drain_while_moving(pumps, PIPE_LINGER, || {
+        base + Duration::from_millis(moved.load(Ordering::Relaxed))
+    })
+    .await;
     let (rc, signal) = status.map(exit_status).unwrap_or((None, None));
     result(outcome, rc, signal, error)
 }
@@ -198,6 +205,8 @@ async fn pump(
             Ok(n) => {
                 last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
                 journal.output(stream, Bytes::copy_from_slice(&buf[..n])).await;
+                // Handed on: progress too (the pipe linger counts from here).
+                last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
         }
     }

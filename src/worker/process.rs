@@ -96,6 +96,36 @@ pub(crate) async fn drain<T>(
     out
 }
 
+/// Like [`drain`], but the linger runs from the tasks' last progress (`progress()`: the time of it), so
+/// pumps still moving output (held back by a slow connection) are not cut off, and pipes left open by
+/// silent background processes are given up `linger` after the last byte.
+pub(crate) async fn drain_while_moving<T>(
+    tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>,
+    linger: Duration,
+    progress: impl Fn() -> tokio::time::Instant,
+) -> Vec<Option<T>> {
+    let mut out = Vec::new();
+    for mut t in tasks {
+        loop {
+            let deadline = progress().max(tokio::time::Instant::now() - linger) + linger;
+            tokio::select! {
+                r = &mut t => {
+                    out.push(r.ok());
+                    break;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    if progress() + linger <= tokio::time::Instant::now() {
+                        t.abort();
+                        out.push(None);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Kills the tree led by `child`: TERM, up to `grace` for the group to empty, then KILL.
 /// Reaps the leader. Returns once the leader has exited.
 pub(crate) async fn kill_tree(child: &mut Child, grace: Duration) {
