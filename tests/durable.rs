@@ -339,6 +339,12 @@ fn a_job_cancelled_while_its_worker_is_cut_off_is_cancelled_when_it_returns() {
     wait_output(&hub, &id, 8);
     proxy.cut();
     hub.wait_worker_state("w1", "offline", 20);
+    let v = job_json(&hub, &id, false);
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(
+        v["waiting"].as_str().unwrap().contains("w1 is disconnected"),
+        "{v}"
+    );
     hub.ok(&["job", "cancel", &id]);
     proxy.restore();
     let v = job_json(&hub, &id, true);

@@ -1012,6 +1012,7 @@ impl Hub {
                     let epoch = self.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     j.detached = Some(epoch);
                     j.stream = None;
+                    j.record.waiting = Some(self.detached_note(worker));
                     detached.push((job_id, epoch));
                 } else if j.record.state == JobState::Offered {
                     let (r, e) = requeue_or_cancel(st, &job_id);
@@ -1044,6 +1045,14 @@ impl Hub {
             self.grace_timer(job, epoch);
         }
         self.after_requeue(requeued, ended).await;
+    }
+
+    /// What `jobs` says of a job whose worker is away.
+    fn detached_note(&self, worker: &str) -> String {
+        format!(
+            "worker {worker} is disconnected: waiting up to {}s for it to come back",
+            self.cfg.lost_after.as_secs()
+        )
     }
 
     /// Ends a detached job as `lost` if its worker has not come back within `lost_after`.
@@ -1116,6 +1125,7 @@ impl Hub {
                         continue;
                     }
                     j.detached = None;
+                    j.record.waiting = None;
                     if !named.contains(id.as_str()) {
                         unnamed.push((id.clone(), j.record.state));
                         continue;
@@ -1220,6 +1230,7 @@ impl Hub {
             let epoch = self.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut live = LiveJob::new(r, None);
             live.detached = Some(epoch);
+            live.record.waiting = live.record.worker.as_deref().map(|w| self.detached_note(w));
             self.state().jobs.insert(id.clone(), live);
             detached.push((id, epoch));
             waiting += 1;

@@ -477,7 +477,8 @@ pub struct JobRecord {
     /// What a ship or fetch moved, as its receiver verified it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<TransferSummary>,
-    /// While the job is queued: why no worker has taken it yet ("all 2 matching workers busy").
+    /// While the job is queued: why no worker has taken it yet ("all 2 matching workers busy"); while
+    /// its worker is disconnected: that it waits for the worker to come back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
     /// Created by a client that streams it (`exec`, `ship`, a rulebook step) rather than detached.
