@@ -33,6 +33,11 @@ pub async fn run(listener: TcpListener, cfg: HubConfig, shutdown: CancellationTo
     let hub = Hub::new(store, cfg, admin_hash, shutdown.clone());
     hub.reload().await?;
     tracing::info!(data_dir = %hub.cfg.data_dir.display(), "listening on {addr}");
+    // No Nagle: the hub writes small frames (offers, acks, cancels) that nobody answers at once, and a
+    // small write held back for the peer's delayed ACK would cost a job 40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(hub))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
