@@ -282,4 +282,11 @@ fn main() {
         results["ssh_vs_exec"] = serde_json::json!(ssh / percentile(&exec, 0.5));
     }
     common::report("e2e", &results);
+    // Not a goal check (the machines are noisy): a guard against gross regressions, such as a small
+    // frame held back by Nagle's algorithm for a delayed ACK (40 ms a job, 60× fork, seen once).
+    let ratio = percentile(&exec, 0.5) / percentile(&fork, 0.5);
+    assert!(
+        ratio < 20.0,
+        "an exec round trip costs {ratio:.0}× a local fork (normally about 3×): something waits"
+    );
 }
