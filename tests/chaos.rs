@@ -66,9 +66,7 @@ fn submit(hub: &Hub, runs: &Path, pause_ms: u64) -> String {
         runs.display(),
         pause_ms as f64 / 1000.0
     );
-    hub.ok(&["exec", "--worker", "cw", "--detach", "--", &script])
-        .trim()
-        .to_owned()
+    hub.detach("cw", &[], &script)
 }
 
 #[test]

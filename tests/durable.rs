@@ -40,6 +40,16 @@ fn spool_files(dir: &Path, id: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A hub, a proxy to it the test can cut, and worker `w1` connected through the proxy.
+fn proxied_worker(dir: &Path) -> (Hub, Proxy, WorkerSetup, Proc) {
+    let hub = Hub::start(dir);
+    let proxy = Proxy::start(&hub.addr);
+    let setup = register(&hub, dir, "w1", "t");
+    let worker = run_worker(&setup, &["--url", &proxy.url]);
+    hub.wait_worker_state("w1", "idle", 20);
+    (hub, proxy, setup, worker)
+}
+
 /// A `cla-hub exec` client whose stdout goes to a file; killed on drop.
 struct Client {
     child: std::process::Child,
@@ -79,11 +89,7 @@ impl Drop for Client {
 #[test]
 fn a_connection_cut_mid_job_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::start(dir.path());
-    let proxy = Proxy::start(&hub.addr);
-    let setup = register(&hub, dir.path(), "w1", "t");
-    let worker = run_worker(&setup, &["--url", &proxy.url]);
-    hub.wait_worker_state("w1", "idle", 20);
+    let (hub, proxy, _setup, worker) = proxied_worker(dir.path());
 
     // A client streams the job straight from the hub while the worker's link is cut and restored.
     let runs = dir.path().join("runs");
@@ -135,17 +141,7 @@ fn a_hub_killed_mid_job_and_restarted_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (mut hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");
     let runs = dir.path().join("runs");
-    let id = hub
-        .ok(&[
-            "exec",
-            "--worker",
-            "w1",
-            "--detach",
-            "--",
-            &script(&runs, 40, "0.05"),
-        ])
-        .trim()
-        .to_owned();
+    let id = hub.detach("w1", &[], &script(&runs, 40, "0.05"));
     wait_output(&hub, &id, 20);
     let addr = hub.addr.clone();
     hub.proc.signal(Signal::SIGKILL);
@@ -174,17 +170,7 @@ fn queued_jobs_survive_a_hub_restart_and_run_once() {
     let setup = register(&hub, dir.path(), "w1", "t");
     let runs = dir.path().join("runs");
     // Detached: it waits in the queue for w1, which is not running yet.
-    let id = hub
-        .ok(&[
-            "exec",
-            "--worker",
-            "w1",
-            "--detach",
-            "--",
-            &format!("echo run >> {}; echo hi", runs.display()),
-        ])
-        .trim()
-        .to_owned();
+    let id = hub.detach("w1", &[], &format!("echo run >> {}; echo hi", runs.display()));
     // Streamed: its client goes with the hub, so it must not run later.
     let streamed_out = dir.path().join("streamed.txt");
     let mut client = Client::exec(
@@ -234,13 +220,8 @@ fn a_worker_killed_mid_job_reports_it_lost() {
     let setup = register(&hub, dir.path(), "w1", "t");
     let mut worker = run_worker(&setup, &[]);
     hub.wait_worker_state("w1", "idle", 20);
-    let id = hub
-        .ok(&["exec", "--worker", "w1", "--detach", "--", "sleep 20"])
-        .trim()
-        .to_owned();
-    wait_until("the job to run", 20, || {
-        job_json(&hub, &id, false)["state"] == "running"
-    });
+    let id = hub.detach("w1", &[], "sleep 20");
+    hub.wait_job_state(&id, "running", 20);
     worker.signal(Signal::SIGKILL);
     worker.kill();
     // Restarted with the same spool: it finds the job it had taken, without an end.
@@ -260,54 +241,14 @@ fn a_worker_killed_mid_job_reports_it_lost() {
 }
 
 #[test]
-fn a_worker_that_never_comes_back_has_its_jobs_lost_after_the_grace() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::start_with(dir.path(), "127.0.0.1:0", &["--lost-after", "2"]);
-    let setup = register(&hub, dir.path(), "w1", "t");
-    let mut worker = run_worker(&setup, &[]);
-    hub.wait_worker_state("w1", "idle", 20);
-    let id = hub
-        .ok(&["exec", "--worker", "w1", "--detach", "--", "sleep 20"])
-        .trim()
-        .to_owned();
-    wait_until("the job to run", 20, || {
-        job_json(&hub, &id, false)["state"] == "running"
-    });
-    worker.kill();
-    let out = hub.run(&["job", "show", &id, "--wait", "--json"]);
-    assert_eq!(out.status.code(), Some(255));
-    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(v["state"], "lost");
-    assert!(
-        v["error"]
-            .as_str()
-            .unwrap()
-            .contains("did not come back within 2s"),
-        "{v}"
-    );
-}
-
-#[test]
 fn cancel_after_disconnect_stops_a_job_while_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::start(dir.path());
-    let proxy = Proxy::start(&hub.addr);
-    let setup = register(&hub, dir.path(), "w1", "t");
-    let worker = run_worker(&setup, &["--url", &proxy.url]);
-    hub.wait_worker_state("w1", "idle", 20);
-    let id = hub
-        .ok(&[
-            "exec",
-            "--worker",
-            "w1",
-            "--detach",
-            "--cancel-after-disconnect",
-            "1",
-            "--",
-            "echo started; sleep 30",
-        ])
-        .trim()
-        .to_owned();
+    let (hub, proxy, _setup, worker) = proxied_worker(dir.path());
+    let id = hub.detach(
+        "w1",
+        &["--cancel-after-disconnect", "1"],
+        "echo started; sleep 30",
+    );
     wait_output(&hub, &id, 8);
     proxy.cut();
     worker.wait_for_line("cancelling the job (its on_disconnect policy)", 20);
@@ -320,22 +261,8 @@ fn cancel_after_disconnect_stops_a_job_while_cut_off() {
 #[test]
 fn a_job_cancelled_while_its_worker_is_cut_off_is_cancelled_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::start(dir.path());
-    let proxy = Proxy::start(&hub.addr);
-    let setup = register(&hub, dir.path(), "w1", "t");
-    let _worker = run_worker(&setup, &["--url", &proxy.url]);
-    hub.wait_worker_state("w1", "idle", 20);
-    let id = hub
-        .ok(&[
-            "exec",
-            "--worker",
-            "w1",
-            "--detach",
-            "--",
-            "echo started; sleep 30",
-        ])
-        .trim()
-        .to_owned();
+    let (hub, proxy, _setup, _worker) = proxied_worker(dir.path());
+    let id = hub.detach("w1", &[], "echo started; sleep 30");
     wait_output(&hub, &id, 8);
     proxy.cut();
     hub.wait_worker_state("w1", "offline", 20);
@@ -374,20 +301,8 @@ fn workers_are_drained_disabled_shut_down_and_unregistered_from_the_hub() {
     assert_eq!(hub.ok(&["exec", "--worker", "w1", "--", "echo yes"]), "yes\n");
 
     // Drain: the running job finishes, nothing new starts, the worker exits 0.
-    let id = hub
-        .ok(&[
-            "exec",
-            "--worker",
-            "w1",
-            "--detach",
-            "--",
-            "sleep 1; echo drained",
-        ])
-        .trim()
-        .to_owned();
-    wait_until("the job to run", 20, || {
-        job_json(&hub, &id, false)["state"] == "running"
-    });
+    let id = hub.detach("w1", &[], "sleep 1; echo drained");
+    hub.wait_job_state(&id, "running", 20);
     hub.ok(&["worker", "drain", "w1"]);
     assert_eq!(worker.wait_exit(30).code(), Some(0));
     let v = job_json(&hub, &id, true);

@@ -41,14 +41,8 @@ fn running_job_of_a_vanished_worker_is_lost_not_hung() {
     let setup = register(&hub, dir.path(), "w1", "t");
     let mut worker = run_worker(&setup, &[]);
     hub.wait_worker_state("w1", "idle", 20);
-    let id = hub
-        .ok(&["exec", "--worker", "w1", "--detach", "--", "sleep 30"])
-        .trim()
-        .to_owned();
-    wait_until("the job to run", 20, || {
-        serde_json::from_str::<serde_json::Value>(&hub.ok(&["job", "show", &id, "--json"])).unwrap()["state"]
-            == "running"
-    });
+    let id = hub.detach("w1", &[], "sleep 30");
+    hub.wait_job_state(&id, "running", 20);
     worker.kill();
     let out = hub.run(&["job", "show", &id, "--wait", "--json"]);
     assert_eq!(out.status.code(), Some(255));

@@ -189,6 +189,21 @@ impl Hub {
         stdout(&out)
     }
 
+    /// Queues `exec --worker WORKER --detach [FLAGS..] -- CMD` and returns the job id.
+    pub fn detach(&self, worker: &str, flags: &[&str], cmd: &str) -> String {
+        let mut args = vec!["exec", "--worker", worker, "--detach"];
+        args.extend_from_slice(flags);
+        args.extend(["--", cmd]);
+        self.ok(&args).trim().to_owned()
+    }
+
+    /// Waits until job `id` is in `state`.
+    pub fn wait_job_state(&self, id: &str, state: &str, secs: u64) {
+        wait_until(&format!("job {id} to be {state}"), secs, || {
+            job_json(self, id, false)["state"] == state
+        });
+    }
+
     pub fn passkey(&self, project: &str) -> String {
         self.ok(&["passkey", "create", "--project", project])
             .trim()
