@@ -420,3 +420,43 @@ fn a_reconnect_storm_of_200_workers_is_absorbed_and_spread_out() {
         .count();
     eprintln!("with --max-handshakes 1: {waited} of {N} workers were asked to come back later");
 }
+
+#[test]
+fn an_eval_that_ends_while_its_worker_is_cut_off_delivers_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, proxy, _setup, _worker) = proxied_worker(dir.path());
+    let out = dir.path().join("eval.json");
+    let code = r#"console.log("before"); cla.run("sleep 2"); console.log("after"); stash.n = 42; 6 * 7"#;
+    let mut client = hub
+        .cmd()
+        .args(["--json", "eval", "--worker", "w1", code])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the eval to run", 30, || {
+        serde_json::from_str::<serde_json::Value>(&hub.ok(&["jobs", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["state"] == "running")
+    });
+    proxy.cut();
+    // The eval ends while the worker is cut off; its result waits in the spool.
+    std::thread::sleep(Duration::from_millis(2500));
+    proxy.restore();
+    let mut status = None;
+    wait_until("the eval client to exit", 60, || {
+        status = client.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success());
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["result"], 42, "{v}");
+    assert_eq!(v["stash"]["n"], 42, "{v}");
+    let jobs: serde_json::Value = serde_json::from_str(&hub.ok(&["jobs", "--json"])).unwrap();
+    let job = &jobs.as_array().unwrap()[0];
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["stdout"], "before\nafter\n", "{job}");
+}
