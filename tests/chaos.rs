@@ -51,6 +51,8 @@ struct Counts {
     other_end: u64,
     bytes_expected: u64,
     bytes_missing: u64,
+    /// Succeeded jobs whose record says the hub missed output (its own byte count check).
+    flagged_incomplete: u64,
 }
 
 const JOBS_PER_ITERATION: u32 = 3;
@@ -158,6 +160,13 @@ fn chaos() {
                     if ran == 1 {
                         counts.succeeded_once += 1;
                     }
+                    if v["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("output incomplete"))
+                    {
+                        eprintln!("iteration {it} ({fault:?}): job {id} flagged: {}", v["error"]);
+                        counts.flagged_incomplete += 1;
+                    }
                 }
                 "lost" if fault == Fault::WorkerKill => counts.lost_worker_killed += 1,
                 "lost" => {
@@ -192,10 +201,12 @@ fn chaos() {
         "  output bytes missing            {} of {}",
         counts.bytes_missing, counts.bytes_expected
     );
+    println!("  flagged incomplete by the hub   {}", counts.flagged_incomplete);
     assert_eq!(counts.duplicated, 0, "{counts:?}");
     assert_eq!(counts.lost_other, 0, "{counts:?}");
     assert_eq!(counts.other_end, 0, "{counts:?}");
     assert_eq!(counts.bytes_missing, 0, "{counts:?}");
+    assert_eq!(counts.flagged_incomplete, 0, "{counts:?}");
     assert_eq!(
         counts.succeeded_once + counts.lost_worker_killed,
         counts.submitted,

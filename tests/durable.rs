@@ -118,6 +118,10 @@ fn a_connection_cut_mid_job_loses_and_repeats_nothing() {
     let v = job_json(&hub, id, true);
     assert_eq!(v["state"], "succeeded", "{v}");
     assert_eq!(v["stdout"], expected("out", 60));
+    assert!(
+        v["error"].is_null(),
+        "the hub got every byte the worker counted: {v}"
+    );
     assert_eq!(v["stderr"], expected("err", 60));
     assert_eq!(
         v["stdout_bytes"].as_u64().unwrap() as usize,
@@ -152,6 +156,10 @@ fn a_hub_killed_mid_job_and_restarted_loses_and_repeats_nothing() {
     let v = job_json(&hub, &id, true);
     assert_eq!(v["state"], "succeeded", "{v}");
     assert_eq!(v["stdout"], expected("out", 40));
+    assert!(
+        v["error"].is_null(),
+        "the hub got every byte the worker counted: {v}"
+    );
     assert_eq!(v["stderr"], expected("err", 40));
     assert_eq!(
         std::fs::read_to_string(&runs).unwrap(),

@@ -64,10 +64,11 @@ fn worker_to_hub() {
             duration_ms: 1000,
             error: Some("timed out after 1s".into()),
             transfer: None,
+            output_bytes: Some([12, 0]),
             eval: None,
         }),
         json!({"type":"finished","job":"j1","outcome":"timed_out","rc":143,"signal":15,"duration_ms":1000,
-               "error":"timed out after 1s"}),
+               "error":"timed out after 1s","output_bytes":[12,0]}),
     );
     golden(
         WorkerMessage::Finished(JobResult {
@@ -78,6 +79,7 @@ fn worker_to_hub() {
             duration_ms: 3,
             error: None,
             transfer: None,
+            output_bytes: None,
             eval: None,
         }),
         json!({"type":"finished","job":"j","outcome":"succeeded","rc":0,"duration_ms":3}),
@@ -214,6 +216,7 @@ fn eval_messages() {
             duration_ms: 4,
             error: Some("Error: boom".into()),
             transfer: None,
+            output_bytes: None,
             eval: Some(EvalOutput {
                 result: json!(null),
                 stash: json!({"a": 2}),

@@ -1445,6 +1445,20 @@ fn finish_with(st: &mut State, result: JobResult) -> Option<Ended> {
         r.rc = result.rc;
         r.signal = result.signal;
         r.error = result.error.clone();
+        // Every byte the worker says the job wrote should be here; if not, the record says so.
+        if let Some([out, err]) = result.output_bytes
+            && (out, err) != (r.stdout_bytes, r.stderr_bytes)
+        {
+            let note = format!(
+                "output incomplete: the hub received {} of {out} stdout and {} of {err} stderr bytes",
+                r.stdout_bytes, r.stderr_bytes
+            );
+            tracing::error!(job = %r.id, "{note}");
+            r.error = Some(match r.error.take() {
+                Some(e) => format!("{e}; {note}"),
+                None => note,
+            });
+        }
         r.eval = result.eval.clone();
         r.transfer = result.transfer.clone();
         match verdict {

@@ -333,6 +333,10 @@ pub struct JobResult {
     /// What a ship or fetch moved (transfer jobs only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<TransferSummary>,
+    /// The output bytes the job wrote, `[stdout, stderr]` (exec and eval): the hub checks it received
+    /// all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_bytes: Option<[u64; 2]>,
 }
 
 impl JobResult {
@@ -347,6 +351,7 @@ impl JobResult {
             error: Some(error.into()),
             eval: None,
             transfer: None,
+            output_bytes: None,
         }
     }
 }

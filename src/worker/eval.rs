@@ -70,6 +70,7 @@ pub(crate) async fn handle(
         error,
         eval,
         transfer: None,
+        output_bytes: None,
     };
     // On Linux, /proc/self/exe still reaches this binary after it was replaced on disk by an upgrade
     // (current_exe() would then name a deleted path).

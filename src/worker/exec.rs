@@ -96,6 +96,7 @@ pub(crate) async fn handle(
         error,
         eval: None,
         transfer: None,
+        output_bytes: None,
     };
     let mut cmd = match &req.command {
         CommandLine::Shell { cmd } => Command::from(shell(cmd)),

@@ -406,6 +406,7 @@ impl Journal {
     /// `finished`, saying how much output was lost if a replay could not resend all of it.
     fn end_message(&self, st: &State) -> Out {
         let mut result = st.result.clone().expect("called once the job has ended");
+        result.output_bytes = Some(st.written);
         if st.lost > 0 {
             let note = format!(
                 "{} bytes of output were lost in a disconnect (past the spool limit of {} MiB)",

@@ -123,6 +123,7 @@ fn result(job: &str, start: Instant, done: Result<TransferSummary, TransferError
         error,
         eval: None,
         transfer,
+        output_bytes: None,
     }
 }
 
