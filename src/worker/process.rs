@@ -81,19 +81,8 @@ pub(crate) async fn drain<T>(
     tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>,
     linger: Duration,
 ) -> Vec<Option<T>> {
-    let deadline = tokio::time::sleep(linger);
-    tokio::pin!(deadline);
-    let mut out = Vec::new();
-    for mut t in tasks {
-        tokio::select! {
-            r = &mut t => out.push(r.ok()),
-            _ = &mut deadline => {
-                t.abort();
-                out.push(None);
-            }
-        }
-    }
-    out
+    let start = tokio::time::Instant::now();
+    drain_while_moving(tasks, linger, move || start).await
 }
 
 /// Like [`drain`], but the linger runs from the tasks' last progress (`progress()`: the time of it), so
@@ -107,13 +96,14 @@ pub(crate) async fn drain_while_moving<T>(
     let mut out = Vec::new();
     for mut t in tasks {
         loop {
-            let deadline = progress().max(tokio::time::Instant::now() - linger) + linger;
+            let deadline = progress() + linger;
             tokio::select! {
                 r = &mut t => {
                     out.push(r.ok());
                     break;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
+                    // Progress may have come meanwhile: then the linger starts again from it.
                     if progress() + linger <= tokio::time::Instant::now() {
                         t.abort();
                         out.push(None);
