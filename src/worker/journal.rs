@@ -40,12 +40,12 @@ pub(crate) enum Stream {
 
 /// The worker's spool directory: one file per job not yet acknowledged by the hub.
 pub(crate) struct Spool {
-    dir: Option<PathBuf>,
+    dir: PathBuf,
     /// Bytes in all spool files; writes past `max` are not spooled.
     used: AtomicU64,
     max: u64,
     #[cfg(unix)]
-    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Spool {
@@ -66,19 +66,16 @@ impl Spool {
                 .append(true)
                 .open(dir.join("lock"))
                 .map_err(|e| Error::io(dir, e))?;
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(l) => Some(l),
-                Err(_) => {
-                    return Err(Error::Usage(format!(
-                        "the spool directory {} is in use by another cla-worker process; give each worker \
-                         its own `spool_dir` (or stop the other one)",
-                        dir.display()
-                    )));
-                }
-            }
+            Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+                Error::Usage(format!(
+                    "the spool directory {} is in use by another cla-worker process; give each worker \
+                     its own `spool_dir` (or stop the other one)",
+                    dir.display()
+                ))
+            })?
         };
         Ok(Spool {
-            dir: Some(dir.to_path_buf()),
+            dir: dir.to_path_buf(),
             used: AtomicU64::new(0),
             max: max_bytes,
             #[cfg(unix)]
@@ -86,15 +83,14 @@ impl Spool {
         })
     }
 
-    fn path(&self, job: &str) -> Option<PathBuf> {
-        self.dir.as_ref().map(|d| d.join(format!("{job}.spool")))
+    fn path(&self, job: &str) -> PathBuf {
+        self.dir.join(format!("{job}.spool"))
     }
 
     /// The journals a previous worker process left: jobs it accepted whose end the hub has not
     /// acknowledged. Those without an end are given one: `lost` (the process running them is gone).
     pub(crate) fn recover(self: &Arc<Self>) -> Vec<Arc<Journal>> {
-        let Some(dir) = &self.dir else { return Vec::new() };
-        let Ok(entries) = std::fs::read_dir(dir) else {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
         let mut found = Vec::new();
@@ -138,18 +134,16 @@ impl Spool {
         // Everything read was sent by the process that wrote it, as far as this one knows.
         state.sent = state.written;
         state.spooled_out = state.written;
-        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
         // Drop a record a crash cut short, so new records follow whole ones.
         file.set_len(valid)?;
-        let mut file = file;
-        use std::io::Seek;
-        file.seek(std::io::SeekFrom::End(0))?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))?;
         self.used.fetch_add(valid, Ordering::Relaxed);
         state.file = Some(file);
         state.spooled = valid;
         let journal = Arc::new(Journal {
             job: job.to_owned(),
-            path: Some(path.to_path_buf()),
+            path: path.to_path_buf(),
             spool: self.clone(),
             state: tokio::sync::Mutex::new(state),
         });
@@ -241,7 +235,7 @@ struct State {
 /// One job's journal (see the module docs).
 pub(crate) struct Journal {
     pub job: String,
-    path: Option<PathBuf>,
+    path: PathBuf,
     spool: Arc<Spool>,
     state: tokio::sync::Mutex<State>,
 }
@@ -250,21 +244,19 @@ impl Journal {
     /// Starts the journal of a job being accepted (its spool file exists from now on).
     pub(crate) fn create(spool: &Arc<Spool>, job: &str, link: Link) -> Arc<Journal> {
         let path = spool.path(job);
-        let file = path.as_ref().and_then(|p| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(p)
-                .map_err(|e| {
-                    tracing::warn!(
-                        job,
-                        "cannot create spool file {}: {e}; output is not spooled",
-                        p.display()
-                    )
-                })
-                .ok()
-        });
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| {
+                tracing::warn!(
+                    job,
+                    "cannot create spool file {}: {e}; output is not spooled",
+                    path.display()
+                )
+            })
+            .ok();
         Arc::new(Journal {
             job: job.to_owned(),
             path,
@@ -289,9 +281,8 @@ impl Journal {
             return;
         };
         let size = 5 + payload.len() as u64;
-        let small = !output;
         // The limit applies to output; the start and the end are always kept.
-        if !small && self.spool.used.load(Ordering::Relaxed) + size > self.spool.max {
+        if output && self.spool.used.load(Ordering::Relaxed) + size > self.spool.max {
             if !st.gap {
                 tracing::warn!(
                     job = %self.job,
@@ -338,7 +329,7 @@ impl Journal {
         if st.abandoned {
             return;
         }
-        let kind = if which == Stream::Stdout { STDOUT } else { STDERR };
+        let kind = STDOUT + which as u8;
         self.spool_write(&mut st, kind, &data);
         let i = which as usize;
         let n = data.len() as u64;
@@ -465,43 +456,41 @@ impl Journal {
     /// so the live output that follows is not held back.
     async fn replay(&self, st: &mut State, offsets: [u64; 2]) -> std::io::Result<()> {
         let mut resent = 0u64;
-        if let Some(path) = &self.path {
-            if let Some(f) = st.file.as_mut() {
-                f.flush()?;
+        if let Some(f) = st.file.as_mut() {
+            f.flush()?;
+        }
+        let mut records = Records::open(&self.path)?;
+        let mut seen = [0u64; 2];
+        while let Some((kind, payload)) = records.next_record()? {
+            let which = match kind {
+                STDOUT | STDERR => (kind - STDOUT) as usize,
+                _ => continue,
+            };
+            let start = seen[which];
+            seen[which] += payload.len() as u64;
+            if seen[which] <= offsets[which] {
+                continue;
             }
-            let mut records = Records::open(path)?;
-            let mut seen = [0u64; 2];
-            while let Some((kind, payload)) = records.next_record()? {
-                let which = match kind {
-                    STDOUT => 0,
-                    STDERR => 1,
-                    _ => continue,
+            let skip = offsets[which].saturating_sub(start) as usize;
+            let data = Bytes::from(payload).slice(skip..);
+            for c in (0..data.len()).step_by(REPLAY_CHUNK) {
+                let Some(stream) = st.link.as_ref().map(|l| l.streams[which]) else {
+                    return Ok(());
                 };
-                let start = seen[which];
-                seen[which] += payload.len() as u64;
-                if seen[which] <= offsets[which] {
-                    continue;
+                let piece = data.slice(c..data.len().min(c + REPLAY_CHUNK));
+                let n = piece.len() as u64;
+                Self::send(st, Out::Data(stream, piece)).await;
+                if st.link.is_none() {
+                    return Ok(());
                 }
-                let skip = offsets[which].saturating_sub(start) as usize;
-                let data = Bytes::from(payload).slice(skip..);
-                for c in (0..data.len()).step_by(REPLAY_CHUNK) {
-                    let Some(stream) = st.link.as_ref().map(|l| l.streams[which]) else {
-                        return Ok(());
-                    };
-                    let piece = data.slice(c..data.len().min(c + REPLAY_CHUNK));
-                    let n = piece.len() as u64;
-                    Self::send(st, Out::Data(stream, piece)).await;
-                    if st.link.is_none() {
-                        return Ok(());
-                    }
-                    st.sent[which] = start + skip as u64 + c as u64 + n;
-                    resent += n;
-                }
+                st.sent[which] = start + skip as u64 + c as u64 + n;
+                resent += n;
             }
         }
         for i in 0..2 {
+            // Past both what was sent and what the spool holds: gone.
             let beyond = st.written[i].saturating_sub(st.sent[i].max(st.spooled_out[i]));
-            if beyond > 0 && st.sent[i] < st.written[i] {
+            if beyond > 0 {
                 tracing::warn!(job = %self.job, bytes = beyond, "output past the spool limit could not be resent");
                 st.lost += beyond;
                 st.sent[i] = st.written[i];
@@ -522,9 +511,7 @@ impl Journal {
             Ordering::Relaxed,
         );
         st.spooled = 0;
-        if let Some(p) = &self.path {
-            let _ = std::fs::remove_file(p);
-        }
+        let _ = std::fs::remove_file(&self.path);
     }
 
     /// The result a recovered journal ends with when its process is gone.
