@@ -11,6 +11,13 @@ pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// A uniform random number in [0, 1] from the OS random source (for jitter).
+pub(crate) fn unit_random() -> f64 {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).expect("OS random source");
+    u64::from_le_bytes(r) as f64 / u64::MAX as f64
+}
+
 /// This machine's host name, or `localhost` when it cannot be read.
 pub(crate) fn hostname() -> String {
     gethostname::gethostname().to_string_lossy().into_owned()

@@ -41,7 +41,7 @@ impl Drop for Handshake<'_> {
 /// Seconds a worker refused as `busy` is told to wait: 1 to 4, so the refused ones do not all come
 /// back together (the worker adds its own jitter too).
 fn busy_retry_after() -> u64 {
-    1 + crate::token::random_hex(1).bytes().map(u64::from).sum::<u64>() % 4
+    1 + (crate::util::unit_random() * 3.0).round() as u64
 }
 
 /// Runs a worker session to its end.

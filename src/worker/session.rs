@@ -183,7 +183,7 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
     worker.recover().await;
     tracing::info!(id = %settings.id, url = %settings.url, tags = ?settings.tags, capacity = settings.capacity, "cla-worker {} starting", crate::VERSION);
     if !opts.startup_jitter.is_zero() {
-        let wait = opts.startup_jitter.mul_f64(unit_random());
+        let wait = opts.startup_jitter.mul_f64(crate::util::unit_random());
         tracing::info!("startup jitter: connecting in {:.1}s", wait.as_secs_f64());
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -460,9 +460,17 @@ impl WorkerJobs {
         );
         if tokio::time::timeout(timeout, self.tracker.wait()).await.is_err() {
             tracing::warn!("drain deadline passed: cancelling running jobs");
-            cancel_all(&self.table);
-            self.tracker.wait().await;
+            self.stop_all().await;
         }
+    }
+
+    /// Cancels every running job and waits until their tasks are over (takes no new ones after).
+    async fn stop_all(&self) {
+        for t in self.table.lock().expect("jobs lock").values() {
+            t.cancel.cancel();
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
     }
 }
 
@@ -473,12 +481,6 @@ fn running(table: &Table) -> u32 {
         .values()
         .filter(|t| !t.ended)
         .count() as u32
-}
-
-fn cancel_all(table: &Table) {
-    for t in table.lock().expect("jobs lock").values() {
-        t.cancel.cancel();
-    }
 }
 
 /// One established session: the writer task and what it needs to take jobs.
@@ -599,8 +601,7 @@ impl<'w> Live<'w> {
                 _ = self.worker.tracker.wait(), if draining => return End::Shutdown,
                 _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(tokio::time::Instant::now)), if drain_deadline.is_some() => {
                     tracing::warn!("drain deadline passed: cancelling running jobs");
-                    cancel_all(&self.worker.table);
-                    self.worker.tracker.wait().await;
+                    self.worker.stop_all().await;
                     return End::Shutdown;
                 }
                 _ = self.dead.cancelled() => return lost("connection to the hub failed".into()),
@@ -720,16 +721,12 @@ impl<'w> Live<'w> {
                     tracing::warn!(
                         "the hub deleted this worker's registration ({reason}): cancelling its jobs and exiting"
                     );
-                    cancel_all(&self.worker.table);
-                    self.worker.tracker.close();
-                    self.worker.tracker.wait().await;
+                    self.worker.stop_all().await;
                     return End::Unregistered(reason);
                 }
                 HubMessage::Shutdown { reason } => {
                     tracing::warn!("the hub ordered a shutdown: {reason}");
-                    cancel_all(&self.worker.table);
-                    self.worker.tracker.close();
-                    self.worker.tracker.wait().await;
+                    self.worker.stop_all().await;
                     return End::HubShutdown(reason);
                 }
                 HubMessage::Error { code, message } => tracing::warn!(?code, "hub reported: {message}"),
@@ -990,13 +987,6 @@ const SEEN_CAPACITY: usize = 10_000;
 /// Early cancels remembered.
 const EARLY_CANCELS: usize = 1024;
 
-/// A uniform random number in [0, 1].
-fn unit_random() -> f64 {
-    let mut r = [0u8; 8];
-    getrandom::fill(&mut r).expect("OS random source");
-    u64::from_le_bytes(r) as f64 / u64::MAX as f64
-}
-
 /// Full-jitter exponential backoff: the n-th wait is uniform in [0, min(cap, base·2ⁿ)].
 #[derive(Debug, Default)]
 pub(crate) struct Backoff {
@@ -1009,7 +999,7 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(16))
             .min(BACKOFF_CAP);
         self.attempt = self.attempt.saturating_add(1);
-        ceiling.mul_f64(unit_random())
+        ceiling.mul_f64(crate::util::unit_random())
     }
 
     pub fn reset(&mut self) {
