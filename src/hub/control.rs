@@ -66,36 +66,33 @@ impl Hub {
                 };
                 done(tx.is_some(), message)
             }
-            WorkerAction::Drain => {
+            WorkerAction::Drain | WorkerAction::Shutdown => {
                 let tx = tx.ok_or_else(not_connected)?;
+                let (msg, message) = if action == WorkerAction::Drain {
+                    (
+                        HubMessage::Drain {
+                            reason: "drained by an admin".into(),
+                        },
+                        format!(
+                            "worker {id} is draining: it takes no new jobs and exits when its running jobs end"
+                        ),
+                    )
+                } else {
+                    (
+                        HubMessage::Shutdown {
+                            reason: "shut down by an admin".into(),
+                        },
+                        format!("worker {id} told to shut down (it cancels its jobs and exits with code 10)"),
+                    )
+                };
+                // Either way it takes nothing new from now on.
                 if let Some(s) = self.state().sessions.get_mut(id) {
                     s.draining = true;
                 }
-                let msg = HubMessage::Drain {
-                    reason: "drained by an admin".into(),
-                };
                 let _ = tx.send(Outbound::Message(msg)).await;
+                // The reasons of jobs waiting for it change.
                 self.dispatch().await;
-                done(
-                    true,
-                    format!(
-                        "worker {id} is draining: it takes no new jobs and exits when its running jobs end"
-                    ),
-                )
-            }
-            WorkerAction::Shutdown => {
-                let tx = tx.ok_or_else(not_connected)?;
-                if let Some(s) = self.state().sessions.get_mut(id) {
-                    s.draining = true;
-                }
-                let msg = HubMessage::Shutdown {
-                    reason: "shut down by an admin".into(),
-                };
-                let _ = tx.send(Outbound::Message(msg)).await;
-                done(
-                    true,
-                    format!("worker {id} told to shut down (it cancels its jobs and exits with code 10)"),
-                )
+                done(true, message)
             }
             WorkerAction::Unregister => {
                 self.store.remove_worker(id)?;
