@@ -19,3 +19,4 @@ mod protocol_golden;
 mod resilience;
 mod rulebook;
 mod transfer;
+mod transfer_resume;

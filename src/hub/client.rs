@@ -400,6 +400,8 @@ impl Link for JobStream {
                     self.error = Some(e.error);
                     return None;
                 }
+                // The worker went away mid-transfer: the transfer waits for it to come back.
+                Ok(Some(StreamItem::Event(AdminEvent::Waiting { reason, .. }))) => tracing::warn!("{reason}"),
                 Ok(Some(_)) => {}
                 Ok(None) => return None,
                 Err(e) => {

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Hub, Outbound, Session, State};
+use crate::transfer::{Hop, Piece};
 use crate::protocol::api::{
     ApiError, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, Target, Task,
 };
@@ -84,8 +85,10 @@ pub(crate) struct LiveJob {
     /// The client streaming the job left while it was offered: if it comes back to the queue, it ends
     /// (a worker that took it runs it, unlike an admin's cancel).
     client_gone: bool,
-    /// Transfers: the binary stream of this job on its worker's session.
+    /// Transfers: the binary stream of this job on its worker's session (kept when the worker resumes it).
     stream: Option<u64>,
+    /// Transfers: the hub's end of the hop to the worker, kept across the worker's reconnects.
+    relay: Option<Arc<Hop<Outbound>>>,
     /// Fetches: the receiving client's verdict (`committed` or `abort`).
     verdict: Option<Result<TransferSummary, String>>,
     /// Fetches: the worker's result, held until the client's verdict comes.
@@ -114,6 +117,7 @@ impl LiveJob {
             cancel_requested: false,
             client_gone: false,
             stream: None,
+            relay: None,
             verdict: None,
             parked: None,
             queue_deadline,
@@ -156,6 +160,8 @@ pub(crate) struct Resumption {
 /// What [`Resumption::settle`] does.
 struct AfterWelcome {
     tx: mpsc::Sender<Outbound>,
+    /// Resumed transfers, with the units of the worker's pieces the hub has (the worker sends the rest).
+    transfers: Vec<(String, u64)>,
     /// Jobs cancelled while the worker was away.
     cancels: Vec<String>,
     requeued: Vec<JobRecord>,
@@ -163,11 +169,13 @@ struct AfterWelcome {
 }
 
 impl Resumption {
-    /// After the welcome: the cancels asked for while the worker was away go to it (it has the jobs
-    /// back now); ended jobs are reported, re-queued ones dispatched.
+    /// After the welcome: each resumed transfer is told what the hub has of it; the cancels asked for
+    /// while the worker was away go to it (it has the jobs back now); ended jobs are reported, re-queued
+    /// ones dispatched.
     pub(crate) fn settle(self, hub: &Hub) {
         let Some(AfterWelcome {
             tx,
+            transfers,
             cancels,
             requeued,
             ended,
@@ -177,6 +185,13 @@ impl Resumption {
         };
         let hub = hub.me.clone();
         tokio::spawn(async move {
+            for (job, received) in transfers {
+                let msg = HubMessage::Transfer(TransferFrame {
+                    job,
+                    op: TransferOp::Resume { received },
+                });
+                let _ = tx.send(Outbound::Message(msg)).await;
+            }
             for job in cancels {
                 let msg = HubMessage::Cancel {
                     job,
@@ -713,8 +728,12 @@ impl Hub {
                 return;
             };
             let Some(j) = jobs.get_mut(&job_id) else { return };
-            // File bytes (TRANSFER_STREAM) are relayed, not kept.
-            if which != TRANSFER_STREAM {
+            // File bytes (TRANSFER_STREAM) are relayed, not kept; the relay counts them for a resume.
+            if which == TRANSFER_STREAM {
+                if let Some(relay) = &j.relay {
+                    relay.incoming(&Piece::Data(chunk.clone()));
+                }
+            } else {
                 let data = chunk.payload();
                 if which == STDOUT_STREAM {
                     j.record.stdout_bytes += data.len() as u64;
@@ -796,41 +815,71 @@ impl Hub {
         }
     }
 
-    /// A transfer frame from the worker: relayed to the job's client.
+    /// A transfer frame from the worker: relayed to the job's client. A `resume` (the worker is back and
+    /// says what it has) makes the relay send the worker what follows.
     pub(crate) async fn transfer_from_worker(&self, worker: &str, frame: TransferFrame) {
-        let subs = {
-            let mut st = self.state();
+        let (subs, relay, tx) = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let tx = st.sessions.get(worker).map(|s| s.tx.clone());
             match st.jobs.get_mut(&frame.job) {
-                Some(j) if j.record.worker.as_deref() == Some(worker) => j.live_subscribers(),
+                Some(j) if j.record.worker.as_deref() == Some(worker) => (j.live_subscribers(), j.relay.clone(), tx),
                 _ => {
                     tracing::debug!(job = %frame.job, worker, "transfer frame for no live job dropped");
                     return;
                 }
             }
         };
+        if let TransferOp::Resume { received } = frame.op {
+            if let (Some(relay), Some(tx)) = (relay, tx) {
+                self.relink(frame.job, relay, tx, received);
+            }
+            return;
+        }
+        let piece = Piece::Op(frame.op);
+        if let Some(relay) = &relay {
+            relay.incoming(&piece);
+        }
+        let Piece::Op(op) = piece else { unreachable!() };
+        let frame = TransferFrame { job: frame.job, op };
         for s in subs {
             let _ = s.send(JobEvent::Transfer(frame.clone())).await;
         }
     }
 
-    /// The worker session and stream of a started transfer job.
-    fn transfer_route(&self, job: &str) -> Option<(mpsc::Sender<Outbound>, u64)> {
-        let st = self.state();
-        let j = st.jobs.get(job)?;
-        let stream = j.stream?;
-        let worker = j.record.worker.as_deref()?;
-        st.sessions
-            .get(worker)
-            .filter(|s| s.running.contains(job))
-            .map(|s| (s.tx.clone(), stream))
+    /// The worker resumed a transfer and has `received` units of the hub's pieces: the relay sends what
+    /// follows, from its own task (the session's read loop must never wait on its outbound queue). If
+    /// it cannot, the job is cancelled.
+    fn relink(&self, job: String, relay: Arc<Hop<Outbound>>, tx: mpsc::Sender<Outbound>, received: u64) {
+        let hub = self.me.clone();
+        tokio::spawn(async move {
+            let wire = |p| transfer_piece(&job, p);
+            match relay.relink(tx, received, wire, Vec::new).await {
+                Ok(n) => tracing::info!(job = %job, pieces = n, "transfer resumed"),
+                Err(e) => {
+                    tracing::error!(job = %job, "{e}: cancelling it");
+                    if let Some(hub) = hub.upgrade() {
+                        let _ = hub.cancel_job(&job).await;
+                    }
+                }
+            }
+        });
     }
 
-    /// File bytes from the job's client (a ship): relayed to the worker. The session's bounded channel
-    /// pushes back on the client when the worker's connection is slower.
+    /// The relay of a started transfer job, and the job's stream.
+    fn relay(&self, job: &str) -> Option<(Arc<Hop<Outbound>>, u64)> {
+        let st = self.state();
+        let j = st.jobs.get(job)?;
+        Some((j.relay.clone()?, j.stream?))
+    }
+
+    /// File bytes from the job's client (a ship): relayed to the worker (kept until it has them). The
+    /// session's bounded channel pushes back on the client when the worker's connection is slower.
     pub(crate) async fn transfer_data_from_client(&self, job: &str, chunk: Chunk) {
-        match self.transfer_route(job) {
-            Some((tx, stream)) => {
-                let _ = tx.send(Outbound::Chunk(chunk, stream)).await;
+        match self.relay(job) {
+            Some((relay, stream)) => {
+                let chunk = Piece::Data(chunk.addressed(stream));
+                relay.send(chunk, |p| transfer_piece(job, p)).await
             }
             None => tracing::debug!(job, "file bytes for a transfer that is not running dropped"),
         }
@@ -868,9 +917,10 @@ impl Hub {
         if matches!(frame.op, TransferOp::Committed(_)) {
             return;
         }
-        match self.transfer_route(&frame.job) {
-            Some((tx, _)) => {
-                let _ = tx.send(Outbound::Message(HubMessage::Transfer(frame))).await;
+        match self.relay(&frame.job) {
+            Some((relay, _)) => {
+                let job = frame.job;
+                relay.send(Piece::Op(frame.op), |p| transfer_piece(&job, p)).await;
             }
             None => {
                 tracing::debug!(job = %frame.job, "transfer frame for a transfer that is not running dropped")
@@ -989,14 +1039,14 @@ impl Hub {
         self.deliver_all(ended).await;
     }
 
-    /// A worker's session ended. Its exec and eval jobs (offered, accepted or running) wait for it to come
-    /// back, for `lost_after`: it resumes them with the output the hub missed, or they end `lost`. Its
-    /// transfers cannot wait (their client streams them): an offered one goes back to the queue, a
-    /// started one is lost.
+    /// A worker's session ended. Its jobs (offered, accepted or running) wait for it to come back, for
+    /// `lost_after`: it resumes them with the output the hub missed, or they end `lost`. An offered
+    /// transfer goes back to the queue instead (its client is waiting for it to start).
     pub(crate) async fn session_ended(&self, worker: &str, session: &str) {
         let mut ended = Vec::new();
         let mut requeued = Vec::new();
         let mut detached = Vec::new();
+        let mut relays = Vec::new();
         {
             let mut guard = self.state();
             let st = &mut *guard;
@@ -1008,29 +1058,25 @@ impl Hub {
                 let Some(j) = st.jobs.get_mut(&job_id) else {
                     continue;
                 };
-                if !j.record.spec.task.is_transfer() {
-                    let epoch = self.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    j.detached = Some(epoch);
-                    j.stream = None;
-                    j.record.waiting = Some(self.detached_note(worker));
-                    detached.push((job_id, epoch));
-                } else if j.record.state == JobState::Offered {
+                if j.record.spec.task.is_transfer() && j.record.state == JobState::Offered {
                     let (r, e) = requeue_or_cancel(st, &job_id);
                     if let Some(r) = &r {
                         self.persist(r);
                     }
                     requeued.extend(r);
                     ended.extend(e);
-                } else if let Some(e) = end_job(st, &job_id, |r| {
-                    r.error = Some(format!(
-                        "worker {worker} disconnected while the transfer was {}; run it again",
-                        r.state.as_str()
-                    ));
-                    r.state = JobState::Lost;
-                }) {
-                    tracing::warn!(job = %job_id, worker, "transfer lost: worker disconnected");
-                    ended.push(e);
+                    continue;
                 }
+                let epoch = self.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                j.detached = Some(epoch);
+                let note = self.detached_note(worker);
+                j.record.waiting = Some(note.clone());
+                // A transfer keeps its stream (its client knows it); its relay keeps what it sends.
+                match &j.relay {
+                    Some(relay) => relays.push((relay.clone(), j.live_subscribers(), note)),
+                    None => j.stream = None,
+                }
+                detached.push((job_id, epoch));
             }
         }
         if !detached.is_empty() {
@@ -1043,6 +1089,12 @@ impl Hub {
         }
         for (job, epoch) in detached {
             self.grace_timer(job, epoch);
+        }
+        for (relay, subs, note) in relays {
+            relay.detach().await;
+            for s in subs {
+                let _ = s.send(JobEvent::Waiting(note.clone())).await;
+            }
         }
         self.after_requeue(requeued, ended).await;
     }
@@ -1111,6 +1163,7 @@ impl Hub {
         let mut cancels = Vec::new();
         let mut requeued = Vec::new();
         let mut ended = Vec::new();
+        let mut transfers = Vec::new();
         let tx;
         {
             let mut unnamed = Vec::new();
@@ -1120,6 +1173,16 @@ impl Hub {
                     return Resumption::default();
                 };
                 tx = s.tx.clone();
+                // Resumed transfers keep their streams: new ones on this session start past them.
+                let kept = jobs
+                    .iter()
+                    .filter(|(id, j)| {
+                        j.detached.is_some()
+                            && j.record.worker.as_deref() == Some(worker)
+                            && named.contains(id.as_str())
+                    })
+                    .filter_map(|(_, j)| j.relay.as_ref().and(j.stream));
+                s.next_stream = s.next_stream.max(kept.max().map_or(0, |m| m + 1));
                 for (id, j) in jobs.iter_mut() {
                     if j.detached.is_none() || j.record.worker.as_deref() != Some(worker) {
                         continue;
@@ -1131,19 +1194,32 @@ impl Hub {
                         continue;
                     }
                     s.running.insert(id.clone());
-                    let mut stream = |which: u64| {
-                        let n = s.next_stream;
-                        s.next_stream += 1;
-                        s.streams.insert(n, (id.clone(), which));
-                        n
-                    };
-                    resumed.push(Resumed {
-                        job: id.clone(),
-                        stdout_offset: j.record.stdout_bytes,
-                        stderr_offset: j.record.stderr_bytes,
-                        stdout: stream(STDOUT_STREAM),
-                        stderr: stream(STDERR_STREAM),
-                    });
+                    if let (Some(relay), Some(stream)) = (&j.relay, j.stream) {
+                        s.transfers.insert(id.clone());
+                        s.streams.insert(stream, (id.clone(), TRANSFER_STREAM));
+                        transfers.push((id.clone(), relay.received()));
+                        resumed.push(Resumed {
+                            job: id.clone(),
+                            stdout_offset: 0,
+                            stderr_offset: 0,
+                            stdout: 0,
+                            stderr: 0,
+                        });
+                    } else {
+                        let mut stream = |which: u64| {
+                            let n = s.next_stream;
+                            s.next_stream += 1;
+                            s.streams.insert(n, (id.clone(), which));
+                            n
+                        };
+                        resumed.push(Resumed {
+                            job: id.clone(),
+                            stdout_offset: j.record.stdout_bytes,
+                            stderr_offset: j.record.stderr_bytes,
+                            stdout: stream(STDOUT_STREAM),
+                            stderr: stream(STDERR_STREAM),
+                        });
+                    }
                     if j.cancel_requested {
                         cancels.push(id.clone());
                     }
@@ -1174,6 +1250,7 @@ impl Hub {
             resumed,
             rest: Some(AfterWelcome {
                 tx,
+                transfers,
                 cancels,
                 requeued,
                 ended,
@@ -1519,6 +1596,7 @@ fn offer(session: &mut Session, job: &mut LiveJob) -> HubMessage {
         Task::Ship(t) => {
             let s = stream(TRANSFER_STREAM);
             job.stream = Some(s);
+            job.relay = Some(Arc::new(Hop::new(session.tx.clone())));
             HubMessage::Ship(ShipRequest {
                 job: id.clone(),
                 dest: t.dest.clone(),
@@ -1529,6 +1607,7 @@ fn offer(session: &mut Session, job: &mut LiveJob) -> HubMessage {
         Task::Fetch(t) => {
             let s = stream(TRANSFER_STREAM);
             job.stream = Some(s);
+            job.relay = Some(Arc::new(Hop::new(session.tx.clone())));
             HubMessage::Fetch(FetchRequest {
                 job: id.clone(),
                 path: t.path.clone(),
@@ -1575,6 +1654,20 @@ fn queue_timeout(r: &mut JobRecord) {
         "was not started within its queue timeout of {secs}s: {why}; check `cla-hub workers` and the \
          target's tags/env"
     ));
+}
+
+/// A transfer's piece as it goes to the worker (a chunk keeps the stream it came with: the job's).
+fn transfer_piece(job: &str, piece: Piece) -> Outbound {
+    match piece {
+        Piece::Op(op) => Outbound::Message(HubMessage::Transfer(TransferFrame {
+            job: job.to_owned(),
+            op,
+        })),
+        Piece::Data(chunk) => {
+            let stream = chunk.stream();
+            Outbound::Chunk(chunk, stream)
+        }
+    }
 }
 
 /// Frees the job's slot and stream ids on its session.

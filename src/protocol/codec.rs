@@ -68,6 +68,11 @@ impl Chunk {
         self.0.slice(Self::HEADER..)
     }
 
+    /// The chunk on `stream` (see [`Chunk::into_frame`]).
+    pub fn addressed(self, stream: u64) -> Chunk {
+        Chunk(self.into_frame(stream))
+    }
+
     /// The frame addressed to `stream`: as it is when it already is, rewritten in place when the buffer is
     /// not shared, copied otherwise.
     pub fn into_frame(self, stream: u64) -> Bytes {

@@ -131,7 +131,8 @@ pub struct Resumed {
     /// Output bytes the hub has of stdout and stderr: the worker sends what follows.
     pub stdout_offset: u64,
     pub stderr_offset: u64,
-    /// The binary stream ids for stdout and stderr on this connection (eval: console on `stdout`).
+    /// The binary stream ids for stdout and stderr on this connection (eval: console on `stdout`). A
+    /// transfer keeps the stream it had (these are 0); both sides then send `transfer {op: resume}`.
     pub stdout: u64,
     pub stderr: u64,
 }
@@ -473,6 +474,10 @@ pub enum TransferOp {
     Abort { error: String },
     /// Receiver → hub (fetch): everything is verified and in place.
     Committed(TransferSummary),
+    /// Hub ↔ worker only, after a reconnect resumed the transfer: the sending side has received this many
+    /// units of the other side's pieces (every piece but `ack`, counted like the window); the other side
+    /// sends what follows from its copy of them (see `docs/transfer.md`). Never relayed.
+    Resume { received: u64 },
 }
 
 /// What a transfer moved, as the receiver verified it.

@@ -13,12 +13,14 @@
 //!   place; files are written to temp names beside their target, fsynced, and renamed only once the whole
 //!   transfer is in; a failure or cancel removes everything it wrote (see [`receive`]).
 
+mod backlog;
 mod path;
 mod receive;
 mod send;
 
 use std::future::Future;
 
+pub use backlog::{Backlog, Hop};
 pub(crate) use path::from_base;
 pub use receive::{Received, receive};
 pub use send::{Source, send};

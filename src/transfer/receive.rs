@@ -107,7 +107,7 @@ pub async fn receive(
                 let stop = match piece {
                     None => Some("the sender went away before the end of the transfer".to_owned()),
                     Some(Piece::Op(TransferOp::Abort { error })) => Some(format!("the sender stopped the transfer: {error}")),
-                    Some(Piece::Op(TransferOp::Ack { .. } | TransferOp::Committed(_))) => None,
+                    Some(Piece::Op(TransferOp::Ack { .. } | TransferOp::Committed(_) | TransferOp::Resume { .. })) => None,
                     Some(p) => {
                         let end = matches!(p, Piece::Op(TransferOp::End { .. }));
                         // A closed queue means the writer failed: its error comes from the join handle.
@@ -257,7 +257,7 @@ impl Stage {
                 self.end(files, bytes, &sha256)?;
                 return Ok(true);
             }
-            TransferOp::Ack { .. } | TransferOp::Abort { .. } | TransferOp::Committed(_) => {}
+            TransferOp::Ack { .. } | TransferOp::Abort { .. } | TransferOp::Committed(_) | TransferOp::Resume { .. } => {}
         }
         Ok(false)
     }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::journal::{Journal, Stream};
 use super::process::{Ending, drain_while_moving, exit_status, own_group, shell, supervise};
 use super::session::Out;
-use crate::protocol::{CommandLine, ExecRequest, JobResult, Outcome, WorkerMessage};
+use crate::protocol::{CommandLine, ExecRequest, JobResult, Outcome};
 
 /// Read size for output pipes: large enough for throughput, and a read returns as soon as any bytes
 /// are there, so small writes are not held back.
@@ -56,17 +56,6 @@ pub(crate) struct ExecCtx {
 }
 
 impl ExecCtx {
-    /// Tells the hub the job's process runs.
-    pub(crate) async fn started(&self, job: &str, pid: Option<u32>) {
-        let _ = self
-            .out
-            .send(Out::msg(WorkerMessage::Started {
-                job: job.to_owned(),
-                pid,
-            }))
-            .await;
-    }
-
     /// The variables every job gets, before the request's own.
     pub(crate) fn env(&self, job: &str) -> BTreeMap<String, String> {
         BTreeMap::from([

@@ -3,9 +3,10 @@
 //! after a successful handshake). SIGINT/SIGTERM drains: no new jobs, running ones get a deadline, then
 //! the kill ladder.
 //!
-//! Exec and eval jobs outlive the connection they came on: their output and results go through a
-//! [`Journal`] (spooled on disk until the hub acknowledges the end), and after a reconnect the worker
-//! lists them in `hello.resume` and replays what the hub missed. Transfers stop with their connection.
+//! Jobs outlive the connection they came on. Exec and eval output and results go through a [`Journal`]
+//! (spooled on disk until the hub acknowledges the end); a transfer's pieces go through its
+//! [`transfer::Leg`] (kept in memory until the far end has them). After a reconnect the worker lists
+//! its jobs in `hello.resume` and sends what the hub missed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -26,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::protocol::connection::Incoming;
 use crate::protocol::{
     Connection, ConnectionReader, ConnectionWriter, ErrorCode, Frame, Hello, HubMessage, JobResult,
-    OnDisconnect, Outcome, PROTOCOL_VERSION, ProtocolError, RejectCode, Resumed, TransferFrame,
+    OnDisconnect, Outcome, PROTOCOL_VERSION, ProtocolError, RejectCode, Resumed, TransferFrame, TransferOp,
     WORKER_ID_HEADER, WS_PATH, WorkerMessage, decode_text,
 };
 use crate::transfer::Piece;
@@ -301,7 +302,7 @@ async fn connect_once(
     };
     let (mut writer, mut reader) = conn.split();
     let mut greeting = hello(s, "");
-    greeting.resume = worker.journaled();
+    greeting.resume = worker.resumable();
     if let Err(e) = writer.send(&WorkerMessage::Hello(greeting)).await {
         return Ok(lost(e.to_string()));
     }
@@ -375,13 +376,41 @@ async fn first_message(reader: &mut ConnectionReader) -> Result<HubMessage, Prot
 /// A job this worker process has taken, kept across connections until the hub acknowledges its end.
 struct Taken {
     cancel: CancellationToken,
-    /// Transfers (which have their own limit, and stop with their connection).
-    transfer: bool,
-    /// Exec and eval jobs: their journal.
-    journal: Option<Arc<Journal>>,
+    keep: Keep,
     on_disconnect: OnDisconnect,
-    /// The job's task is over; its end waits in the journal for the hub's `ack`.
+    /// The job's task is over; its end waits for the hub's `ack`.
     ended: bool,
+}
+
+/// What keeps a job's output and end across connections.
+#[derive(Clone)]
+pub(crate) enum Keep {
+    /// Exec and eval: the journal, on disk.
+    Journal(Arc<Journal>),
+    /// Ship and fetch (which have their own limit): the transfer's leg, in memory.
+    Leg(Arc<transfer::Leg>),
+}
+
+impl Keep {
+    fn is_transfer(&self) -> bool {
+        matches!(self, Keep::Leg(_))
+    }
+
+    /// The job's end is kept (the task may not have marked its entry yet).
+    async fn ended(&self) -> bool {
+        match self {
+            Keep::Journal(j) => j.ended().await,
+            Keep::Leg(l) => l.ended(),
+        }
+    }
+
+    /// Keeps the job's end and sends it if connected.
+    async fn finish(&self, result: JobResult) {
+        match self {
+            Keep::Journal(j) => j.finish(result).await,
+            Keep::Leg(l) => l.finish(result).await,
+        }
+    }
 }
 
 type Table = Arc<Mutex<HashMap<String, Taken>>>;
@@ -391,6 +420,8 @@ struct WorkerJobs {
     table: Table,
     tracker: TaskTracker,
     spool: Arc<Spool>,
+    /// Where the session delivers the pieces of running transfers.
+    routes: transfer::Routes,
     /// Ids of accepted jobs (so a repeated offer is answered, not run twice).
     seen: BoundedIds,
     /// Counts established connections: a disconnect policy applies only if no new one came since.
@@ -403,6 +434,7 @@ impl WorkerJobs {
             table: Arc::default(),
             tracker: TaskTracker::new(),
             spool,
+            routes: Arc::default(),
             seen: BoundedIds::new(SEEN_CAPACITY),
             epoch: Arc::default(),
         }
@@ -420,8 +452,7 @@ impl WorkerJobs {
                 journal.job.clone(),
                 Taken {
                     cancel: CancellationToken::new(),
-                    transfer: false,
-                    journal: Some(journal),
+                    keep: Keep::Journal(journal),
                     on_disconnect: OnDisconnect::Continue,
                     ended: true,
                 },
@@ -429,16 +460,9 @@ impl WorkerJobs {
         }
     }
 
-    /// The jobs to name in `hello.resume`: all with a journal, running or ended.
-    fn journaled(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .table
-            .lock()
-            .expect("jobs lock")
-            .iter()
-            .filter(|(_, t)| t.journal.is_some())
-            .map(|(id, _)| id.clone())
-            .collect();
+    /// The jobs to name in `hello.resume`: all of them, running or ended.
+    fn resumable(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.table.lock().expect("jobs lock").keys().cloned().collect();
         ids.sort();
         ids
     }
@@ -525,7 +549,7 @@ impl<'w> Live<'w> {
                 envs: s.envs.clone(),
                 workdir: s.workdir.clone(),
                 out: tx,
-                routes: Arc::default(),
+                routes: worker.routes.clone(),
             },
             capacity: s.capacity as usize,
             worker,
@@ -546,29 +570,44 @@ impl<'w> Live<'w> {
         let wanted: HashMap<&str, &Resumed> = wanted.iter().map(|r| (r.job.as_str(), r)).collect();
         let mut dropped = Vec::new();
         let mut relinks = Vec::new();
+        let mut messages = Vec::new();
         {
             let mut table = self.worker.table.lock().expect("jobs lock");
             table.retain(|id, t| {
-                let Some(journal) = &t.journal else { return true };
                 if let Some(r) = wanted.get(id.as_str()) {
-                    let (journal, r) = (journal.clone(), (*r).clone());
-                    let link = Link {
-                        out: self.ctx.out.clone(),
-                        streams: [r.stdout, r.stderr],
-                    };
-                    relinks.push(tokio::spawn(async move { journal.relink(link, &r).await }));
+                    match &t.keep {
+                        Keep::Journal(journal) => {
+                            let (journal, r) = (journal.clone(), (*r).clone());
+                            let link = Link {
+                                out: self.ctx.out.clone(),
+                                streams: [r.stdout, r.stderr],
+                            };
+                            relinks.push(tokio::spawn(async move { journal.relink(link, &r).await }));
+                        }
+                        // The rest follows the hub's `resume` (see `Live::relink_transfer`).
+                        Keep::Leg(leg) => messages.extend(leg.resume_messages()),
+                    }
                     return true;
                 }
-                // The hub ended the job meanwhile (cancelled, lost): stop it and forget it.
-                tracing::warn!(job = %id, "the hub no longer has this job: stopping it and dropping its spool");
+                // The hub ended the job meanwhile (its end stored, cancelled, lost): stop it and forget it.
+                if t.ended {
+                    tracing::debug!(job = %id, "the hub has this job's end: dropping it");
+                } else {
+                    tracing::warn!(job = %id, "the hub no longer has this job: stopping it and dropping it");
+                }
                 t.cancel.cancel();
-                dropped.push(journal.clone());
+                dropped.push(t.keep.clone());
                 false
             });
         }
         self.relinks = relinks;
-        for j in dropped {
-            j.remove().await;
+        for m in messages {
+            let _ = self.ctx.out.send(m).await;
+        }
+        for k in dropped {
+            if let Keep::Journal(j) = k {
+                j.remove().await;
+            }
         }
         self.reporter.update(|s| s.running = running(&self.worker.table));
     }
@@ -655,8 +694,9 @@ impl<'w> Live<'w> {
                         on_disconnect: req.on_disconnect,
                     };
                     let (job, what) = (req.job.clone(), req.command.display());
-                    let work = move |ctx: ExecCtx, journal: Option<Arc<Journal>>, cancel| async move {
-                        exec::handle(req, &ctx, journal.expect("exec jobs have a journal"), cancel).await
+                    let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
+                        let Keep::Journal(journal) = keep else { unreachable!("exec jobs have a journal") };
+                        exec::handle(req, &ctx, journal, cancel).await
                     };
                     self.start_job(job, what, kind, draining, work).await
                 }
@@ -669,25 +709,33 @@ impl<'w> Live<'w> {
                         req.job.clone(),
                         format!("eval ({} bytes of JavaScript)", req.code.len()),
                     );
-                    let work = move |ctx: ExecCtx, journal: Option<Arc<Journal>>, cancel| async move {
-                        eval::handle(req, &ctx, journal.expect("eval jobs have a journal"), cancel).await
+                    let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
+                        let Keep::Journal(journal) = keep else { unreachable!("eval jobs have a journal") };
+                        eval::handle(req, &ctx, journal, cancel).await
                     };
                     self.start_job(job, what, kind, draining, work).await
                 }
                 HubMessage::Ship(req) => {
-                    let (job, what) = (req.job.clone(), format!("ship → {}", req.dest));
-                    let work =
-                        move |ctx: ExecCtx, _, cancel| async move { transfer::ship(req, &ctx, cancel).await };
-                    self.start_job(job, what, Kind::Transfer, draining, work).await
+                    let (job, what, stream) = (req.job.clone(), format!("ship → {}", req.dest), req.stream);
+                    let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
+                        let Keep::Leg(leg) = keep else { unreachable!("transfers have a leg") };
+                        transfer::ship(req, &ctx, leg, cancel).await
+                    };
+                    self.start_job(job, what, Kind::Transfer { stream }, draining, work).await
                 }
                 HubMessage::Fetch(req) => {
-                    let (job, what) = (req.job.clone(), format!("fetch {}", req.path));
-                    let work = move |ctx: ExecCtx, _, cancel| async move {
-                        transfer::fetch(req, &ctx, cancel).await
+                    let (job, what, stream) = (req.job.clone(), format!("fetch {}", req.path), req.stream);
+                    let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
+                        let Keep::Leg(leg) = keep else { unreachable!("transfers have a leg") };
+                        transfer::fetch(req, &ctx, leg, cancel).await
                     };
-                    self.start_job(job, what, Kind::Transfer, draining, work).await
+                    self.start_job(job, what, Kind::Transfer { stream }, draining, work).await
                 }
                 HubMessage::Ack { job } => self.acknowledged(&job).await,
+                HubMessage::Transfer(TransferFrame {
+                    job,
+                    op: TransferOp::Resume { received },
+                }) => self.relink_transfer(&job, received),
                 HubMessage::Transfer(TransferFrame { job, op }) => {
                     if !transfer::route(&self.ctx.routes, Some(&job), None, Piece::Op(op)) {
                         tracing::debug!(job = %job, "transfer frame for no running transfer ignored");
@@ -746,33 +794,56 @@ impl<'w> Live<'w> {
 
     /// The hub has stored the job's end: forget it.
     async fn acknowledged(&mut self, job: &str) {
-        let journal = self
+        let keep = self
             .worker
             .table
             .lock()
             .expect("jobs lock")
             .get(job)
-            .and_then(|t| t.journal.clone());
-        let Some(journal) = journal else { return };
+            .map(|t| t.keep.clone());
+        let Some(keep) = keep else { return };
         // The task marks its entry ended only after `finished` went out, so the ack can come first:
-        // the journal knows.
-        if !journal.ended().await {
+        // the journal (or leg) knows.
+        if !keep.ended().await {
             return;
         }
         let removed = self.worker.table.lock().expect("jobs lock").remove(job);
-        if let Some(j) = removed.and_then(|t| t.journal) {
+        if let Some(Keep::Journal(j)) = removed.map(|t| t.keep) {
             j.remove().await;
             tracing::debug!(job, "end acknowledged by the hub; spool dropped");
         }
     }
 
+    /// The hub resumed a transfer and has `received` units of its pieces: the leg sends what follows,
+    /// in its own task (the replay may be up to a window).
+    fn relink_transfer(&mut self, job: &str, received: u64) {
+        let taken = self
+            .worker
+            .table
+            .lock()
+            .expect("jobs lock")
+            .get(job)
+            .map(|t| (t.keep.clone(), t.cancel.clone()));
+        let Some((Keep::Leg(leg), cancel)) = taken else {
+            tracing::debug!(job, "resume for a transfer not kept here ignored");
+            return;
+        };
+        let out = self.ctx.out.clone();
+        self.relinks.push(tokio::spawn(async move {
+            if let Err(e) = leg.relink(out, received).await {
+                tracing::error!(job = %leg.job, "{e}: cancelling it");
+                cancel.cancel();
+            }
+        }));
+    }
+
     /// Accepts (or refuses) an offered job and runs `work` for it as a tracked task.
     async fn start_job<F, Fut>(&mut self, job: String, what: String, kind: Kind, draining: bool, work: F)
     where
-        F: FnOnce(ExecCtx, Option<Arc<Journal>>, CancellationToken) -> Fut + Send + 'static,
+        F: FnOnce(ExecCtx, Keep, CancellationToken) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobResult> + Send + 'static,
     {
-        let is_transfer = matches!(kind, Kind::Transfer);
+        let is_transfer = matches!(kind, Kind::Transfer { .. });
         if !self.worker.seen.insert(job.clone()) {
             // Taken here before (a late answer to an offer whose lease ran out, or a transfer stopped by
             // a dropped connection): never run twice here; refusing lets the hub place it elsewhere.
@@ -792,7 +863,7 @@ impl<'w> Live<'w> {
             .lock()
             .expect("jobs lock")
             .values()
-            .filter(|t| !t.ended && t.transfer == is_transfer)
+            .filter(|t| !t.ended && t.keep.is_transfer() == is_transfer)
             .count();
         let limit = if is_transfer {
             crate::transfer::MAX_CONCURRENT
@@ -813,7 +884,7 @@ impl<'w> Live<'w> {
             return;
         }
         // The journal (and its spool file) exists before the hub hears the job is taken.
-        let (journal, on_disconnect) = match kind {
+        let (keep, on_disconnect) = match kind {
             Kind::Journaled {
                 streams,
                 on_disconnect,
@@ -823,11 +894,14 @@ impl<'w> Live<'w> {
                     streams,
                 };
                 (
-                    Some(Journal::create(&self.worker.spool, &job, link)),
+                    Keep::Journal(Journal::create(&self.worker.spool, &job, link)),
                     on_disconnect,
                 )
             }
-            Kind::Transfer => (None, OnDisconnect::Continue),
+            Kind::Transfer { stream } => (
+                Keep::Leg(transfer::Leg::new(&job, stream, self.ctx.out.clone())),
+                OnDisconnect::Continue,
+            ),
         };
         self.send(WorkerMessage::Accepted { job: job.clone() }).await;
         let cancel = CancellationToken::new();
@@ -835,8 +909,7 @@ impl<'w> Live<'w> {
             job.clone(),
             Taken {
                 cancel: cancel.clone(),
-                transfer: is_transfer,
-                journal: journal.clone(),
+                keep: keep.clone(),
                 on_disconnect,
                 ended: false,
             },
@@ -847,24 +920,13 @@ impl<'w> Live<'w> {
         self.worker.tracker.spawn(tracing::Instrument::instrument(
             async move {
                 tracing::info!("running {what}");
-                let result = work(ctx.clone(), journal.clone(), cancel).await;
+                let result = work(ctx, keep.clone(), cancel).await;
                 tracing::info!(outcome = ?result.outcome, rc = ?result.rc, ms = result.duration_ms, "finished");
                 let job = result.job.clone();
-                match &journal {
-                    // Sent (now, or after a reconnect) and kept until the hub's ack.
-                    Some(j) => j.finish(result).await,
-                    None => {
-                        let _ = ctx.out.send(Out::msg(WorkerMessage::Finished(result))).await;
-                    }
-                }
-                {
-                    let mut table = table.lock().expect("jobs lock");
-                    match table.get_mut(&job) {
-                        Some(t) if journal.is_some() => t.ended = true,
-                        _ => {
-                            table.remove(&job);
-                        }
-                    }
+                // Sent (now, or after a reconnect) and kept until the hub's ack.
+                keep.finish(result).await;
+                if let Some(t) = table.lock().expect("jobs lock").get_mut(&job) {
+                    t.ended = true;
                 }
                 reporter.update(|s| s.running = running(&table));
             },
@@ -873,9 +935,9 @@ impl<'w> Live<'w> {
     }
 
     /// Ends the session. When the connection was lost, the writer may be stuck in a write to a peer that
-    /// is gone: it is aborted first, so tasks sending to it fail at once. Transfers stop (they cannot go
-    /// on without their connection); exec and eval jobs go on, their journals keeping what they produce
-    /// for the next connection, unless their policy cancels them after a while.
+    /// is gone: it is aborted first, so tasks sending to it fail at once. Jobs go on, their journals and
+    /// legs keeping what they produce for the next connection, unless their policy cancels them after a
+    /// while.
     async fn finish(self, connection_lost: bool) {
         if connection_lost {
             self.writer.abort();
@@ -883,12 +945,11 @@ impl<'w> Live<'w> {
         for r in &self.relinks {
             r.abort();
         }
-        let journals: Vec<Arc<Journal>> = {
+        let kept: Vec<Keep> = {
             let table = self.worker.table.lock().expect("jobs lock");
             let epoch = self.worker.epoch.load(std::sync::atomic::Ordering::SeqCst);
             for (id, t) in table.iter().filter(|(_, t)| !t.ended) {
                 match t.on_disconnect {
-                    _ if t.transfer => t.cancel.cancel(),
                     OnDisconnect::Continue => {}
                     OnDisconnect::CancelAfter(secs) => {
                         let (cancel, epochs, id) = (t.cancel.clone(), self.worker.epoch.clone(), id.clone());
@@ -902,10 +963,13 @@ impl<'w> Live<'w> {
                     }
                 }
             }
-            table.values().filter_map(|t| t.journal.clone()).collect()
+            table.values().map(|t| t.keep.clone()).collect()
         };
-        for j in journals {
-            j.unlink().await;
+        for k in kept {
+            match k {
+                Keep::Journal(j) => j.unlink().await,
+                Keep::Leg(l) => l.detach().await,
+            }
         }
         drop(self.ctx);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.writer).await;
@@ -919,7 +983,8 @@ enum Kind {
         streams: [u64; 2],
         on_disconnect: OnDisconnect,
     },
-    Transfer,
+    /// Ship and fetch, with their binary stream.
+    Transfer { stream: u64 },
 }
 
 async fn write_loop(mut writer: ConnectionWriter, mut rx: mpsc::Receiver<Out>, dead: CancellationToken) {

@@ -1,10 +1,15 @@
 //! `ship` and `fetch` on the worker: the transfer engine ([`crate::transfer`]) over the hub session.
 //!
-//! The session's reader routes a transfer's frames (by job) and binary chunks (by stream) to the job's
-//! task through [`Routes`]; the task registers its route before it reports `started`, and the hub sends
-//! nothing for the transfer before that.
+//! A transfer outlives its connection. Its [`Leg`] is its end of the hub connection: the session's
+//! reader delivers the transfer's frames (by job) and binary chunks (by stream) to it through
+//! [`Routes`], and it sends through whatever connection is up, keeping (in its [`Hop`]) what it sent
+//! until the far receiver has it. While the worker is disconnected the engine goes on until the flow
+//! control window is full, then waits. After a reconnect the hub resumes the job: each side says
+//! what it received (`transfer {op: resume}`) and the other sends what follows ([`Leg::relink`]). The
+//! job's result is kept until the hub acknowledges it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -14,76 +19,188 @@ use tokio_util::sync::CancellationToken;
 use super::exec::ExecCtx;
 use super::session::Out;
 use crate::protocol::{
-    FetchRequest, JobResult, Outcome, ShipRequest, TransferFrame, TransferSummary, WorkerMessage,
+    FetchRequest, JobResult, Outcome, ShipRequest, TransferFrame, TransferOp, TransferSummary, WorkerMessage,
 };
-use crate::transfer::{self, Link, Piece, Received, Source, TransferError};
+use crate::transfer::{self, Hop, Link, Piece, Received, Source, TransferError};
 
-/// Where the session's reader delivers a transfer's pieces.
-pub(crate) struct Route {
-    pub stream: u64,
-    pub tx: mpsc::UnboundedSender<Piece>,
-}
-
-/// Running transfers by job id.
-pub(crate) type Routes = Arc<Mutex<HashMap<String, Route>>>;
+/// Transfers whose engine runs, by job id (worker-wide: they outlive connections).
+pub(crate) type Routes = Arc<Mutex<HashMap<String, Arc<Leg>>>>;
 
 /// Hands a piece from the hub to its transfer; false when no transfer of that job (or stream) runs.
 pub(crate) fn route(routes: &Routes, job: Option<&str>, stream: Option<u64>, piece: Piece) -> bool {
-    let routes = routes.lock().expect("routes lock");
-    let found = match (job, stream) {
-        (Some(j), _) => routes.get(j),
-        (None, Some(s)) => routes.values().find(|r| r.stream == s),
-        (None, None) => None,
+    let leg = {
+        let routes = routes.lock().expect("routes lock");
+        match (job, stream) {
+            (Some(j), _) => routes.get(j).cloned(),
+            (None, Some(s)) => routes.values().find(|l| l.stream == s).cloned(),
+            (None, None) => None,
+        }
     };
-    found.is_some_and(|r| r.tx.send(piece).is_ok())
+    leg.is_some_and(|l| l.deliver(piece))
 }
 
-/// A transfer's link: pieces out through the session writer, in from the route.
-struct SessionLink {
-    job: String,
-    stream: u64,
-    out: mpsc::Sender<Out>,
+/// A transfer's end of the hub connection, kept across reconnects until the hub acknowledges the job's
+/// end.
+pub(crate) struct Leg {
+    pub job: String,
+    /// The job's binary stream (it keeps it across reconnects).
+    pub stream: u64,
+    hop: Hop<Out>,
+    inbox: mpsc::UnboundedSender<Piece>,
+    /// The engine's end of `inbox`, until the engine takes it.
+    taken: Mutex<Option<mpsc::UnboundedReceiver<Piece>>>,
+    /// The transfer has told the hub it runs.
+    started: AtomicBool,
+    /// The job's end, kept until the hub's `ack`.
+    result: Mutex<Option<JobResult>>,
+}
+
+impl Leg {
+    pub(crate) fn new(job: &str, stream: u64, out: mpsc::Sender<Out>) -> Arc<Leg> {
+        let (inbox, rx) = mpsc::unbounded_channel();
+        Arc::new(Leg {
+            job: job.to_owned(),
+            stream,
+            hop: Hop::new(out),
+            inbox,
+            taken: Mutex::new(Some(rx)),
+            started: AtomicBool::new(false),
+            result: Mutex::new(None),
+        })
+    }
+
+    /// A piece from the hub, for the engine.
+    fn deliver(&self, piece: Piece) -> bool {
+        self.hop.incoming(&piece);
+        self.inbox.send(piece).is_ok()
+    }
+
+    fn wire(&self, piece: Piece) -> Out {
+        match piece {
+            Piece::Op(op) => Out::msg(WorkerMessage::Transfer(TransferFrame {
+                job: self.job.clone(),
+                op,
+            })),
+            Piece::Data(chunk) => Out::Chunk(chunk, self.stream),
+        }
+    }
+
+    /// A piece for the hub: kept, and sent now if connected.
+    async fn send(&self, piece: Piece) {
+        let piece = match piece {
+            // Addressed before a copy is kept, so that sending it needs no copy of the data.
+            Piece::Data(chunk) => Piece::Data(chunk.addressed(self.stream)),
+            p => p,
+        };
+        self.hop.send(piece, |p| self.wire(p)).await;
+    }
+
+    fn start_message(&self) -> Out {
+        Out::msg(WorkerMessage::Started {
+            job: self.job.clone(),
+            pid: None,
+        })
+    }
+
+    /// The transfer runs: the hub is told (again after a reconnect).
+    async fn started(&self) {
+        self.hop
+            .send_with(|| {
+                self.started.store(true, Ordering::SeqCst);
+                self.start_message()
+            })
+            .await;
+    }
+
+    /// The job's end: sent now if connected, and kept until the hub's `ack`.
+    pub(crate) async fn finish(&self, result: JobResult) {
+        self.hop
+            .send_with(|| {
+                *self.result.lock().expect("leg lock") = Some(result.clone());
+                Out::msg(WorkerMessage::Finished(result))
+            })
+            .await;
+    }
+
+    pub(crate) fn ended(&self) -> bool {
+        self.result.lock().expect("leg lock").is_some()
+    }
+
+    /// The connection went: what is sent from now on is only kept.
+    pub(crate) async fn detach(&self) {
+        self.hop.detach().await;
+    }
+
+    /// After a reconnect that resumed the job: its start again, and how much of the hub's pieces this
+    /// side has (the hub sends what follows).
+    pub(crate) fn resume_messages(&self) -> Vec<Out> {
+        let mut msgs = Vec::new();
+        if self.started.load(Ordering::SeqCst) {
+            msgs.push(self.start_message());
+        }
+        msgs.push(Out::msg(WorkerMessage::Transfer(TransferFrame {
+            job: self.job.clone(),
+            op: TransferOp::Resume {
+                received: self.hop.received(),
+            },
+        })));
+        msgs
+    }
+
+    /// The hub has `received` units of this side's pieces: sends what follows (and the latest ack, and
+    /// the end if the job has one), then sends on `out` from now on.
+    pub(crate) async fn relink(&self, out: mpsc::Sender<Out>, received: u64) -> Result<(), String> {
+        let end = || {
+            let result = self.result.lock().expect("leg lock").clone();
+            result
+                .map(|r| Out::msg(WorkerMessage::Finished(r)))
+                .into_iter()
+                .collect()
+        };
+        let n = self.hop.relink(out, received, |p| self.wire(p), end).await?;
+        tracing::info!(job = %self.job, pieces = n, "transfer resumed");
+        Ok(())
+    }
+}
+
+/// The engine's link: pieces out through the leg, in from its inbox. The route goes when it is dropped.
+struct LegLink {
+    leg: Arc<Leg>,
     inbox: mpsc::UnboundedReceiver<Piece>,
     routes: Routes,
 }
 
-impl SessionLink {
-    /// Registers the route of `job` and returns its link (the route goes when the link is dropped).
-    fn open(ctx: &ExecCtx, job: &str, stream: u64) -> SessionLink {
-        let (tx, inbox) = mpsc::unbounded_channel();
+impl LegLink {
+    fn open(ctx: &ExecCtx, leg: &Arc<Leg>) -> LegLink {
+        let inbox = leg
+            .taken
+            .lock()
+            .expect("leg lock")
+            .take()
+            .expect("a leg's engine runs once");
         ctx.routes
             .lock()
             .expect("routes lock")
-            .insert(job.to_owned(), Route { stream, tx });
-        SessionLink {
-            job: job.to_owned(),
-            stream,
-            out: ctx.out.clone(),
+            .insert(leg.job.clone(), leg.clone());
+        LegLink {
+            leg: leg.clone(),
             inbox,
             routes: ctx.routes.clone(),
         }
     }
 }
 
-impl Drop for SessionLink {
+impl Drop for LegLink {
     fn drop(&mut self) {
-        self.routes.lock().expect("routes lock").remove(&self.job);
+        self.routes.lock().expect("routes lock").remove(&self.leg.job);
     }
 }
 
-impl Link for SessionLink {
+impl Link for LegLink {
     async fn send(&mut self, piece: Piece) -> Result<(), String> {
-        let out = match piece {
-            Piece::Op(op) => Out::msg(WorkerMessage::Transfer(TransferFrame {
-                job: self.job.clone(),
-                op,
-            })),
-            Piece::Data(chunk) => Out::Chunk(chunk, self.stream),
-        };
-        self.out
-            .send(out)
-            .await
-            .map_err(|_| "the connection to the hub was lost".to_owned())
+        // Never fails: without a connection the piece waits in the backlog (the window bounds it).
+        self.leg.send(piece).await;
+        Ok(())
     }
 
     async fn recv(&mut self) -> Option<Piece> {
@@ -128,10 +245,10 @@ fn result(job: &str, start: Instant, done: Result<TransferSummary, TransferError
 }
 
 /// Receives files from the hub at `req.dest` (relative to the worker's workdir).
-pub(crate) async fn ship(req: ShipRequest, ctx: &ExecCtx, cancel: CancellationToken) -> JobResult {
+pub(crate) async fn ship(req: ShipRequest, ctx: &ExecCtx, leg: Arc<Leg>, cancel: CancellationToken) -> JobResult {
     let start = Instant::now();
-    let mut link = SessionLink::open(ctx, &req.job, req.stream);
-    ctx.started(&req.job, None).await;
+    let mut link = LegLink::open(ctx, &leg);
+    leg.started().await;
     let to = Received {
         dest: req.dest.clone(),
         base: ctx.workdir.clone(),
@@ -143,15 +260,15 @@ pub(crate) async fn ship(req: ShipRequest, ctx: &ExecCtx, cancel: CancellationTo
 }
 
 /// Sends the file or directory at `req.path` (relative to the worker's workdir) to the hub.
-pub(crate) async fn fetch(req: FetchRequest, ctx: &ExecCtx, cancel: CancellationToken) -> JobResult {
+pub(crate) async fn fetch(req: FetchRequest, ctx: &ExecCtx, leg: Arc<Leg>, cancel: CancellationToken) -> JobResult {
     let start = Instant::now();
     let path = transfer::from_base(ctx.workdir.as_deref(), &req.path);
     let src = match Source::open(path).await {
         Ok(s) => s,
         Err(e) => return result(&req.job, start, Err(TransferError::Failed(e))),
     };
-    let mut link = SessionLink::open(ctx, &req.job, req.stream);
-    ctx.started(&req.job, None).await;
+    let mut link = LegLink::open(ctx, &leg);
+    leg.started().await;
     let done = transfer::send(src, &mut link, &cancel, |_| {}).await;
     result(&req.job, start, done)
 }
