@@ -3,7 +3,7 @@
 //! verifies every file's SHA-256 as always.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -46,14 +46,7 @@ fn proxied_worker(dir: &Path, env: &[(&str, &str)]) -> (Hub, Proxy, Proc) {
     let hub = Hub::start(dir);
     let proxy = Proxy::start(&hub.addr);
     let setup = register(&hub, dir, "w1", "t");
-    let mut cmd = Command::new(WORKER);
-    cmd.arg("-c")
-        .arg(&setup.config)
-        .args(["run", "--url", &proxy.url]);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let worker = Proc::spawn(cmd);
+    let worker = run_worker_env(&setup, &["--url", &proxy.url], env);
     hub.wait_worker_state("w1", "idle", 20);
     (hub, proxy, worker)
 }

@@ -1040,11 +1040,8 @@ impl Hub {
     }
 
     /// A worker's session ended. Its jobs (offered, accepted or running) wait for it to come back, for
-    /// `lost_after`: it resumes them with the output the hub missed, or they end `lost`. An offered
-    /// transfer goes back to the queue instead (its client is waiting for it to start).
+    /// `lost_after`: it resumes them with what the hub missed, or they end `lost`.
     pub(crate) async fn session_ended(&self, worker: &str, session: &str) {
-        let mut ended = Vec::new();
-        let mut requeued = Vec::new();
         let mut detached = Vec::new();
         let mut relays = Vec::new();
         {
@@ -1058,15 +1055,6 @@ impl Hub {
                 let Some(j) = st.jobs.get_mut(&job_id) else {
                     continue;
                 };
-                if j.record.spec.task.is_transfer() && j.record.state == JobState::Offered {
-                    let (r, e) = requeue_or_cancel(st, &job_id);
-                    if let Some(r) = &r {
-                        self.persist(r);
-                    }
-                    requeued.extend(r);
-                    ended.extend(e);
-                    continue;
-                }
                 let epoch = self.epochs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 j.detached = Some(epoch);
                 let note = self.detached_note(worker);
@@ -1096,7 +1084,8 @@ impl Hub {
                 let _ = s.send(JobEvent::Waiting(note.clone())).await;
             }
         }
-        self.after_requeue(requeued, ended).await;
+        // Waiting jobs' reasons change.
+        self.dispatch().await;
     }
 
     /// What `jobs` says of a job whose worker is away.

@@ -78,7 +78,8 @@ impl<T> Hop<T> {
     /// After a reconnect, the other end has `received` units: sends what follows, the latest ack, and
     /// then what `then` returns, on `tx`, which the hop uses from now on. Returns how many pieces went
     /// again, or an error when the pieces the other end lacks are no longer kept (the hop is linked
-    /// anyway, so that what the caller sends next goes out).
+    /// anyway, so that what the caller sends next goes out). A `tx` whose connection is already gone
+    /// (a late relink for an earlier connection) changes nothing.
     pub async fn relink(
         &self,
         tx: mpsc::Sender<T>,
@@ -87,6 +88,9 @@ impl<T> Hop<T> {
         then: impl FnOnce() -> Vec<T>,
     ) -> Result<usize, String> {
         let mut gate = self.gate.lock().await;
+        if tx.is_closed() {
+            return Ok(0);
+        }
         let again = self.backlog().replay(received);
         *gate = Some(tx);
         let again = again?;

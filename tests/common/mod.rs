@@ -275,8 +275,14 @@ pub fn register(hub: &Hub, dir: &Path, id: &str, tags: &str) -> WorkerSetup {
 
 /// Starts `cla-worker run` with a saved config, plus extra args.
 pub fn run_worker(setup: &WorkerSetup, extra: &[&str]) -> Proc {
+    run_worker_env(setup, extra, &[])
+}
+
+/// `cla-worker run` with `extra` flags and `env` variables set (test hooks).
+pub fn run_worker_env(setup: &WorkerSetup, extra: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(WORKER);
     cmd.arg("-c").arg(&setup.config).arg("run").args(extra);
+    cmd.envs(env.iter().copied());
     Proc::spawn(cmd)
 }
 
