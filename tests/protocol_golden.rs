@@ -428,6 +428,10 @@ fn transfers() {
             }),
             json!({"op":"committed","path":"/x","files":1,"dirs":0,"symlinks":0,"bytes":10,"sha256":"cd"}),
         ),
+        (
+            TransferOp::Resume { received: 2048 },
+            json!({"op":"resume","received":2048}),
+        ),
     ];
     for (op, mut expected) in frames {
         expected["job"] = json!("j1");

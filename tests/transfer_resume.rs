@@ -164,3 +164,33 @@ fn a_fetch_of_a_directory_cut_mid_way_resumes_and_verifies() {
     worker.wait_for_line("transfer resumed", 10);
     assert_eq!(staged_bytes(&local), 0, "no staging left");
 }
+
+#[test]
+fn a_transfer_whose_worker_never_returns_ends_lost_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start_with(dir.path(), "127.0.0.1:0", &["--lost-after", "2"]);
+    let setup = register(&hub, dir.path(), "w1", "t");
+    let mut worker = run_worker_env(&setup, &[], &[("CLA_TEST_CHUNK_DELAY_MS", "50")]);
+    hub.wait_worker_state("w1", "idle", 20);
+    let src = dir.path().join("big.bin");
+    std::fs::write(&src, bytes(30 * MIB, 1)).unwrap();
+    let local = dir.path().join("here");
+    std::fs::create_dir(&local).unwrap();
+
+    let client = transfer_client(
+        &hub,
+        &["fetch", "--worker", "w1", src.to_str().unwrap(), &format!("{}/", local.display())],
+        &[],
+    );
+    wait_until("the fetch to be part-way", 60, || staged_bytes(&local) >= 4 * MIB as u64);
+    worker.kill();
+    let out = client.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("w1 is disconnected: waiting up to 2s"), "the client says it waits: {err}");
+    assert!(err.contains("did not come back within 2s"), "{err}");
+    let v = only_job(&hub);
+    assert_eq!(v["state"], "lost", "{v}");
+    assert_eq!(staged_bytes(&local), 0, "the receiver removed what it had written");
+    assert!(!local.join("big.bin").exists());
+}
