@@ -32,6 +32,7 @@ pub mod shutdown;
 pub mod token;
 pub mod transfer;
 pub(crate) mod util;
+pub use util::tune_allocator;
 pub mod worker;
 
 pub use error::{Error, Result};

@@ -93,7 +93,13 @@ impl Transfer {
         let child = hub
             .cmd()
             .env("CLA_TEST_CHUNK_DELAY_MS", CHUNK_DELAY_MS)
-            .args([verb, "--worker", "cw", src.to_str().unwrap(), dest.to_str().unwrap()])
+            .args([
+                verb,
+                "--worker",
+                "cw",
+                src.to_str().unwrap(),
+                dest.to_str().unwrap(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -135,7 +141,9 @@ impl Transfer {
             ([], false) if fault == Fault::HubKill && !ok => Ok(false),
             _ => Err(format!(
                 "client ok={ok}, job(s) {:?}: {err}",
-                mine.iter().map(|j| (&j["state"], &j["error"])).collect::<Vec<_>>()
+                mine.iter()
+                    .map(|j| (&j["state"], &j["error"]))
+                    .collect::<Vec<_>>()
             )),
         };
         match verdict {
@@ -307,9 +315,15 @@ fn chaos() {
     );
     println!("  flagged incomplete by the hub   {}", counts.flagged_incomplete);
     println!("  transfers                       {}", counts.transfers);
-    println!("  cut mid-way                     {}", counts.transfers_cut_mid_way);
+    println!(
+        "  cut mid-way                     {}",
+        counts.transfers_cut_mid_way
+    );
     println!("  verified at the destination     {}", counts.transfers_verified);
-    println!("  lost: hub/worker killed (exp.)  {}", counts.transfers_lost_killed);
+    println!(
+        "  lost: hub/worker killed (exp.)  {}",
+        counts.transfers_lost_killed
+    );
     println!("  lost otherwise, or bad          {}", counts.transfers_bad);
     assert_eq!(counts.duplicated, 0, "{counts:?}");
     assert_eq!(counts.lost_other, 0, "{counts:?}");

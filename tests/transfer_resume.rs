@@ -34,7 +34,8 @@ fn staged_bytes(dir: &Path) -> u64 {
         let name = e.file_name().to_string_lossy().into_owned();
         if p.is_dir() && !p.is_symlink() {
             n += staged_bytes(&p);
-        } else if name.ends_with(".part") || p.parent().is_some_and(|d| d.to_string_lossy().contains(".cla-")) {
+        } else if name.ends_with(".part") || p.parent().is_some_and(|d| d.to_string_lossy().contains(".cla-"))
+        {
             n += e.metadata().map_or(0, |m| m.len());
         }
     }
@@ -106,7 +107,13 @@ fn a_ship_cut_mid_way_resumes_and_verifies() {
     // A slow sender (debug hook: 50 ms per 1 MiB chunk), so that the cut lands mid-way.
     let client = transfer_client(
         &hub,
-        &["ship", "--worker", "w1", local.to_str().unwrap(), &format!("{}/", remote.display())],
+        &[
+            "ship",
+            "--worker",
+            "w1",
+            local.to_str().unwrap(),
+            &format!("{}/", remote.display()),
+        ],
         &[("CLA_TEST_CHUNK_DELAY_MS", "50")],
     );
     cut_mid_transfer(&hub, &proxy, 8 * MIB as u64, || staged_bytes(&remote));
@@ -147,7 +154,13 @@ fn a_fetch_of_a_directory_cut_mid_way_resumes_and_verifies() {
 
     let client = transfer_client(
         &hub,
-        &["fetch", "--worker", "w1", src.to_str().unwrap(), &format!("{}/", local.display())],
+        &[
+            "fetch",
+            "--worker",
+            "w1",
+            src.to_str().unwrap(),
+            &format!("{}/", local.display()),
+        ],
         &[],
     );
     cut_mid_transfer(&hub, &proxy, 12 * MIB as u64, || staged_bytes(&local));
@@ -179,18 +192,33 @@ fn a_transfer_whose_worker_never_returns_ends_lost_and_leaves_nothing() {
 
     let client = transfer_client(
         &hub,
-        &["fetch", "--worker", "w1", src.to_str().unwrap(), &format!("{}/", local.display())],
+        &[
+            "fetch",
+            "--worker",
+            "w1",
+            src.to_str().unwrap(),
+            &format!("{}/", local.display()),
+        ],
         &[],
     );
-    wait_until("the fetch to be part-way", 60, || staged_bytes(&local) >= 4 * MIB as u64);
+    wait_until("the fetch to be part-way", 60, || {
+        staged_bytes(&local) >= 4 * MIB as u64
+    });
     worker.kill();
     let out = client.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("w1 is disconnected: waiting up to 2s"), "the client says it waits: {err}");
+    assert!(
+        err.contains("w1 is disconnected: waiting up to 2s"),
+        "the client says it waits: {err}"
+    );
     assert!(err.contains("did not come back within 2s"), "{err}");
     let v = only_job(&hub);
     assert_eq!(v["state"], "lost", "{v}");
-    assert_eq!(staged_bytes(&local), 0, "the receiver removed what it had written");
+    assert_eq!(
+        staged_bytes(&local),
+        0,
+        "the receiver removed what it had written"
+    );
     assert!(!local.join("big.bin").exists());
 }

@@ -8,6 +8,7 @@ fn main() -> std::process::ExitCode {
     if let Some(code) = cla_worker::eval::child::main() {
         return code.into();
     }
+    cla_worker::tune_allocator();
     let args = Args::parse();
     match cli::hub::run(args) {
         Ok(code) => code.into(),

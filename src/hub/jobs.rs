@@ -15,7 +15,6 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Hub, Outbound, Session, State};
-use crate::transfer::{Hop, Piece};
 use crate::protocol::api::{
     ApiError, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, Target, Task,
 };
@@ -23,6 +22,7 @@ use crate::protocol::{
     Chunk, CommandLine, EvalRequest, ExecRequest, FEATURE_TRANSFER, FetchRequest, Hello, HubMessage,
     JobResult, Outcome, Resumed, ShipRequest, TransferFrame, TransferOp, TransferSummary,
 };
+use crate::transfer::{Hop, Piece};
 use crate::util::now_rfc3339;
 
 /// An error answer of the API: status plus the one-line [`ApiError`].
@@ -823,7 +823,9 @@ impl Hub {
             let st = &mut *guard;
             let tx = st.sessions.get(worker).map(|s| s.tx.clone());
             match st.jobs.get_mut(&frame.job) {
-                Some(j) if j.record.worker.as_deref() == Some(worker) => (j.live_subscribers(), j.relay.clone(), tx),
+                Some(j) if j.record.worker.as_deref() == Some(worker) => {
+                    (j.live_subscribers(), j.relay.clone(), tx)
+                }
                 _ => {
                     tracing::debug!(job = %frame.job, worker, "transfer frame for no live job dropped");
                     return;

@@ -229,7 +229,10 @@ mod tests {
 
         // The other side has the first piece: the second goes again, then what `then` gives.
         let (tx, mut rx) = mpsc::channel(16);
-        let n = hop.relink(tx, data(1).cost(), |p| p, || vec![dir()]).await.unwrap();
+        let n = hop
+            .relink(tx, data(1).cost(), |p| p, || vec![dir()])
+            .await
+            .unwrap();
         assert_eq!(n, 1);
         assert_eq!(rx.recv().await, Some(data(2)));
         assert_eq!(rx.recv().await, Some(dir()));

@@ -257,7 +257,10 @@ impl Stage {
                 self.end(files, bytes, &sha256)?;
                 return Ok(true);
             }
-            TransferOp::Ack { .. } | TransferOp::Abort { .. } | TransferOp::Committed(_) | TransferOp::Resume { .. } => {}
+            TransferOp::Ack { .. }
+            | TransferOp::Abort { .. }
+            | TransferOp::Committed(_)
+            | TransferOp::Resume { .. } => {}
         }
         Ok(false)
     }

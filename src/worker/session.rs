@@ -695,7 +695,9 @@ impl<'w> Live<'w> {
                     };
                     let (job, what) = (req.job.clone(), req.command.display());
                     let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
-                        let Keep::Journal(journal) = keep else { unreachable!("exec jobs have a journal") };
+                        let Keep::Journal(journal) = keep else {
+                            unreachable!("exec jobs have a journal")
+                        };
                         exec::handle(req, &ctx, journal, cancel).await
                     };
                     self.start_job(job, what, kind, draining, work).await
@@ -710,7 +712,9 @@ impl<'w> Live<'w> {
                         format!("eval ({} bytes of JavaScript)", req.code.len()),
                     );
                     let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
-                        let Keep::Journal(journal) = keep else { unreachable!("eval jobs have a journal") };
+                        let Keep::Journal(journal) = keep else {
+                            unreachable!("eval jobs have a journal")
+                        };
                         eval::handle(req, &ctx, journal, cancel).await
                     };
                     self.start_job(job, what, kind, draining, work).await
@@ -718,18 +722,24 @@ impl<'w> Live<'w> {
                 HubMessage::Ship(req) => {
                     let (job, what, stream) = (req.job.clone(), format!("ship → {}", req.dest), req.stream);
                     let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
-                        let Keep::Leg(leg) = keep else { unreachable!("transfers have a leg") };
+                        let Keep::Leg(leg) = keep else {
+                            unreachable!("transfers have a leg")
+                        };
                         transfer::ship(req, &ctx, leg, cancel).await
                     };
-                    self.start_job(job, what, Kind::Transfer { stream }, draining, work).await
+                    self.start_job(job, what, Kind::Transfer { stream }, draining, work)
+                        .await
                 }
                 HubMessage::Fetch(req) => {
                     let (job, what, stream) = (req.job.clone(), format!("fetch {}", req.path), req.stream);
                     let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
-                        let Keep::Leg(leg) = keep else { unreachable!("transfers have a leg") };
+                        let Keep::Leg(leg) = keep else {
+                            unreachable!("transfers have a leg")
+                        };
                         transfer::fetch(req, &ctx, leg, cancel).await
                     };
-                    self.start_job(job, what, Kind::Transfer { stream }, draining, work).await
+                    self.start_job(job, what, Kind::Transfer { stream }, draining, work)
+                        .await
                 }
                 HubMessage::Ack { job } => self.acknowledged(&job).await,
                 HubMessage::Transfer(TransferFrame {

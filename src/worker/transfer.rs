@@ -245,7 +245,12 @@ fn result(job: &str, start: Instant, done: Result<TransferSummary, TransferError
 }
 
 /// Receives files from the hub at `req.dest` (relative to the worker's workdir).
-pub(crate) async fn ship(req: ShipRequest, ctx: &ExecCtx, leg: Arc<Leg>, cancel: CancellationToken) -> JobResult {
+pub(crate) async fn ship(
+    req: ShipRequest,
+    ctx: &ExecCtx,
+    leg: Arc<Leg>,
+    cancel: CancellationToken,
+) -> JobResult {
     let start = Instant::now();
     let mut link = LegLink::open(ctx, &leg);
     leg.started().await;
@@ -260,7 +265,12 @@ pub(crate) async fn ship(req: ShipRequest, ctx: &ExecCtx, leg: Arc<Leg>, cancel:
 }
 
 /// Sends the file or directory at `req.path` (relative to the worker's workdir) to the hub.
-pub(crate) async fn fetch(req: FetchRequest, ctx: &ExecCtx, leg: Arc<Leg>, cancel: CancellationToken) -> JobResult {
+pub(crate) async fn fetch(
+    req: FetchRequest,
+    ctx: &ExecCtx,
+    leg: Arc<Leg>,
+    cancel: CancellationToken,
+) -> JobResult {
     let start = Instant::now();
     let path = transfer::from_base(ctx.workdir.as_deref(), &req.path);
     let src = match Source::open(path).await {
