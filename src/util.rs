@@ -112,6 +112,21 @@ pub(crate) fn split_list<'a>(values: impl IntoIterator<Item = &'a String>) -> Ve
     out
 }
 
+/// Keeps glibc's allocator from handing 1 MiB transfer buffers back to the kernel and faulting them in
+/// again. A transfer keeps the chunks it sent until the receiver acknowledges them (for a resume), and
+/// frees them four at a time; with glibc's defaults that trims the heap and maps fresh pages for the
+/// next chunks, which cost the hub about a quarter more CPU per transfer (`docs/benchmarks.md`). Chunks
+/// now always come from the heap (below a 4 MiB mmap threshold), and up to 64 MiB of free heap is kept.
+/// Other platforms' allocators are left as they are.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,20 +190,5 @@ mod tests {
         }
         // No temp files left behind.
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
-    }
-}
-
-/// Keeps glibc's allocator from handing 1 MiB transfer buffers back to the kernel and faulting them in
-/// again. A transfer keeps the chunks it sent until the receiver acknowledges them (for a resume), and
-/// frees them four at a time; with glibc's defaults that trims the heap and maps fresh pages for the
-/// next chunks, which cost the hub about a quarter more CPU per transfer (`docs/benchmarks.md`). Chunks
-/// now always come from the heap (below a 4 MiB mmap threshold), and up to 64 MiB of free heap is kept.
-/// Other platforms' allocators are left as they are.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
 }

@@ -89,7 +89,7 @@ impl Transfer {
         let (src, dest) = (base.join(format!("src-{it}.bin")), base.join("dest.bin"));
         std::fs::write(&src, &data).unwrap();
         // Ship and fetch in turn; client and worker share this machine's file system.
-        let verb = if it % 2 == 0 { "ship" } else { "fetch" };
+        let verb = if it.is_multiple_of(2) { "ship" } else { "fetch" };
         let child = hub
             .cmd()
             .env("CLA_TEST_CHUNK_DELAY_MS", CHUNK_DELAY_MS)

@@ -83,6 +83,16 @@ fn transfer_client(hub: &Hub, args: &[&str], env: &[(&str, &str)]) -> std::proce
     cmd.spawn().unwrap()
 }
 
+/// `cla-hub fetch` of `src` on w1 into the directory `local`.
+fn fetch_into(hub: &Hub, src: &Path, local: &Path) -> std::process::Child {
+    let into = format!("{}/", local.display());
+    transfer_client(
+        hub,
+        &["fetch", "--worker", "w1", src.to_str().unwrap(), &into],
+        &[],
+    )
+}
+
 fn finish(child: std::process::Child) -> serde_json::Value {
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -152,17 +162,7 @@ fn a_fetch_of_a_directory_cut_mid_way_resumes_and_verifies() {
     let local = dir.path().join("here");
     std::fs::create_dir(&local).unwrap();
 
-    let client = transfer_client(
-        &hub,
-        &[
-            "fetch",
-            "--worker",
-            "w1",
-            src.to_str().unwrap(),
-            &format!("{}/", local.display()),
-        ],
-        &[],
-    );
+    let client = fetch_into(&hub, &src, &local);
     cut_mid_transfer(&hub, &proxy, 12 * MIB as u64, || staged_bytes(&local));
     let summary = finish(client);
 
@@ -190,17 +190,7 @@ fn a_transfer_whose_worker_never_returns_ends_lost_and_leaves_nothing() {
     let local = dir.path().join("here");
     std::fs::create_dir(&local).unwrap();
 
-    let client = transfer_client(
-        &hub,
-        &[
-            "fetch",
-            "--worker",
-            "w1",
-            src.to_str().unwrap(),
-            &format!("{}/", local.display()),
-        ],
-        &[],
-    );
+    let client = fetch_into(&hub, &src, &local);
     wait_until("the fetch to be part-way", 60, || {
         staged_bytes(&local) >= 4 * MIB as u64
     });
