@@ -56,7 +56,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let admin = AdminClient::locate(None, None, &data_dir).unwrap();
+    let admin = AdminClient::locate(None, None, Default::default(), &data_dir).unwrap();
     let connect_start = Instant::now();
     let worker = run_worker(&config, &["--capacity", "8"]);
     let worker_pid = worker.0.id();

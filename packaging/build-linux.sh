@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds static Linux binaries of cla-worker and cla-hub (x86_64, musl) and checks that they are static;
 # with --deb also the Debian package of the worker. Installs what a fresh machine lacks (the musl target,
-# cargo-deb). Output: target/x86_64-unknown-linux-musl/release/ and target/debian/*.deb.
+# musl-tools for ring's C code, cargo-deb). Output: target/x86_64-unknown-linux-musl/release/ and target/debian/*.deb.
 #
 #   packaging/build-linux.sh          # static binaries
 #   packaging/build-linux.sh --deb    # and the .deb
@@ -13,6 +13,13 @@ profile=${PROFILE:-release}
 if ! rustup target list --installed | grep -qx "$target"; then
     rustup target add "$target"
 fi
+# ring (rustls's crypto) has C and assembly parts: they need a musl C compiler (Debian's musl-tools).
+if ! command -v musl-gcc >/dev/null 2>&1; then
+    sudo_=""
+    [[ $(id -u) -ne 0 ]] && sudo_=sudo
+    $sudo_ apt-get install -y -q musl-tools
+fi
+export CC_x86_64_unknown_linux_musl=musl-gcc
 cargo build --locked --profile "$profile" --target "$target" --bin cla-worker --bin cla-hub
 
 for bin in cla-worker cla-hub; do

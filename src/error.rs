@@ -22,6 +22,8 @@ pub enum Error {
     Http(#[from] HttpError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The hub no longer knows this worker's credentials.
     #[error("registration revoked: {0}; run `cla-worker register` to register again")]
     Revoked(String),

@@ -1,11 +1,13 @@
 //! A small JSON-over-HTTP client (hyper), used by `cla-worker register/unregister` and by the hub's admin
 //! commands. Non-2xx answers become [`HttpError::Status`] carrying the hub's one-line message.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -13,12 +15,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::protocol::api::ApiError;
+use crate::tls::{TlsError, Trust};
 
 /// What can go wrong talking HTTP to the hub.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("bad hub URL `{0}`: use http://HOST:PORT")]
+    #[error("bad hub URL `{0}`: use http://HOST:PORT or https://HOST:PORT")]
     BadUrl(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot reach the hub at {url}: {reason}")]
     Connect { url: String, reason: String },
     #[error("{message}")]
@@ -47,7 +52,7 @@ impl HttpError {
 /// A client bound to one hub base URL (`http://host:port`, no trailing path).
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
 }
 
@@ -55,20 +60,37 @@ pub struct HttpClient {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl HttpClient {
-    /// A client for `base`. Only `http://` for now; `https://` gives a clear error.
+    /// A plain-HTTP client for `base` (an `https://` base is refused: it needs a [`Trust`]).
     pub fn new(base: &str) -> Result<HttpClient, HttpError> {
+        HttpClient::with_trust(base, &Trust::Unset)
+    }
+
+    /// A client for `base` (`http://` or `https://`); on `https://`, the hub's certificate must satisfy
+    /// `trust`.
+    pub fn with_trust(base: &str, trust: &Trust) -> Result<HttpClient, HttpError> {
         let base = base.trim_end_matches('/').to_owned();
-        if base.starts_with("https://") {
-            return Err(HttpError::BadUrl(format!(
-                "{base}` (TLS is not supported by this build yet"
-            )));
-        }
-        if !base.starts_with("http://") || base.parse::<hyper::Uri>().is_err() {
+        let https = base.starts_with("https://");
+        if !(https || base.starts_with("http://")) || base.parse::<hyper::Uri>().is_err() {
             return Err(HttpError::BadUrl(base));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        // A plain URL never uses the TLS side; it still needs a config, one that trusts nothing.
+        let tls = match https {
+            true => Arc::unwrap_or_clone(trust.client_config(&base)?),
+            false => rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| TlsError::Setup(e.to_string()))?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        };
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(HttpClient { client, base })
     }
@@ -204,6 +226,9 @@ fn status_error(status: StatusCode, body: &[u8]) -> HttpError {
 /// The innermost cause of a connection failure ("Connection refused (os error 111)"), which is the part
 /// worth showing.
 fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
+    if let Some(tls) = crate::tls::find_rustls(e) {
+        return crate::tls::describe(tls);
+    }
     let mut source: &dyn std::error::Error = e;
     while let Some(next) = source.source() {
         source = next;

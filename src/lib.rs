@@ -14,6 +14,7 @@
 //! | [`hub`] | the server runtime: HTTP + WebSocket listener, registry of connected workers, jobs, embedded store |
 //! | [`cli`] | clap argument types for both binaries and one `execute` per verb; nothing below it sees clap |
 //! | [`http`] | a small JSON-over-HTTP client used by `register`, `unregister` and the hub's admin commands |
+//! | [`tls`] | the hub's certificate (given or self-signed) and how clients trust it (a pin or a CA) |
 //! | [`secret`], [`token`] | secrets with redacted `Debug`; token generation, hashing and comparison |
 //! | [`exit`], [`error`], [`shutdown`], [`logging`] | process-level plumbing shared by both binaries |
 
@@ -29,6 +30,7 @@ pub mod protocol;
 pub mod rulebook;
 pub mod secret;
 pub mod shutdown;
+pub mod tls;
 pub mod token;
 pub mod transfer;
 pub(crate) mod util;

@@ -332,7 +332,7 @@ fn a_worker_failing_at_start_up_says_why() {
     assert_eq!(out.status.code(), Some(1));
     // The child's own error (written before its logging starts) reaches the logfile, and so the user.
     assert!(
-        stderr(&out).contains("exited during start-up") && stderr(&out).contains("needs TLS"),
+        stderr(&out).contains("exited during start-up") && stderr(&out).contains("no certificate is trusted"),
         "{}",
         stderr(&out)
     );

@@ -356,6 +356,7 @@ fn a_reconnect_storm_of_200_workers_is_absorbed_and_spread_out() {
                 tags: vec!["storm".into()],
                 envs: vec![],
                 token: None,
+                trust: Default::default(),
             })
             .await
             .unwrap();

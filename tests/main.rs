@@ -18,5 +18,6 @@ mod eval;
 mod protocol_golden;
 mod resilience;
 mod rulebook;
+mod tls;
 mod transfer;
 mod transfer_resume;

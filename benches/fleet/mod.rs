@@ -28,6 +28,7 @@ pub async fn connect(url: &str, admin: &AdminClient, passkey: &str, n: usize) ->
                 tags: vec!["sim".into()],
                 envs: vec![],
                 token: None,
+                trust: Default::default(),
             })
             .await
             .unwrap();

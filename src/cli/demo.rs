@@ -41,7 +41,7 @@ pub async fn run(verbose: u8) -> Result<ExitCode> {
     ));
     let hub_json = data_dir.join("hub.json");
     wait_for("the hub to write hub.json", || async { hub_json.exists() }).await?;
-    let admin = AdminClient::locate(None, None, &data_dir)?;
+    let admin = AdminClient::locate(None, None, Default::default(), &data_dir)?;
     println!("    hub listening on http://{addr}");
 
     // The worker stops first (it drains), then the hub: no reconnect attempts on the way out.
@@ -91,6 +91,7 @@ async fn drive(
         tags: tags.clone(),
         envs: vec!["DEV".into()],
         token: None,
+        trust: Default::default(),
     };
     let reg = register(&params).await?;
     let config_path = dir.join("cla-worker.yml");
@@ -102,6 +103,8 @@ async fn drive(
             url: Some(admin.url().to_owned()),
             tags,
             envs: vec!["DEV".into()],
+            pin: None,
+            ca: None,
         },
     )?;
     println!(

@@ -35,6 +35,12 @@ pub struct Args {
         hide = true
     )]
     pub token: Option<Secret>,
+    /// With --hub on https: the SHA-256 fingerprint of the hub's certificate to trust (as `serve` logs it).
+    #[arg(long, global = true, env = "CLA_HUB_PIN", value_name = "SHA256")]
+    pub pin: Option<String>,
+    /// With --hub on https: trust certificates issued by the CA(s) in this PEM file instead of a pin.
+    #[arg(long, global = true, env = "CLA_HUB_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// Print data as JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -127,6 +133,20 @@ pub struct ServeArgs {
     /// hub with a large fleet sheds the reconnect storm).
     #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100000))]
     pub max_handshakes: u64,
+    /// Serve HTTPS/WSS. Without --cert/--key, a self-signed certificate is made once in DATA_DIR/tls/
+    /// and kept; workers pin its fingerprint when they register.
+    #[arg(long)]
+    pub tls: bool,
+    /// The certificate chain (PEM) to serve; implies --tls.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// An extra name (host name or IP address) for the self-signed certificate (repeatable); used only
+    /// when the certificate is made.
+    #[arg(long = "tls-name", value_name = "NAME")]
+    pub tls_names: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,7 +297,8 @@ async fn execute(args: Args) -> Result<ExitCode> {
         crate::logging::init(args.verbose);
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    let client = || AdminClient::locate(args.hub.as_deref(), args.token.clone(), &data_dir);
+    let trust = crate::tls::Trust::from_options(args.pin.as_deref(), args.ca.as_deref())?;
+    let client = || AdminClient::locate(args.hub.as_deref(), args.token.clone(), trust.clone(), &data_dir);
     let json = args.json;
     match args.command {
         Command::Serve(a) => serve(a, data_dir.clone()).await,
@@ -318,6 +339,13 @@ async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     cfg.lost_after = Duration::from_secs(a.lost_after);
     cfg.offer_lease = Duration::from_secs(a.offer_lease);
     cfg.max_handshakes = a.max_handshakes as usize;
+    if a.tls || a.cert.is_some() {
+        cfg.tls = Some(crate::hub::TlsOptions {
+            cert: a.cert,
+            key: a.key,
+            names: a.tls_names,
+        });
+    }
     server::run(listener, cfg, crate::shutdown::on_signals()).await?;
     Ok(ExitCode::Success)
 }

@@ -10,6 +10,7 @@ use crate::config::{self, Overrides, Registration, save};
 use crate::error::{Error, Result};
 use crate::exit::ExitCode;
 use crate::secret::Secret;
+use crate::tls::Trust;
 use crate::worker::registration::{self, RegisterParams};
 use crate::worker::{self as agent, RunOptions};
 
@@ -127,6 +128,10 @@ pub struct RegisterArgs {
     pub token: Option<Secret>,
     #[command(flatten)]
     pub labels: Labels,
+    /// On https: without --pin or --ca, the hub's certificate is trusted on first use and its
+    /// fingerprint recorded (printed, and saved with --save), like ssh's known_hosts.
+    #[command(flatten)]
+    pub trust: TrustArgs,
     /// Save the registration into the config file (default: the file that would be loaded, else
     /// ./cla-worker.yml), created with mode 0600 and written atomically.
     #[arg(long, value_name = "PATH", num_args = 0..=1)]
@@ -148,6 +153,19 @@ pub struct Credentials {
     /// The hub's URL (default: from the config).
     #[arg(long)]
     pub url: Option<String>,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// How to trust an https hub's certificate (default: the pin recorded at `register`).
+#[derive(Debug, Clone, Default, ClapArgs)]
+pub struct TrustArgs {
+    /// Trust exactly the hub certificate with this SHA-256 fingerprint (as `cla-hub serve` logs it).
+    #[arg(long, value_name = "SHA256")]
+    pub pin: Option<String>,
+    /// Trust hub certificates issued by the CA(s) in this PEM file (checked against the URL's host name).
+    #[arg(long, value_name = "FILE", conflicts_with = "pin")]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -264,6 +282,19 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         envs = f.envs.clone();
     }
     let url = url.trim_end_matches('/').to_owned();
+    // --pin/--ca, else what the config says, else trust on first use (https only).
+    let file_tls = f.tls.clone().unwrap_or_default();
+    let trust = match (&a.trust.pin, &a.trust.ca) {
+        (None, None) => Trust::from_options(file_tls.pin.as_deref(), file_tls.ca.as_deref())?,
+        (pin, ca) => Trust::from_options(pin.as_deref(), ca.as_deref())?,
+    };
+    let (trust, seen) = match trust {
+        Trust::Unset => {
+            let (t, seen) = Trust::first_use();
+            (t, Some(seen))
+        }
+        given => (given, None),
+    };
     let params = RegisterParams {
         url: url.clone(),
         passkey,
@@ -271,6 +302,7 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         tags: tags.clone(),
         envs: envs.clone(),
         token: a.token,
+        trust: trust.clone(),
     };
     // The token is shown only once: make sure it can be saved before asking for it.
     let save_to = a.save.as_ref().map(|explicit| {
@@ -283,6 +315,12 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         crate::util::check_writable(path)?;
     }
     let resp = registration::register(&params).await?;
+    // The certificate to pin from now on (none on plain http, or when a CA is trusted instead).
+    let pin = match (&trust, &seen) {
+        (Trust::Pin(p), _) => Some(*p),
+        (_, Some(seen)) if url.starts_with("https://") => seen.get(),
+        _ => None,
+    };
     let saved = match save_to {
         None => None,
         Some(path) => {
@@ -292,6 +330,12 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
                 url: Some(url.clone()),
                 tags,
                 envs,
+                pin: pin.map(|p| p.to_string()),
+                // Absolute, so that the file works from any directory.
+                ca: match &trust {
+                    Trust::Ca(path) => Some(std::path::absolute(path).unwrap_or_else(|_| path.clone())),
+                    _ => None,
+                },
             };
             if let Err(e) = save::save_registration(&path, &reg) {
                 // Registered, but not saved: the token must not be lost with the error.
@@ -311,6 +355,17 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
     println!("registered worker {}", resp.id);
     println!("  token:    {}", resp.token);
     println!("  projects: {}", resp.projects.join(", "));
+    if let Some(pin) = pin {
+        let how = match seen {
+            Some(_) => "trusted on first use: compare it with the `TLS certificate` line of `cla-hub serve`",
+            None => "pinned with --pin",
+        };
+        println!("  hub certificate: {pin} ({how})");
+    }
+    let pin_flag = match (pin, &saved) {
+        (Some(pin), None) => format!(" --pin {pin}"),
+        _ => String::new(),
+    };
     match &saved {
         Some(path) => {
             println!("saved to {} (mode 0600)", path.display());
@@ -329,11 +384,11 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         None => {
             println!("run it with (or register with --save to keep the token in the config file):");
             println!(
-                "  cla-worker run --url {url} --id {} --token {}",
+                "  cla-worker run --url {url} --id {} --token {}{pin_flag}",
                 resp.id, resp.token
             );
             println!(
-                "unregister with:\n  cla-worker unregister --url {url} --id {} --token {}",
+                "unregister with:\n  cla-worker unregister --url {url} --id {} --token {}{pin_flag}",
                 resp.id, resp.token
             );
         }
@@ -346,10 +401,12 @@ async fn unregister(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<
         url: a.who.url,
         id: a.who.id,
         token: a.who.token,
+        pin: a.who.trust.pin,
+        ca: a.who.trust.ca,
         ..Default::default()
     };
     let s = config::resolve(loaded, &cli)?;
-    let resp = registration::unregister(&s.url, &s.id, &s.token).await?;
+    let resp = registration::unregister(&s.url, &s.id, &s.token, &s.trust).await?;
     println!(
         "worker registration removed: {} (projects: {})",
         resp.id,
@@ -404,6 +461,8 @@ pub(crate) fn overrides(a: &RunArgs) -> Overrides {
         capacity: a.capacity,
         workdir: a.workdir.clone(),
         spool_dir: a.spool_dir.clone(),
+        pin: a.who.trust.pin.clone(),
+        ca: a.who.trust.ca.clone(),
     }
 }
 

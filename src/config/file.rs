@@ -68,6 +68,12 @@ pub struct Registration {
     pub tags: Vec<String>,
     #[serde(default, deserialize_with = "list", skip_serializing_if = "Vec::is_empty")]
     pub envs: Vec<String>,
+    /// The SHA-256 fingerprint of the hub's certificate, recorded at `register` over https.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
+    /// Or: the CA file that `register --ca` trusted for this hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 /// What the hub may do on this worker (enforced from the security issue on; parsed and validated now).
@@ -90,7 +96,7 @@ pub struct PolicyPaths {
     pub write: Vec<PathBuf>,
 }
 
-/// How the worker trusts the hub's certificate (used once TLS lands).
+/// How the worker trusts the hub's certificate on https URLs: a pin (fingerprint) or a CA file.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 pub struct TlsConfig {
     pub ca: Option<PathBuf>,
@@ -121,7 +127,7 @@ const TOP_KEYS: &[&str] = &[
     "policy",
     "tls",
 ];
-const REGISTRATION_KEYS: &[&str] = &["id", "token", "url", "tags", "envs"];
+const REGISTRATION_KEYS: &[&str] = &["id", "token", "url", "tags", "envs", "pin", "ca"];
 const POLICY_KEYS: &[&str] = &["allow", "deny", "paths"];
 const POLICY_PATH_KEYS: &[&str] = &["read", "write"];
 const TLS_KEYS: &[&str] = &["ca", "pin"];
@@ -192,6 +198,21 @@ fn validate(path: &Path, f: &ConfigFile) -> Result<(), ConfigError> {
     for (i, r) in f.registrations.iter().enumerate() {
         if r.id.trim().is_empty() {
             return Err(invalid(format!("registrations[{i}] has an empty id")));
+        }
+    }
+    let pins = f
+        .tls
+        .iter()
+        .filter_map(|t| t.pin.as_ref().map(|p| ("tls.pin".to_owned(), p)))
+        .chain(
+            f.registrations
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.pin.as_ref().map(|p| (format!("registrations[{i}].pin"), p))),
+        );
+    for (key, pin) in pins {
+        if let Err(e) = crate::tls::Fingerprint::parse(pin) {
+            return Err(invalid(format!("{key}: {e}")));
         }
     }
     if let Some(p) = &f.policy {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 pub use file::{ConfigFile, Policy, PolicyPaths, Registration, TlsConfig};
 
 use crate::secret::Secret;
+use crate::tls::Trust;
 
 /// File name looked for in the current directory, the home directory and `/etc`.
 pub const FILE_NAME: &str = "cla-worker.yml";
@@ -138,6 +139,10 @@ pub struct Overrides {
     pub capacity: Option<u32>,
     pub workdir: Option<PathBuf>,
     pub spool_dir: Option<PathBuf>,
+    /// `--pin`: the hub certificate's fingerprint to trust.
+    pub pin: Option<String>,
+    /// `--ca`: a PEM file of CA certificates to trust for the hub.
+    pub ca: Option<PathBuf>,
 }
 
 /// Everything a running worker needs, resolved from file + flags.
@@ -151,6 +156,8 @@ pub struct WorkerSettings {
     pub capacity: u32,
     pub workdir: Option<PathBuf>,
     pub policy: Policy,
+    /// How the hub's certificate is trusted on an https URL.
+    pub trust: Trust,
     /// This worker's spool directory (`SPOOL_DIR/ID`).
     pub spool_dir: PathBuf,
     /// The spool's size limit in bytes.
@@ -200,6 +207,8 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
     let mut url = cli.url.clone().or_else(|| f.url.clone());
     let mut tags = (!cli.tags.is_empty()).then(|| cli.tags.clone());
     let mut envs = (!cli.envs.is_empty()).then(|| cli.envs.clone());
+    let mut pin = cli.pin.clone();
+    let mut reg_ca = None;
 
     let registration = match (&id, &token) {
         (Some(id), _) => f.registrations.iter().find(|r| &r.id == id),
@@ -230,7 +239,35 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
         if envs.is_none() && !r.envs.is_empty() {
             envs = Some(r.envs.clone());
         }
+        if pin.is_none() && cli.ca.is_none() {
+            pin = r.pin.clone();
+            reg_ca = r.ca.clone();
+        }
     }
+    // The command line, else the registration's own pin or CA, else the file-wide `tls:`.
+    let file_tls = f.tls.clone().unwrap_or_default();
+    let given = pin.is_some() || cli.ca.is_some() || reg_ca.is_some();
+    if !given {
+        pin = file_tls.pin.clone();
+    }
+    // A relative CA path in the file is relative to the file.
+    let in_file = |ca: &PathBuf| {
+        let base = loaded.path.as_ref().and_then(|p| p.parent());
+        match base {
+            Some(dir) if ca.is_relative() => dir.join(ca),
+            _ => ca.clone(),
+        }
+    };
+    let ca = match (&cli.ca, &reg_ca) {
+        (Some(ca), _) => Some(ca.clone()),
+        (None, Some(ca)) => Some(in_file(ca)),
+        (None, None) if !given => file_tls.ca.as_ref().map(in_file),
+        _ => None,
+    };
+    let trust = Trust::from_options(pin.as_deref(), ca.as_deref()).map_err(|e| ConfigError::Invalid {
+        path: loaded.path.clone().unwrap_or_default(),
+        message: e.to_string(),
+    })?;
     let id = id.ok_or_else(|| {
         ConfigError::Missing(format!(
             "no worker id: pass --id, or register first with `cla-worker register --save` ({})",
@@ -260,6 +297,7 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
         capacity,
         workdir: cli.workdir.clone().or_else(|| f.workdir.clone()),
         policy: f.policy.clone().unwrap_or_default(),
+        trust,
         spool_dir: cli
             .spool_dir
             .clone()

@@ -117,6 +117,12 @@ impl serde::Serialize for RegistrationOut<'_> {
         if !r.envs.is_empty() {
             m.serialize_entry("envs", &r.envs)?;
         }
+        if let Some(pin) = &r.pin {
+            m.serialize_entry("pin", pin)?;
+        }
+        if let Some(ca) = &r.ca {
+            m.serialize_entry("ca", ca)?;
+        }
         m.end()
     }
 }

@@ -118,6 +118,8 @@ fn reg(id: &str, token: &str) -> Registration {
         url: Some("http://hub:1".into()),
         tags: vec!["t".into()],
         envs: vec![],
+        pin: None,
+        ca: None,
     }
 }
 
@@ -254,4 +256,50 @@ fn example_config_parses_without_warnings() {
     );
     assert!(!l.file.registrations.is_empty());
     assert!(l.file.policy.is_some());
+}
+
+#[test]
+fn trust_comes_from_flags_then_the_registration_then_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = format!("sha256:{}", "a".repeat(64));
+    let b = format!("sha256:{}", "b".repeat(64));
+    let text = format!(
+        "tls:\n  pin: {b}\nregistrations:\n  - id: w1\n    token: t\n    url: https://hub:1\n    pin: {a}\n  - id: w2\n    token: t\n    url: https://hub:2\n"
+    );
+    let p = write(&dir, "t.yml", &text);
+    let l = load(Some(&p), false, false).unwrap();
+    let pin_of = |o: &Overrides| match resolve(&l, o).unwrap().trust {
+        crate::tls::Trust::Pin(f) => f.to_string(),
+        other => format!("{other:?}"),
+    };
+    let w1 = Overrides {
+        id: Some("w1".into()),
+        ..Default::default()
+    };
+    assert_eq!(pin_of(&w1), a, "the registration's own pin");
+    let w2 = Overrides {
+        id: Some("w2".into()),
+        ..Default::default()
+    };
+    assert_eq!(pin_of(&w2), b, "the file-wide tls.pin");
+    let flag = Overrides {
+        pin: Some(b.clone()),
+        ..w1.clone()
+    };
+    assert_eq!(pin_of(&flag), b, "--pin wins");
+    let ca = Overrides {
+        ca: Some("ca.pem".into()),
+        ..w1
+    };
+    assert!(
+        matches!(resolve(&l, &ca).unwrap().trust, crate::tls::Trust::Ca(_)),
+        "--ca replaces the pins"
+    );
+    // A bad pin in the file is named with its key.
+    let bad = write(&dir, "bad.yml", "registrations:\n  - id: w\n    pin: sha256:12\n");
+    let err = load(Some(&bad), false, false).unwrap_err().to_string();
+    assert!(
+        err.contains("registrations[0].pin") && err.contains("bad certificate fingerprint"),
+        "{err}"
+    );
 }

@@ -20,6 +20,7 @@ use crate::protocol::{
     Chunk, Connection, ConnectionReader, ConnectionWriter, Frame, ProtocolError, TransferFrame, decode_text,
 };
 use crate::secret::Secret;
+use crate::tls::Trust;
 use crate::transfer::{Link, Piece};
 
 /// What an exec stream reports as it goes.
@@ -41,23 +42,36 @@ pub enum ExecEvent {
 pub struct AdminClient {
     http: HttpClient,
     token: Secret,
+    trust: Trust,
 }
 
 impl AdminClient {
-    /// A client for `url` with `token`.
+    /// A client for a plain `http://` `url` with `token`.
     pub fn new(url: &str, token: Secret) -> Result<AdminClient> {
+        AdminClient::with_trust(url, token, Trust::Unset)
+    }
+
+    /// A client for `url` with `token`, trusting the hub's certificate as `trust` says on `https://`.
+    pub fn with_trust(url: &str, token: Secret, trust: Trust) -> Result<AdminClient> {
         Ok(AdminClient {
-            http: HttpClient::new(url)?,
+            http: HttpClient::with_trust(url, &trust)?,
             token,
+            trust,
         })
     }
 
-    /// A client from `--hub`/`CLA_HUB_TOKEN` if given, else from `DATA_DIR/hub.json`.
-    pub fn locate(hub: Option<&str>, token: Option<Secret>, data_dir: &Path) -> Result<AdminClient> {
+    /// A client from `--hub`/`CLA_HUB_TOKEN` (with `trust` from `--pin`/`--ca`) if given, else from
+    /// `DATA_DIR/hub.json` (which carries the pin of a TLS hub).
+    pub fn locate(
+        hub: Option<&str>,
+        token: Option<Secret>,
+        trust: Trust,
+        data_dir: &Path,
+    ) -> Result<AdminClient> {
         if let Some(url) = hub {
             let token =
                 token.ok_or_else(|| Error::Usage("--hub needs the admin token in CLA_HUB_TOKEN".into()))?;
-            return AdminClient::new(url, token);
+            return AdminClient::with_trust(url, token, trust);
         }
         let path = data_dir.join("hub.json");
         let bytes = std::fs::read(&path).map_err(|e| {
@@ -68,7 +82,15 @@ impl AdminClient {
         })?;
         let file: HubFile = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Other(format!("{} is not a hub.json file: {e}", path.display())))?;
-        AdminClient::new(&file.url, token.unwrap_or_else(|| Secret::new(file.admin_token)))
+        let trust = match (&file.pin, trust) {
+            (Some(pin), Trust::Unset) => Trust::Pin(crate::tls::Fingerprint::parse(pin)?),
+            (_, given) => given,
+        };
+        AdminClient::with_trust(
+            &file.url,
+            token.unwrap_or_else(|| Secret::new(file.admin_token)),
+            trust,
+        )
     }
 
     /// The hub's base URL.
@@ -229,7 +251,7 @@ impl AdminClient {
     /// Opens the admin exec stream and creates the job on it.
     async fn open_stream(&self, spec: &JobSpec, cancel: CancellationToken) -> Result<JobStream> {
         let url = format!("{}/api/v1/admin/exec", self.url());
-        let conn = Connection::connect(&url, &[("authorization", &self.auth())]).await?;
+        let conn = Connection::connect_with(&url, &[("authorization", &self.auth())], &self.trust).await?;
         let (mut writer, reader) = conn.split();
         writer.send(&AdminRequest::Exec(Box::new(spec.clone()))).await?;
         Ok(JobStream {

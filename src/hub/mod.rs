@@ -15,6 +15,7 @@ pub mod api;
 pub mod client;
 mod control;
 pub mod jobs;
+pub mod listener;
 pub mod server;
 pub mod session;
 pub mod store;
@@ -46,6 +47,18 @@ pub struct HubConfig {
     /// Worker handshakes in progress at once; more are refused with `busy` and a `retry_after` (a
     /// restarted hub sheds the reconnect storm instead of drowning in it).
     pub max_handshakes: usize,
+    /// Serve HTTPS/WSS with this identity; `None` is plain HTTP.
+    pub tls: Option<TlsOptions>,
+}
+
+/// Where the hub's certificate comes from.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// PEM certificate chain and private key; with neither, a self-signed pair in `DATA_DIR/tls/`.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Extra names (host names, IP addresses) for a self-signed certificate made now.
+    pub names: Vec<String>,
 }
 
 impl HubConfig {
@@ -58,6 +71,7 @@ impl HubConfig {
             lost_after: Duration::from_secs(300),
             offer_lease: Duration::from_secs(30),
             max_handshakes: 128,
+            tls: None,
         }
     }
 }
@@ -67,6 +81,9 @@ impl HubConfig {
 pub struct HubFile {
     pub url: String,
     pub admin_token: String,
+    /// The fingerprint of the hub's TLS certificate, when it serves TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
 }
 
 /// Default data dir: the platform's data dir for `cla-hub` (e.g. `~/.local/share/cla-hub`).

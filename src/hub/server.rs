@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::jobs::ApiFail;
+use super::listener::{HubListener, Peer};
 use super::store::Store;
 use super::{Hub, HubConfig, HubFile, admin, api};
 use crate::error::{Error, Result};
@@ -28,19 +29,40 @@ use crate::token;
 pub async fn run(listener: TcpListener, cfg: HubConfig, shutdown: CancellationToken) -> Result<()> {
     let store = Store::open(&cfg.data_dir)?;
     let addr = listener.local_addr()?;
-    let url = local_url(addr);
-    let admin_hash = admin_token(&store, &cfg.data_dir, &url)?;
+    let identity = match &cfg.tls {
+        None => None,
+        Some(t) => {
+            let mut names = crate::tls::default_names(Some(addr.ip()));
+            names.extend(t.names.iter().cloned());
+            Some(crate::tls::server_identity(
+                t.cert.as_deref(),
+                t.key.as_deref(),
+                &cfg.data_dir,
+                &names,
+            )?)
+        }
+    };
+    let url = local_url(addr, identity.is_some());
+    let pin = identity.as_ref().map(|i| i.fingerprint.to_string());
+    let admin_hash = admin_token(&store, &cfg.data_dir, &url, pin.clone())?;
     let hub = Hub::new(store, cfg, admin_hash, shutdown.clone());
     hub.reload().await?;
+    if let Some(id) = &identity {
+        tracing::info!(
+            certificate = %id.cert_path.display(),
+            "TLS certificate {}{} (workers pin it when they register)",
+            id.fingerprint,
+            if id.generated { ", self-signed just now" } else { "" }
+        );
+    }
     tracing::info!(data_dir = %hub.cfg.data_dir.display(), "listening on {addr}");
-    // No Nagle: the hub writes small frames (offers, acks, cancels) that nobody answers at once, and a
-    // small write held back for the peer's delayed ACK would cost a job 40 ms.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(hub))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    let listener = HubListener::new(listener, identity.map(|i| i.config))?;
+    axum::serve(
+        listener,
+        router(hub).into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await?;
     tracing::info!("hub stopped");
     Ok(())
 }
@@ -68,18 +90,19 @@ fn router(hub: Arc<Hub>) -> Router {
 }
 
 /// The URL local admin commands use: the bound address, with a wildcard IP replaced by loopback.
-fn local_url(addr: SocketAddr) -> String {
+fn local_url(addr: SocketAddr, tls: bool) -> String {
     let ip = match addr.ip() {
         ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".parse().expect("valid"),
         ip if ip.is_unspecified() => "::1".parse().expect("valid"),
         ip => ip,
     };
-    format!("http://{}", SocketAddr::new(ip, addr.port()))
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{}", SocketAddr::new(ip, addr.port()))
 }
 
 /// Keeps the admin token across restarts: reuse the one in `hub.json` if it matches the stored hash,
 /// else make a new one. Rewrites `hub.json` (0600) with the current URL. Returns the hash.
-fn admin_token(store: &Store, data_dir: &Path, url: &str) -> Result<String> {
+fn admin_token(store: &Store, data_dir: &Path, url: &str, pin: Option<String>) -> Result<String> {
     let path = data_dir.join("hub.json");
     let stored = store.admin_token_hash()?;
     let existing = std::fs::read(&path)
@@ -96,6 +119,7 @@ fn admin_token(store: &Store, data_dir: &Path, url: &str) -> Result<String> {
     let file = HubFile {
         url: url.to_owned(),
         admin_token: token.clone(),
+        pin,
     };
     let json = serde_json::to_vec_pretty(&file).expect("hub.json serializes");
     crate::util::write_atomic(&path, &json, true)

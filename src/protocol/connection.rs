@@ -21,8 +21,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use super::ProtocolError;
 use super::codec::{Chunk, Frame, encode_binary, encode_text};
 use super::message::SUBPROTOCOL;
+use crate::tls::Trust;
 
-/// Any byte stream a WebSocket can run over (TCP now, TLS later), boxed so one type serves all.
+/// Any byte stream a WebSocket can run over (TCP or TLS), boxed so one type serves all.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
@@ -59,9 +60,19 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Opens a WebSocket to `url` (`http(s)://host:port/path`, mapped to `ws(s)`), asking for the `cla.v1`
-    /// subprotocol and sending `headers` with the upgrade (credentials go there, never in the URL).
+    /// Opens a plain WebSocket to `url` (an `https://` URL is refused: it needs a [`Trust`]).
     pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Connection, ProtocolError> {
+        Connection::connect_with(url, headers, &Trust::Unset).await
+    }
+
+    /// Opens a WebSocket to `url` (`http(s)://host:port/path`, mapped to `ws(s)`), asking for the `cla.v1`
+    /// subprotocol and sending `headers` with the upgrade (credentials go there, never in the URL). On
+    /// `https://`, the hub's certificate must satisfy `trust`.
+    pub async fn connect_with(
+        url: &str,
+        headers: &[(&str, &str)],
+        trust: &Trust,
+    ) -> Result<Connection, ProtocolError> {
         let ws_url = to_ws_url(url);
         let connect_err = |reason: String| ProtocolError::Connect {
             url: url.to_owned(),
@@ -71,11 +82,10 @@ impl Connection {
             .as_str()
             .into_client_request()
             .map_err(|e| connect_err(e.to_string()))?;
-        if ws_url.starts_with("wss://") {
-            return Err(connect_err(
-                "TLS (https/wss) is not supported by this build yet".to_owned(),
-            ));
-        }
+        let tls = match ws_url.starts_with("wss://") {
+            true => Some(trust.client_config(url).map_err(|e| connect_err(e.to_string()))?),
+            false => None,
+        };
         let h = request.headers_mut();
         h.insert("sec-websocket-protocol", HeaderValue::from_static(SUBPROTOCOL));
         for (name, value) in headers {
@@ -93,13 +103,23 @@ impl Connection {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
         let attempt = async {
             let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
                 .await
                 .map_err(|e| connect_err(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
-            let io: Box<dyn Io> = Box::new(tcp);
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(tcp),
+                Some(config) => {
+                    let name = crate::tls::server_name(&host).map_err(|e| connect_err(e.to_string()))?;
+                    let tls = tokio_rustls::TlsConnector::from(config)
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| connect_err(crate::tls::handshake_failure(&e)))?;
+                    Box::new(tls)
+                }
+            };
             tokio_tungstenite::client_async_with_config(request, io, Some(ws_config()))
                 .await
                 .map_err(|e| match e {

@@ -636,6 +636,7 @@ fn merge(staged: &Path, target: &Path, staging: &Path) -> Result<(), String> {
 }
 
 fn create_dir(p: &Path) -> Result<(), String> {
+    #[cfg_attr(not(unix), allow(unused_mut))]
     let mut b = std::fs::DirBuilder::new();
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);

@@ -144,15 +144,18 @@ pub async fn run(loaded: &LoadedConfig, cli: &Overrides) -> Vec<Check> {
         }
     }
     if https {
-        checks.push(fail(
-            "tls",
-            "https hub URLs need TLS, which this build does not support yet: use http://",
-        ));
-        return checks;
+        match tls_check(&settings, &host, &addrs[..]).await {
+            Ok(detail) => checks.push(ok("tls", detail)),
+            Err(detail) => {
+                checks.push(fail("tls", detail));
+                return checks;
+            }
+        }
+    } else {
+        checks.push(skip("tls", "plain http: no TLS to check"));
     }
-    checks.push(skip("tls", "plain http: no TLS to check"));
 
-    let client = match HttpClient::new(&settings.url) {
+    let client = match HttpClient::with_trust(&settings.url, &settings.trust) {
         Ok(c) => c,
         Err(e) => {
             checks.push(fail("http", e.to_string()));
@@ -224,10 +227,48 @@ fn httpdate_parse(s: &str) -> Option<SystemTime> {
 }
 
 /// Opens the worker WebSocket with the stored credentials and says hello.
+/// A TLS handshake with the hub, judged by the worker's trust settings.
+async fn tls_check(
+    s: &crate::config::WorkerSettings,
+    host: &str,
+    addrs: &[std::net::SocketAddr],
+) -> Result<String, String> {
+    let config = s.trust.client_config(&s.url).map_err(|e| e.to_string())?;
+    let name = crate::tls::server_name(host).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addrs)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| crate::tls::handshake_failure(&e))
+    };
+    let tls = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .map_err(|_| "no TLS handshake within 10 s".to_owned())??;
+    let (_, conn) = tls.get_ref();
+    let version = conn.protocol_version().and_then(|v| v.as_str()).unwrap_or("TLS");
+    let version = version.replace("TLSv1_", "TLS 1.");
+    let how = match &s.trust {
+        crate::tls::Trust::Pin(p) => format!("certificate {p} matches the pin"),
+        crate::tls::Trust::Ca(path) => format!("certificate issued by a CA in {}", path.display()),
+        _ => "certificate accepted".to_owned(),
+    };
+    Ok(format!("{version} in {:.1} ms; {how}", ms(t)))
+}
+
 async fn handshake(s: &crate::config::WorkerSettings) -> Check {
     let url = format!("{}{WS_PATH}", s.url);
     let auth = format!("Bearer {}", s.token.expose());
-    let conn = match Connection::connect(&url, &[("authorization", &auth), (WORKER_ID_HEADER, &s.id)]).await {
+    let conn = match Connection::connect_with(
+        &url,
+        &[("authorization", &auth), (WORKER_ID_HEADER, &s.id)],
+        &s.trust,
+    )
+    .await
+    {
         Ok(c) => c,
         Err(ProtocolError::Refused { status, body, .. }) => {
             return fail(

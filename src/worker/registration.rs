@@ -5,6 +5,7 @@ use crate::http::HttpClient;
 use crate::protocol::WORKER_ID_HEADER;
 use crate::protocol::api::{RegisterRequest, RegisterResponse, UnregisterResponse};
 use crate::secret::Secret;
+use crate::tls::Trust;
 
 /// What `register` sends.
 #[derive(Debug, Clone)]
@@ -16,11 +17,13 @@ pub struct RegisterParams {
     pub envs: Vec<String>,
     /// The worker's current token, to add an existing worker to another project.
     pub token: Option<Secret>,
+    /// How to trust the hub's certificate on https (first use records what it sees).
+    pub trust: Trust,
 }
 
 /// Registers with the hub's passkey; the hub answers with the id and a token (shown once).
 pub async fn register(p: &RegisterParams) -> Result<RegisterResponse> {
-    let client = HttpClient::new(&p.url)?;
+    let client = HttpClient::with_trust(&p.url, &p.trust)?;
     let body = RegisterRequest {
         passkey: p.passkey.clone(),
         id: p.id.clone(),
@@ -36,8 +39,8 @@ pub async fn register(p: &RegisterParams) -> Result<RegisterResponse> {
 }
 
 /// Asks the hub to forget this worker (its own credentials prove who it is).
-pub async fn unregister(url: &str, id: &str, token: &Secret) -> Result<UnregisterResponse> {
-    let client = HttpClient::new(url)?;
+pub async fn unregister(url: &str, id: &str, token: &Secret, trust: &Trust) -> Result<UnregisterResponse> {
+    let client = HttpClient::with_trust(url, trust)?;
     let auth = format!("Bearer {}", token.expose());
     Ok(client
         .post(

@@ -156,10 +156,8 @@ enum End {
 /// sees the failure instead of a worker that looked started).
 pub fn check(settings: &WorkerSettings) -> Result<()> {
     if settings.url.starts_with("https://") {
-        return Err(Error::Usage(format!(
-            "hub URL {} needs TLS, which this build does not support yet: use http://",
-            settings.url
-        )));
+        // No pin and no CA, or an unreadable CA file: say so now, not at every reconnect.
+        settings.trust.client_config(&settings.url)?;
     }
     Ok(())
 }
@@ -288,7 +286,7 @@ async fn connect_once(
         ("authorization", auth.as_str()),
         (WORKER_ID_HEADER, s.id.as_str()),
     ];
-    let connecting = Connection::connect(&url, &headers);
+    let connecting = Connection::connect_with(&url, &headers, &s.trust);
     let conn = tokio::select! {
         c = connecting => c,
         _ = shutdown.cancelled() => return Ok(End::Shutdown),

@@ -156,7 +156,8 @@ impl Hub {
             .next()
             .unwrap()
             .to_owned();
-        let url = format!("http://{addr}");
+        let tls = extra.iter().any(|a| *a == "--tls" || *a == "--cert");
+        let url = format!("{}://{addr}", if tls { "https" } else { "http" });
         Hub {
             proc,
             data_dir,

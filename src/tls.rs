@@ -1,0 +1,543 @@
+//! TLS for every connection to the hub (rustls with the `ring` provider): the hub's certificate (given,
+//! or self-signed once into the data dir), and how clients trust it.
+//!
+//! Clients trust a hub in one of two ways, like ssh and like a browser:
+//! - **a pin**: the SHA-256 fingerprint of the hub's certificate, recorded at `register` on first use
+//!   (trust-on-first-use, as ssh's `known_hosts`) or given with `--pin`. A different certificate is
+//!   refused, whatever its name or issuer. The handshake signature is still verified against the pinned
+//!   certificate's key, so a copy of the certificate alone does not pass.
+//! - **a CA** (`--ca FILE`): the usual WebPKI checks against that CA's certificates, hostname included.
+//!
+//! Plain `http://` URLs need neither.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+/// What can go wrong setting TLS up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(
+        "bad certificate fingerprint `{0}`: expected sha256:<64 hex digits> (as `cla-hub serve` logs it)"
+    )]
+    BadPin(String),
+    #[error("cannot use {path} as a CA file: {reason}")]
+    Ca { path: PathBuf, reason: String },
+    #[error("cannot use {path} as the hub's certificate: {reason}")]
+    Cert { path: PathBuf, reason: String },
+    #[error("cannot use {path} as the hub's private key: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("--cert and --key go together: pass both, or neither for a self-signed certificate")]
+    HalfIdentity,
+    #[error("cannot make a self-signed certificate: {0}")]
+    Generate(String),
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error(
+        "{url} uses TLS but no certificate is trusted for it: register again (the fingerprint is recorded), or pass --pin sha256:... (logged by `cla-hub serve`) or --ca FILE"
+    )]
+    Untrusted { url: String },
+    #[error("TLS setup failed: {0}")]
+    Setup(String),
+}
+
+/// The SHA-256 of a DER certificate: what a pin compares.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// The fingerprint of a DER-encoded certificate.
+    pub fn of(der: &[u8]) -> Fingerprint {
+        Fingerprint(Sha256::digest(der).into())
+    }
+
+    /// Parses `sha256:<hex>`, also with upper case, `:` between bytes (as `openssl x509 -fingerprint
+    /// -sha256` prints it) or no prefix.
+    pub fn parse(text: &str) -> Result<Fingerprint, TlsError> {
+        let t = text.trim();
+        let t = t
+            .strip_prefix("sha256:")
+            .or_else(|| t.strip_prefix("SHA256:"))
+            .or_else(|| t.strip_prefix("sha256 Fingerprint="))
+            .or_else(|| t.strip_prefix("SHA256 Fingerprint="))
+            .unwrap_or(t);
+        let hex_digits: String = t.chars().filter(|c| *c != ':').collect();
+        let bytes = hex::decode(&hex_digits).map_err(|_| TlsError::BadPin(text.to_owned()))?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| TlsError::BadPin(text.to_owned()))?;
+        Ok(Fingerprint(arr))
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for Fingerprint {
+    type Err = TlsError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Fingerprint::parse(s)
+    }
+}
+
+/// How a client trusts the hub's certificate on `https://`/`wss://` URLs.
+#[derive(Clone, Debug, Default)]
+pub enum Trust {
+    /// Nothing configured: plain `http://` works; `https://` is refused with [`TlsError::Untrusted`].
+    #[default]
+    Unset,
+    /// Exactly this certificate.
+    Pin(Fingerprint),
+    /// Certificates issued by the CA(s) in this PEM file, for the URL's host name.
+    Ca(PathBuf),
+    /// Any certificate, recording the one seen (trust-on-first-use; only `register` uses it).
+    FirstUse(Seen),
+}
+
+/// The certificate a [`Trust::FirstUse`] connection saw.
+#[derive(Clone, Debug, Default)]
+pub struct Seen(Arc<Mutex<Option<Fingerprint>>>);
+
+impl Seen {
+    /// The fingerprint of the last certificate seen, if a TLS handshake got that far.
+    pub fn get(&self) -> Option<Fingerprint> {
+        *self.0.lock().expect("not poisoned")
+    }
+}
+
+impl Trust {
+    /// From `--pin`/`--ca` style values; a pin wins if both are given.
+    pub fn from_options(pin: Option<&str>, ca: Option<&Path>) -> Result<Trust, TlsError> {
+        if let Some(pin) = pin.filter(|p| !p.trim().is_empty()) {
+            return Ok(Trust::Pin(Fingerprint::parse(pin)?));
+        }
+        Ok(ca.map(|p| Trust::Ca(p.to_path_buf())).unwrap_or_default())
+    }
+
+    /// Trust on first use, and the handle that tells which certificate was seen.
+    pub fn first_use() -> (Trust, Seen) {
+        let seen = Seen::default();
+        (Trust::FirstUse(seen.clone()), seen)
+    }
+
+    /// True when nothing is configured.
+    pub fn is_unset(&self) -> bool {
+        matches!(self, Trust::Unset)
+    }
+
+    /// The rustls client config for a TLS connection to `url`.
+    pub fn client_config(&self, url: &str) -> Result<Arc<ClientConfig>, TlsError> {
+        let provider = provider();
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Setup(e.to_string()))?;
+        let config = match self {
+            Trust::Unset => return Err(TlsError::Untrusted { url: url.to_owned() }),
+            Trust::Pin(want) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinVerifier::new(Some(*want), Seen::default())))
+                .with_no_client_auth(),
+            Trust::FirstUse(seen) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinVerifier::new(None, seen.clone())))
+                .with_no_client_auth(),
+            Trust::Ca(path) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in read_certs(path).map_err(|reason| TlsError::Ca {
+                    path: path.clone(),
+                    reason,
+                })? {
+                    roots.add(cert).map_err(|e| TlsError::Ca {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+        };
+        Ok(Arc::new(config))
+    }
+}
+
+/// The one crypto provider used everywhere (ring: no C toolchain beyond a C compiler, no cmake).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The server name to ask for: the URL's host (an IP address or a DNS name).
+pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(host.to_owned()).map_err(|e| TlsError::Setup(format!("bad host name `{host}`: {e}")))
+}
+
+/// What a failed TLS handshake means, in one line: a refused certificate says why (a pin mismatch names
+/// both fingerprints and the fix); anything else gives rustls's own reason.
+pub fn handshake_failure(e: &std::io::Error) -> String {
+    match find_rustls(e) {
+        Some(r) => describe(r),
+        None => format!("TLS handshake failed: {e}"),
+    }
+}
+
+/// The rustls error somewhere inside `e`, through I/O errors wrapping I/O errors (whose `source`
+/// skips the error they wrap) and ordinary source chains.
+pub fn find_rustls<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        next = match err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
+}
+
+/// One line for a rustls error (see [`handshake_failure`]).
+pub fn describe(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            format!("TLS: refused the hub's certificate: {}", other.0)
+        }
+        rustls::Error::InvalidCertificate(reason) => {
+            format!("TLS: refused the hub's certificate: {reason:?}; check --ca and the URL's host name")
+        }
+        r => format!("TLS handshake failed: {r}"),
+    }
+}
+
+/// A pinned certificate did not match.
+#[derive(Debug)]
+struct PinMismatch {
+    want: Fingerprint,
+    got: Fingerprint,
+}
+
+impl fmt::Display for PinMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the hub presented certificate {} but {} is pinned; if the hub's certificate was replaced on purpose, update tls.pin (or the registration's pin) in the config, or register again",
+            self.got, self.want
+        )
+    }
+}
+
+impl std::error::Error for PinMismatch {}
+
+/// Accepts exactly the pinned certificate (or, with no pin, any, recording it), and checks that the
+/// server holds its key (the handshake signature).
+#[derive(Debug)]
+struct PinVerifier {
+    want: Option<Fingerprint>,
+    seen: Seen,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PinVerifier {
+    fn new(want: Option<Fingerprint>, seen: Seen) -> PinVerifier {
+        PinVerifier {
+            want,
+            seen,
+            algorithms: provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = Fingerprint::of(end_entity.as_ref());
+        *self.seen.0.lock().expect("not poisoned") = Some(got);
+        match self.want {
+            Some(want) if want != got => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch { want, got }))),
+            )),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The hub's TLS identity.
+pub struct ServerIdentity {
+    pub config: Arc<ServerConfig>,
+    /// The fingerprint of the leaf certificate, which workers pin.
+    pub fingerprint: Fingerprint,
+    /// Where the certificate was read from.
+    pub cert_path: PathBuf,
+    /// True when the certificate was made just now.
+    pub generated: bool,
+}
+
+/// File names of the self-signed identity in `DATA_DIR/tls/`.
+pub const SELF_SIGNED_CERT: &str = "hub.crt";
+pub const SELF_SIGNED_KEY: &str = "hub.key";
+
+/// Loads `cert`/`key` (PEM), or, with neither, the self-signed identity in `data_dir/tls/`, made on first
+/// use for `names` (host names and IP addresses) and kept (the key 0600) so that pins stay valid.
+pub fn server_identity(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    data_dir: &Path,
+    names: &[String],
+) -> Result<ServerIdentity, TlsError> {
+    let (cert_path, key_path, generated) = match (cert, key) {
+        (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf(), false),
+        (None, None) => {
+            let dir = data_dir.join("tls");
+            let (c, k) = (dir.join(SELF_SIGNED_CERT), dir.join(SELF_SIGNED_KEY));
+            let generated = !(c.exists() && k.exists());
+            if generated {
+                self_signed(&c, &k, names)?;
+            }
+            (c, k, generated)
+        }
+        _ => return Err(TlsError::HalfIdentity),
+    };
+    let chain = read_certs(&cert_path).map_err(|reason| TlsError::Cert {
+        path: cert_path.clone(),
+        reason,
+    })?;
+    let key_pem = std::fs::read(&key_path).map_err(|e| TlsError::Key {
+        path: key_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Key {
+        path: key_path.clone(),
+        reason: format!("no PEM private key in it ({e})"),
+    })?;
+    let fingerprint = Fingerprint::of(chain[0].as_ref());
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Key {
+            path: key_path.clone(),
+            reason: format!("it does not fit the certificate ({e})"),
+        })?;
+    Ok(ServerIdentity {
+        config: Arc::new(config),
+        fingerprint,
+        cert_path,
+        generated,
+    })
+}
+
+/// Makes a self-signed certificate for `names` and writes it and its key (0600) atomically.
+fn self_signed(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), TlsError> {
+    let made =
+        rcgen::generate_simple_self_signed(names.to_vec()).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let write = |path: &Path, text: &str, private: bool| {
+        crate::util::write_atomic(path, text.as_bytes(), private).map_err(|e| TlsError::Write {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    };
+    // The key first: a certificate without its key would be kept and fail on every start.
+    write(key_path, &made.signing_key.serialize_pem(), true)?;
+    write(cert_path, &made.cert.pem(), false)
+}
+
+/// The certificates of a PEM file, in order; at least one.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate file ({e})"))?;
+    if certs.is_empty() {
+        return Err("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into());
+    }
+    Ok(certs)
+}
+
+/// The names a self-signed hub certificate covers: `localhost`, the loopback addresses, this host's
+/// name, and the address it listens on when that is a specific one.
+pub fn default_names(listen: Option<std::net::IpAddr>) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let host = crate::util::hostname();
+    if !host.is_empty() && !names.contains(&host) {
+        names.push(host);
+    }
+    if let Some(ip) = listen.filter(|ip| !ip.is_unspecified() && !ip.is_loopback()) {
+        names.push(ip.to_string());
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_parse_in_the_usual_spellings() {
+        let f = Fingerprint::of(b"certificate");
+        let text = f.to_string();
+        assert!(text.starts_with("sha256:") && text.len() == 7 + 64);
+        assert_eq!(Fingerprint::parse(&text).unwrap(), f);
+        let hexed = hex::encode_upper(f.0);
+        let colons: Vec<String> = hexed
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into())
+            .collect();
+        assert_eq!(
+            Fingerprint::parse(&format!("SHA256 Fingerprint={}", colons.join(":"))).unwrap(),
+            f
+        );
+        assert_eq!(Fingerprint::parse(&hexed).unwrap(), f);
+        for bad in ["", "sha256:", "sha256:abcd", "md5:00", &format!("{text}00")] {
+            let err = Fingerprint::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("bad certificate fingerprint"), "{err}");
+        }
+    }
+
+    #[test]
+    fn self_signed_identity_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = default_names(None);
+        let first = server_identity(None, None, dir.path(), &names).unwrap();
+        assert!(first.generated);
+        let again = server_identity(None, None, dir.path(), &names).unwrap();
+        assert!(!again.generated);
+        assert_eq!(
+            first.fingerprint, again.fingerprint,
+            "a restart keeps the pin valid"
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let key = dir.path().join("tls").join(SELF_SIGNED_KEY);
+            assert_eq!(
+                std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        // The same files given explicitly give the same identity.
+        let tls = dir.path().join("tls");
+        let given = server_identity(
+            Some(&tls.join(SELF_SIGNED_CERT)),
+            Some(&tls.join(SELF_SIGNED_KEY)),
+            Path::new("/nonexistent"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(given.fingerprint, first.fingerprint);
+    }
+
+    #[test]
+    fn bad_identity_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not pem").unwrap();
+        let err = server_identity(Some(&junk), Some(&junk), dir.path(), &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("junk.pem") && err.contains("certificate"), "{err}");
+        let err = server_identity(Some(&junk), None, dir.path(), &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--cert and --key"), "{err}");
+        let err = Trust::Unset
+            .client_config("https://hub:1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--pin") && err.contains("https://hub:1"), "{err}");
+        let err = Trust::Ca(junk.clone())
+            .client_config("https://hub:1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("junk.pem") && err.contains("CA"), "{err}");
+    }
+
+    /// A real handshake over a local socket pair: the pinned certificate passes, another is refused with
+    /// a message naming both fingerprints, and first use records what it saw.
+    #[tokio::test]
+    async fn pins_accept_only_their_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = server_identity(None, None, dir.path(), &default_names(None)).unwrap();
+        let other = server_identity(None, None, &dir.path().join("other"), &default_names(None)).unwrap();
+        assert_ne!(hub.fingerprint, other.fingerprint);
+
+        async fn handshake(server: Arc<ServerConfig>, trust: &Trust) -> Result<(), String> {
+            let (a, b) = tokio::io::duplex(64 << 10);
+            let acceptor = tokio_rustls::TlsAcceptor::from(server);
+            let srv = tokio::spawn(async move { acceptor.accept(b).await.map(|_| ()) });
+            let connector =
+                tokio_rustls::TlsConnector::from(trust.client_config("https://127.0.0.1:1").unwrap());
+            let r = connector
+                .connect(server_name("127.0.0.1").unwrap(), a)
+                .await
+                .map(|_| ())
+                .map_err(|e| handshake_failure(&e));
+            let _ = srv.await;
+            r
+        }
+
+        handshake(hub.config.clone(), &Trust::Pin(hub.fingerprint))
+            .await
+            .unwrap();
+        let err = handshake(other.config.clone(), &Trust::Pin(hub.fingerprint))
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains(&other.fingerprint.to_string())
+                && err.contains(&hub.fingerprint.to_string())
+                && err.contains("update tls.pin")
+                && !err.contains("OtherError"),
+            "{err}"
+        );
+        let (trust, seen) = Trust::first_use();
+        handshake(other.config.clone(), &trust).await.unwrap();
+        assert_eq!(seen.get(), Some(other.fingerprint));
+        // A CA file holding the (self-signed) certificate trusts it for the names it carries.
+        let ca = Trust::Ca(hub.cert_path.clone());
+        handshake(hub.config.clone(), &ca).await.unwrap();
+        assert!(handshake(other.config.clone(), &ca).await.is_err());
+    }
+}
