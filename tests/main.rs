@@ -18,6 +18,7 @@ mod eval;
 mod protocol_golden;
 mod resilience;
 mod rulebook;
+mod security;
 mod tls;
 mod transfer;
 mod transfer_resume;

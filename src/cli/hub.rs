@@ -137,6 +137,10 @@ pub struct ServeArgs {
     /// and kept; workers pin its fingerprint when they register.
     #[arg(long)]
     pub tls: bool,
+    /// Failed registrations (wrong or revoked passkey, bad request) allowed per source address and
+    /// minute; past it the source gets HTTP 429 with a retry_after. 0 turns the limit off.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub register_limit: u32,
     /// The certificate chain (PEM) to serve; implies --tls.
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
@@ -339,6 +343,7 @@ async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     cfg.lost_after = Duration::from_secs(a.lost_after);
     cfg.offer_lease = Duration::from_secs(a.offer_lease);
     cfg.max_handshakes = a.max_handshakes as usize;
+    cfg.register_failures_per_minute = a.register_limit;
     if a.tls || a.cert.is_some() {
         cfg.tls = Some(crate::hub::TlsOptions {
             cert: a.cert,

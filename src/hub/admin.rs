@@ -127,6 +127,10 @@ pub(crate) async fn passkey_create(
     };
     hub.store.put_passkey(&token::hash(key.expose()), &rec)?;
     tracing::info!(project, prefix = %rec.prefix, "passkey created");
+    let mut e = super::guard::AuditEvent::new("passkey_create");
+    e.project = Some(project);
+    e.passkey = Some(&rec.prefix);
+    hub.audit.record(&e);
     Ok(Json(PasskeyCreated {
         passkey: key.expose().to_owned(),
         project: rec.project,
@@ -170,6 +174,10 @@ pub(crate) async fn passkey_revoke(
     rec.revoked = true;
     hub.store.put_passkey(&hash, &rec)?;
     tracing::info!(prefix = %rec.prefix, project = %rec.project, "passkey revoked");
+    let mut e = super::guard::AuditEvent::new("passkey_revoke");
+    e.project = Some(&rec.project);
+    e.passkey = Some(&rec.prefix);
+    hub.audit.record(&e);
     Ok(Json(rec.view()))
 }
 

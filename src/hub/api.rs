@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::Hub;
+use super::guard::AuditEvent;
 use super::jobs::ApiFail;
+use super::listener::Peer;
 use super::server::{bearer, parse_body, upgrade};
 use super::session::{self, Auth};
 use super::store::WorkerRecord;
@@ -38,13 +40,63 @@ pub fn check_worker_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `POST /api/v1/register`.
+/// `POST /api/v1/register`. Every attempt is audited; failed ones count against the source's limit, and
+/// a source past it is refused with `429` before its request is read.
 pub(crate) async fn register(
     State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<RegisterResponse>, ApiFail> {
-    let req: RegisterRequest = parse_body(&body)?;
+    let source = peer.addr.ip();
+    let now = std::time::Instant::now();
+    if let Err(secs) = hub.register_limit.check(source, now) {
+        let mut fail = ApiFail::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many failed registrations from {source}: try again in {secs}s"),
+        );
+        fail.1.retry_after = Some(secs);
+        let mut e = AuditEvent::new("register_refused");
+        e.source = Some(source);
+        e.reason = Some("rate limited");
+        hub.audit.record(&e);
+        return Err(fail);
+    }
+    let result = register_checked(&hub, &headers, &body).await;
+    match &result {
+        Ok((resp, project, prefix, host)) => {
+            let mut e = AuditEvent::new("register");
+            e.source = Some(source);
+            e.worker = Some(&resp.id);
+            e.project = Some(project);
+            e.passkey = Some(prefix);
+            e.host = host.as_deref();
+            hub.audit.record(&e);
+        }
+        Err(fail) => {
+            // A worker id already taken is a user's mistake, not a guess: it does not count.
+            if fail.0 != StatusCode::CONFLICT {
+                hub.register_limit.failed(source, now);
+            }
+            tracing::warn!(%source, "registration refused: {}", fail.1.error);
+            let mut e = AuditEvent::new("register_refused");
+            e.source = Some(source);
+            e.reason = Some(&fail.1.error);
+            hub.audit.record(&e);
+        }
+    }
+    result.map(|(resp, ..)| Json(resp))
+}
+
+/// A registration, checked: the response, and for the audit log the project, the passkey's prefix and
+/// the host the worker said it runs on.
+async fn register_checked(
+    hub: &Arc<Hub>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(RegisterResponse, String, String, Option<String>), ApiFail> {
+    let req: RegisterRequest = parse_body(body)?;
     let unauthorized = |m: &str| ApiFail::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
     let passkey_hash = token::hash(req.passkey.expose().trim());
     let passkey = hub
@@ -56,13 +108,14 @@ pub(crate) async fn register(
             "this passkey was revoked: ask the hub admin for a new one",
         ));
     }
+    let prefix = passkey.prefix;
     let project = passkey.project;
     let id = match &req.id {
         Some(id) => {
             check_worker_id(id).map_err(|m| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m))?;
             id.clone()
         }
-        None => generate_id(&hub, &req, &project)?,
+        None => generate_id(hub, &req, &project)?,
     };
     let (record, token) = match hub.store.worker(&id)? {
         Some(mut existing) => {
@@ -77,7 +130,7 @@ pub(crate) async fn register(
                 ));
             }
             // Another project's worker joins this one: only with proof that the caller owns it.
-            match bearer(&headers) {
+            match bearer(headers) {
                 Some(t) if token::verify(t, &existing.token_hash) => {
                     existing.projects.push(project.clone());
                     (existing, t.to_owned())
@@ -113,11 +166,16 @@ pub(crate) async fn register(
     };
     hub.store.put_worker(&record)?;
     tracing::info!(worker = %id, project = %project, "worker registered");
-    Ok(Json(RegisterResponse {
-        id,
-        token,
-        projects: record.projects,
-    }))
+    Ok((
+        RegisterResponse {
+            id,
+            token,
+            projects: record.projects,
+        },
+        project,
+        prefix,
+        req.host.clone(),
+    ))
 }
 
 /// `user@host`, or `user@host-2`, `-3`, ... when taken: stable and readable, like the original's default.
@@ -175,10 +233,15 @@ fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<WorkerRecord, String> 
 /// `POST /api/v1/unregister`: forget the worker and close its session.
 pub(crate) async fn unregister(
     State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
 ) -> Result<Json<UnregisterResponse>, ApiFail> {
     let rec = authenticate(&hub, &headers)
         .map_err(|m| ApiFail::new(StatusCode::UNAUTHORIZED, "unauthorized", m))?;
+    let mut e = AuditEvent::new("unregister");
+    e.source = Some(peer.addr.ip());
+    e.worker = Some(&rec.id);
+    hub.audit.record(&e);
     hub.store.remove_worker(&rec.id)?;
     if let Some(s) = hub.state().sessions.get(&rec.id) {
         s.close.cancel();

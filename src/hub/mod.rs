@@ -14,6 +14,7 @@ pub mod admin;
 pub mod api;
 pub mod client;
 mod control;
+pub mod guard;
 pub mod jobs;
 pub mod listener;
 pub mod server;
@@ -49,6 +50,8 @@ pub struct HubConfig {
     pub max_handshakes: usize,
     /// Serve HTTPS/WSS with this identity; `None` is plain HTTP.
     pub tls: Option<TlsOptions>,
+    /// Failed registrations allowed per source address and minute before it gets `429` (0: no limit).
+    pub register_failures_per_minute: u32,
 }
 
 /// Where the hub's certificate comes from.
@@ -72,6 +75,7 @@ impl HubConfig {
             offer_lease: Duration::from_secs(30),
             max_handshakes: 128,
             tls: None,
+            register_failures_per_minute: 10,
         }
     }
 }
@@ -149,6 +153,10 @@ pub struct Hub {
     pub(crate) epochs: std::sync::atomic::AtomicU64,
     /// Worker handshakes in progress (see [`HubConfig::max_handshakes`]).
     pub(crate) handshakes: std::sync::atomic::AtomicUsize,
+    /// Failed registrations per source.
+    pub(crate) register_limit: guard::FailureLimit,
+    /// `DATA_DIR/audit.log`.
+    pub(crate) audit: guard::Audit,
 }
 
 impl Hub {
@@ -160,6 +168,8 @@ impl Hub {
     ) -> Arc<Hub> {
         Arc::new_cyclic(|me| Hub {
             store,
+            register_limit: guard::FailureLimit::new(cfg.register_failures_per_minute),
+            audit: guard::Audit::new(&cfg.data_dir),
             cfg,
             admin_hash,
             shutdown,
