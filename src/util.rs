@@ -11,6 +11,14 @@ pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// Now as seconds since the Unix epoch.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// A uniform random number in [0, 1] from the OS random source (for jitter).
 pub(crate) fn unit_random() -> f64 {
     let mut r = [0u8; 8];

@@ -86,6 +86,19 @@ fn worker_to_hub() {
     );
     golden(WorkerMessage::Draining, json!({"type":"draining"}));
     golden(
+        WorkerMessage::Rotated {
+            saved: true,
+            message: "/etc/cla-worker.yml".into(),
+        },
+        json!({"type":"rotated","saved":true,"message":"/etc/cla-worker.yml"}),
+    );
+    golden(
+        HubMessage::Rotate {
+            token: cla_worker::secret::Secret::new("clatk_0123"),
+        },
+        json!({"type":"rotate","token":"clatk_0123"}),
+    );
+    golden(
         WorkerMessage::Update {
             tags: vec!["a".into()],
             envs: vec![],

@@ -143,3 +143,117 @@ fn tokens_and_passkeys_appear_in_no_log_and_no_store_file() {
         }
     }
 }
+
+/// The `token` value saved for the one registration in a worker config.
+fn saved_token(config: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .unwrap()
+        .trim_matches(['"', '\''])
+        .to_owned()
+}
+
+#[test]
+fn rotating_a_token_saves_it_in_the_config_and_retires_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, setup, mut worker) = hub_with_worker(dir.path(), "rot-1", "linux");
+    let first = saved_token(&setup.config);
+    assert_eq!(first, setup.token);
+    let out = hub.ok(&["worker", "rotate", "rot-1"]);
+    assert!(
+        out.contains("saved in") && out.contains("no longer works"),
+        "{out}"
+    );
+    let second = saved_token(&setup.config);
+    assert_ne!(second, first);
+    assert!(second.starts_with("clatk_") && second.len() == first.len());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&setup.config).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the rewritten config stays private");
+    }
+    // The old token is refused at once (the worker confirmed saving the new one).
+    let unregister_with = |token: &str| {
+        Command::new(WORKER)
+            .env("HOME", dir.path())
+            .current_dir(dir.path())
+            .args(["unregister", "--url", &hub.url, "--id", "rot-1", "--token", token])
+            .output()
+            .unwrap()
+    };
+    let out = unregister_with(&first);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not registered"), "{}", stderr(&out));
+    // The session goes on, and a restarted worker connects with the saved token.
+    assert_eq!(
+        hub.ok(&["exec", "--worker", "rot-1", "--", "echo", "still"]),
+        "still\n"
+    );
+    worker.kill();
+    hub.wait_worker_state("rot-1", "offline", 20);
+    // Rotating an offline worker waits for it; it gets the new token when it connects.
+    let out = hub.ok(&["worker", "rotate", "rot-1", "--overlap", "30s"]);
+    assert!(out.contains("not connected"), "{out}");
+    assert_eq!(
+        saved_token(&setup.config),
+        second,
+        "nothing changes until it connects"
+    );
+    let _worker = run_worker(&setup, &[]);
+    hub.wait_worker_state("rot-1", "idle", 20);
+    wait_until("the new token to be saved", 20, || {
+        saved_token(&setup.config) != second
+    });
+    let third = saved_token(&setup.config);
+    assert_eq!(
+        hub.ok(&["exec", "--worker", "rot-1", "--", "echo", "third"]),
+        "third\n"
+    );
+    let audit = std::fs::read_to_string(hub.data_dir.join("audit.log")).unwrap();
+    assert_eq!(audit.matches("\"token_rotated\"").count(), 2, "{audit}");
+    for t in [&first, &second, &third] {
+        assert!(!audit.contains(t.as_str()) && !hub.proc.log_text().contains(t.as_str()));
+    }
+}
+
+#[test]
+fn a_token_given_on_the_command_line_is_not_rotated_behind_the_users_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let setup = register(&hub, dir.path(), "rot-2", "linux");
+    // The same registration, run from flags only: no config file holds the token.
+    let mut cmd = Command::new(WORKER);
+    cmd.env("HOME", dir.path())
+        .current_dir(dir.path())
+        .env_remove("CLA_WORKER_CONFIG")
+        .args(["run", "--url", &hub.url, "--id", "rot-2", "--spool-dir"])
+        .arg(dir.path().join("spool"))
+        .env("CLA_WORKER_TOKEN", &setup.token);
+    let _worker = Proc::spawn(cmd);
+    hub.wait_worker_state("rot-2", "idle", 20);
+    let out = hub.run(&["worker", "rotate", "rot-2"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("could not save a new token") && err.contains("CLA_WORKER_TOKEN"),
+        "{err}"
+    );
+    // Undone: the token the user holds still works, for the running worker and for a new connection.
+    assert_eq!(
+        hub.ok(&["exec", "--worker", "rot-2", "--", "echo", "same"]),
+        "same\n"
+    );
+    let out = Command::new(WORKER)
+        .arg("-c")
+        .arg(&setup.config)
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).contains("authenticated as rot-2"),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -61,12 +61,16 @@ pub enum Command {
     Passkey(PasskeyCommand),
     /// List registered workers and their state.
     Workers,
-    /// Control a worker from here: drain, disable, enable, shutdown or unregister it.
+    /// Control a worker from here: drain, disable, enable, shutdown, unregister it, or rotate its token.
     Worker {
         #[arg(value_enum)]
         action: ActionArg,
         /// The worker id (see `cla-hub workers`).
         id: String,
+        /// rotate: how long the old token stays valid after the new one is sent, if the worker does not
+        /// confirm saving it (e.g. 90s, 1h; default 1h).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        overlap: Option<Duration>,
     },
     /// Run a command on a worker and stream its output; exits with the command's exit code.
     Exec(ExecArgs),
@@ -100,6 +104,8 @@ pub enum ActionArg {
     Shutdown,
     /// Delete the registration; a connected worker removes it from its config and exits.
     Unregister,
+    /// Give the worker a new token, which it saves into its config file; the old one then stops working.
+    Rotate,
 }
 
 impl From<ActionArg> for WorkerAction {
@@ -110,6 +116,7 @@ impl From<ActionArg> for WorkerAction {
             ActionArg::Enable => WorkerAction::Enable,
             ActionArg::Shutdown => WorkerAction::Shutdown,
             ActionArg::Unregister => WorkerAction::Unregister,
+            ActionArg::Rotate => WorkerAction::Rotate,
         }
     }
 }
@@ -308,8 +315,14 @@ async fn execute(args: Args) -> Result<ExitCode> {
         Command::Serve(a) => serve(a, data_dir.clone()).await,
         Command::Passkey(p) => passkey(&client()?, p, json).await,
         Command::Workers => workers(&client()?, json).await,
-        Command::Worker { action, id } => {
-            let done = client()?.worker_action(&id, action.into()).await?;
+        Command::Worker { action, id, overlap } => {
+            if overlap.is_some() && !matches!(action, ActionArg::Rotate) {
+                return Err(Error::Usage("--overlap goes with `worker rotate` only".into()));
+            }
+            let req = crate::protocol::api::WorkerActionRequest {
+                overlap_secs: overlap.map(|d| d.as_secs().max(1)),
+            };
+            let done = client()?.worker_action(&id, action.into(), &req).await?;
             if json {
                 print_json(&done)?;
             } else {

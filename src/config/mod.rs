@@ -164,6 +164,9 @@ pub struct WorkerSettings {
     pub spool_max_bytes: u64,
     /// The config file the registration was found in, if any.
     pub source: Option<PathBuf>,
+    /// The config file the token came from (not a flag or the environment): where a rotated token is
+    /// saved.
+    pub token_file: Option<PathBuf>,
 }
 
 /// The worker id alone (for `stop`/`status`): the flag, the file's `id`, or its only registration.
@@ -306,6 +309,7 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
             .join(&id),
         spool_max_bytes: f.spool_max_mb.unwrap_or(1024).max(1) << 20,
         source: loaded.path.clone(),
+        token_file: cli.token.is_none().then(|| loaded.path.clone()).flatten(),
         id,
     })
 }

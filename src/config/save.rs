@@ -58,6 +58,32 @@ pub fn remove_registration(path: &Path, id: &str) -> Result<bool> {
     Ok(removed)
 }
 
+/// Replaces the token of worker `id` in the file (in its registration, or the top-level `token` that goes
+/// with the top-level `id`), keeping everything else; atomic, and the file's mode is kept.
+pub fn replace_token(path: &Path, id: &str, token: &crate::secret::Secret) -> Result<()> {
+    let mut root = read_tree(path)?;
+    let new = Value::String(token.expose().to_owned());
+    let in_list = match root.get_mut("registrations") {
+        Some(Value::Array(list)) => list
+            .iter_mut()
+            .find(|r| r.get("id").and_then(Value::as_str) == Some(id))
+            .and_then(Value::as_object_mut),
+        _ => None,
+    };
+    if let Some(entry) = in_list {
+        entry.insert("token".into(), new);
+    } else if root.contains_key("token") && root.get("id").and_then(Value::as_str).is_none_or(|top| top == id)
+    {
+        root.insert("token".into(), new);
+    } else {
+        return Err(Error::Other(format!(
+            "{} holds no token for worker {id}",
+            path.display()
+        )));
+    }
+    write_tree(path, &root)
+}
+
 fn read_tree(path: &Path) -> Result<Map<String, Value>> {
     if !path.exists() {
         return Ok(Map::new());

@@ -303,3 +303,35 @@ fn trust_comes_from_flags_then_the_registration_then_tls() {
         "{err}"
     );
 }
+
+#[test]
+fn a_rotated_token_replaces_the_one_it_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let new = Secret::new("clatk_new");
+    // In a registration: only that one changes; other keys and registrations stay.
+    let p = write(
+        &dir,
+        "r.yml",
+        "tags: [a]\nregistrations:\n  - id: w1\n    token: old1\n  - id: w2\n    token: old2\n",
+    );
+    super::save::replace_token(&p, "w2", &new).unwrap();
+    let l = load(Some(&p), false, false).unwrap();
+    assert_eq!(l.file.registrations[0].token.as_ref().unwrap().expose(), "old1");
+    assert_eq!(
+        l.file.registrations[1].token.as_ref().unwrap().expose(),
+        "clatk_new"
+    );
+    assert_eq!(l.file.tags, ["a"]);
+    // At top level, with or without an id.
+    let p = write(&dir, "t.yml", "id: w3\ntoken: old\nurl: http://h:1\n");
+    super::save::replace_token(&p, "w3", &new).unwrap();
+    assert_eq!(
+        load(Some(&p), false, false).unwrap().file.token.unwrap().expose(),
+        "clatk_new"
+    );
+    // A file without that worker's token is left alone, and says so.
+    let err = super::save::replace_token(&p, "w9", &new)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no token for worker w9"), "{err}");
+}

@@ -18,7 +18,7 @@ use super::server::{Admin, parse_body, upgrade};
 use super::store::PasskeyRecord;
 use crate::protocol::api::{
     AdminEvent, AdminRequest, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
-    PasskeyView, WorkerAction, WorkerActionDone, WorkerState, WorkerView,
+    PasskeyView, WorkerAction, WorkerActionDone, WorkerActionRequest, WorkerState, WorkerView,
 };
 use crate::protocol::connection::Incoming;
 use crate::protocol::{Connection, Frame, ProtocolError, decode_text};
@@ -82,11 +82,17 @@ pub(crate) async fn worker_action(
     _: Admin,
     State(hub): State<Arc<Hub>>,
     Path((id, action)): Path<(String, String)>,
+    body: Bytes,
 ) -> Result<Json<WorkerActionDone>, ApiFail> {
     let action: WorkerAction = action
         .parse()
         .map_err(|e: String| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", e))?;
-    Ok(Json(hub.worker_action(&id, action).await?))
+    let req: WorkerActionRequest = if body.is_empty() {
+        WorkerActionRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    Ok(Json(hub.worker_action(&id, action, req).await?))
 }
 
 /// `GET /api/v1/admin/passkeys`.

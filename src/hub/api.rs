@@ -131,7 +131,7 @@ async fn register_checked(
             }
             // Another project's worker joins this one: only with proof that the caller owns it.
             match bearer(headers) {
-                Some(t) if token::verify(t, &existing.token_hash) => {
+                Some(t) if existing.check_token(t, crate::util::unix_now()).is_some() => {
                     existing.projects.push(project.clone());
                     (existing, t.to_owned())
                 }
@@ -160,6 +160,9 @@ async fn register_checked(
                 registered: now_rfc3339(),
                 last_seen: None,
                 disabled: false,
+                old_token_hash: None,
+                old_token_until: None,
+                rotation: None,
             };
             (rec, t)
         }
@@ -217,6 +220,11 @@ fn generate_id(hub: &Hub, req: &RegisterRequest, project: &str) -> Result<String
 
 /// The worker a request's `Authorization` + `X-Cla-Worker-Id` headers prove, or why not.
 fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<WorkerRecord, String> {
+    authenticate_which(hub, headers).map(|(rec, _)| rec)
+}
+
+/// [`authenticate`], also telling whether the token was the one before a rotation.
+fn authenticate_which(hub: &Hub, headers: &HeaderMap) -> Result<(WorkerRecord, bool), String> {
     let id = headers
         .get(WORKER_ID_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -224,8 +232,11 @@ fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<WorkerRecord, String> 
     let presented = bearer(headers).ok_or("missing bearer token")?;
     let revoked = || format!("worker {id} is not registered on this hub (unregistered, or wrong token)");
     match hub.store.worker(id) {
-        Ok(Some(rec)) if token::verify(presented, &rec.token_hash) => Ok(rec),
-        Ok(_) => Err(revoked()),
+        Ok(Some(rec)) => match rec.check_token(presented, crate::util::unix_now()) {
+            Some(old) => Ok((rec, old)),
+            None => Err(revoked()),
+        },
+        Ok(None) => Err(revoked()),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -257,8 +268,8 @@ pub(crate) async fn unregister(
 /// `GET /ws/v1`: the worker's WebSocket. Credentials are checked now; a failure is reported on the
 /// socket as `reject`, after the worker's `hello`, so the worker learns why.
 pub(crate) async fn worker_socket(State(hub): State<Arc<Hub>>, req: Request) -> Result<Response, ApiFail> {
-    let auth = match authenticate(&hub, req.headers()) {
-        Ok(rec) => Auth::Ok(Box::new(rec)),
+    let auth = match authenticate_which(&hub, req.headers()) {
+        Ok((rec, old)) => Auth::Ok(Box::new(rec), old),
         Err(why) => Auth::Denied(why),
     };
     upgrade(req, move |conn| session::run(hub, conn, auth))

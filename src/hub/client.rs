@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use crate::http::HttpClient;
 use crate::protocol::api::{
     AdminEvent, AdminRequest, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
-    PasskeyView, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, WorkerAction, WorkerActionDone, WorkerView,
+    PasskeyView, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, WorkerAction, WorkerActionDone,
+    WorkerActionRequest, WorkerView,
 };
 use crate::protocol::connection::Incoming;
 use crate::protocol::{
@@ -122,12 +123,14 @@ impl AdminClient {
     }
 
     /// `cla-hub worker ACTION ID`.
-    pub async fn worker_action(&self, id: &str, action: WorkerAction) -> Result<WorkerActionDone> {
-        self.post(
-            &format!("/api/v1/admin/workers/{id}/{}", action.as_str()),
-            &serde_json::json!({}),
-        )
-        .await
+    pub async fn worker_action(
+        &self,
+        id: &str,
+        action: WorkerAction,
+        req: &WorkerActionRequest,
+    ) -> Result<WorkerActionDone> {
+        self.post(&format!("/api/v1/admin/workers/{id}/{}", action.as_str()), req)
+            .await
     }
 
     pub async fn passkey_create(&self, project: &str) -> Result<PasskeyCreated> {

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use super::jobs::ApiFail;
 use super::{Hub, Outbound};
 use crate::protocol::HubMessage;
-use crate::protocol::api::{WorkerAction, WorkerActionDone};
+use crate::protocol::api::{WorkerAction, WorkerActionDone, WorkerActionRequest};
 
 /// How long an unregistered worker has to leave by itself before its session is closed.
 const UNREGISTER_GRACE: Duration = Duration::from_secs(5);
@@ -20,6 +20,7 @@ impl Hub {
         &self,
         id: &str,
         action: WorkerAction,
+        req: WorkerActionRequest,
     ) -> Result<WorkerActionDone, ApiFail> {
         if self.store.worker(id)?.is_none() {
             return Err(ApiFail::new(
@@ -93,6 +94,14 @@ impl Hub {
                 // The reasons of jobs waiting for it change.
                 self.dispatch().await;
                 done(true, message)
+            }
+            WorkerAction::Rotate => {
+                let overlap = req
+                    .overlap_secs
+                    .map(Duration::from_secs)
+                    .unwrap_or(super::rotate::DEFAULT_OVERLAP);
+                let (connected, message) = self.rotate(id, overlap).await?;
+                done(connected, message)
             }
             WorkerAction::Unregister => {
                 self.store.remove_worker(id)?;

@@ -17,6 +17,7 @@ mod control;
 pub mod guard;
 pub mod jobs;
 pub mod listener;
+mod rotate;
 pub mod server;
 pub mod session;
 pub mod store;
@@ -123,6 +124,8 @@ pub(crate) struct Session {
     pub next_stream: u64,
     /// Cancelled to close this session (unregister, replacement, hub shutdown).
     pub close: CancellationToken,
+    /// The worker connected with its token from before a rotation (it never saved the new one).
+    pub old_token: bool,
 }
 
 impl Session {
@@ -157,6 +160,8 @@ pub struct Hub {
     pub(crate) register_limit: guard::FailureLimit,
     /// `DATA_DIR/audit.log`.
     pub(crate) audit: guard::Audit,
+    /// Admin requests waiting for a worker's answer to `rotate`.
+    pub(crate) rotations: Mutex<HashMap<String, rotate::RotationAnswer>>,
 }
 
 impl Hub {
@@ -170,6 +175,7 @@ impl Hub {
             store,
             register_limit: guard::FailureLimit::new(cfg.register_failures_per_minute),
             audit: guard::Audit::new(&cfg.data_dir),
+            rotations: Default::default(),
             cfg,
             admin_hash,
             shutdown,

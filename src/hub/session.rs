@@ -25,7 +25,8 @@ pub const MISSED_HEARTBEATS: u32 = 3;
 
 /// The result of checking the upgrade's credentials.
 pub(crate) enum Auth {
-    Ok(Box<WorkerRecord>),
+    /// The worker's record, and whether it presented the token before a rotation.
+    Ok(Box<WorkerRecord>, bool),
     Denied(String),
 }
 
@@ -63,8 +64,8 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
             return;
         }
     };
-    let (id, disabled) = match auth {
-        Auth::Ok(r) => (r.id, r.disabled),
+    let (id, disabled, old_token) = match auth {
+        Auth::Ok(r, old) => (r.id, r.disabled, old),
         Auth::Denied(why) => return reject(&mut writer, RejectCode::Unauthorized, why, None).await,
     };
     if hello.version != PROTOCOL_VERSION {
@@ -98,6 +99,7 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
                     streams: Default::default(),
                     next_stream: 1,
                     close: close.clone(),
+                    old_token,
                 },
             );
             // The jobs this worker had when its last connection (or the last hub process) went.
@@ -135,6 +137,10 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
         // The writer must run before anything is offered: offers go through the session's bounded channel.
         let writing = tokio::spawn(write_loop(writer, rx, hb, close.clone()));
         hub.dispatch().await;
+        // A rotation asked for while the worker was away, or not confirmed before it dropped.
+        if let Err(e) = hub.deliver_rotation(&id).await {
+            tracing::warn!(worker = %id, "token rotation not sent: {}", e.1.error);
+        }
         read_loop(&hub, &id, &mut reader, hb, &close).await;
         close.cancel();
         // A send stuck on a half-dead connection must not keep the session (and its id) forever.
@@ -326,6 +332,7 @@ async fn handle(hub: &Arc<Hub>, id: &str, text: &str) {
             // Queued jobs may match now.
             hub.dispatch().await;
         }
+        WorkerMessage::Rotated { saved, message } => hub.rotated(id, saved, message),
         WorkerMessage::Error { code, message } => {
             tracing::warn!(worker = id, ?code, "worker reported: {message}")
         }

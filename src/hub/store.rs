@@ -73,6 +73,30 @@ pub struct WorkerRecord {
     /// `cla-hub worker disable`: the hub offers this worker nothing until `enable`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
+    /// The token before a rotation, still accepted until `old_token_until` (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_token_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_token_until: Option<u64>,
+    /// A rotation asked for and not yet confirmed by the worker: its overlap in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<u64>,
+}
+
+impl WorkerRecord {
+    /// Which of this worker's tokens `presented` is: `Some(false)` the current one, `Some(true)` the
+    /// one before a rotation, still inside its overlap window; `None` neither.
+    pub fn check_token(&self, presented: &str, now_unix: u64) -> Option<bool> {
+        if crate::token::verify(presented, &self.token_hash) {
+            return Some(false);
+        }
+        match (&self.old_token_hash, self.old_token_until) {
+            (Some(old), Some(until)) if now_unix < until && crate::token::verify(presented, old) => {
+                Some(true)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The store handle (cheap to share behind an `Arc`).

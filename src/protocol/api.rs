@@ -127,6 +127,17 @@ pub enum WorkerAction {
     Shutdown,
     /// Delete the registration; a connected worker removes it from its config and exits.
     Unregister,
+    /// Give the worker a new token (now if connected, else when it next connects); the old one is
+    /// accepted for an overlap window until the worker confirms it saved the new one.
+    Rotate,
+}
+
+/// The body of `POST /api/v1/admin/workers/{id}/{action}` (all optional).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerActionRequest {
+    /// `rotate`: how long the old token stays valid once the new one is sent (default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap_secs: Option<u64>,
 }
 
 impl WorkerAction {
@@ -137,6 +148,7 @@ impl WorkerAction {
             WorkerAction::Enable => "enable",
             WorkerAction::Shutdown => "shutdown",
             WorkerAction::Unregister => "unregister",
+            WorkerAction::Rotate => "rotate",
         }
     }
 }
@@ -144,8 +156,9 @@ impl WorkerAction {
 impl std::str::FromStr for WorkerAction {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        serde_json::from_value(serde_json::Value::String(s.to_owned()))
-            .map_err(|_| format!("unknown action `{s}`: drain, disable, enable, shutdown or unregister"))
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
+            format!("unknown action `{s}`: drain, disable, enable, shutdown, unregister or rotate")
+        })
     }
 }
 

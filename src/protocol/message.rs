@@ -42,6 +42,9 @@ pub enum WorkerMessage {
     Update { tags: Vec<String>, envs: Vec<String> },
     /// A step of a transfer: file data the worker sends (fetch), or its acknowledgements (ship).
     Transfer(TransferFrame),
+    /// The answer to `rotate`: whether the new token was saved (then the worker uses it from now on)
+    /// and where, or why not (then the worker keeps its old token).
+    Rotated { saved: bool, message: String },
     /// Answer to a message the worker could not handle.
     Error { code: ErrorCode, message: String },
 }
@@ -76,6 +79,9 @@ pub enum HubMessage {
     /// The hub has stored the job's end (its `finished` and all output before it): the worker forgets
     /// the job and deletes its spool.
     Ack { job: String },
+    /// A new token for this worker (`cla-hub worker rotate`): the worker saves it into the config file
+    /// that held the old one (atomically), uses it from then on, and answers `rotated`.
+    Rotate { token: crate::secret::Secret },
     /// Answer to a message the hub could not handle.
     Error { code: ErrorCode, message: String },
 }
@@ -104,10 +110,13 @@ pub struct Hello {
 }
 
 /// What this build's workers announce in `hello`.
-pub const FEATURES: &[&str] = &[FEATURE_TRANSFER];
+pub const FEATURES: &[&str] = &[FEATURE_TRANSFER, FEATURE_ROTATE];
 
 /// `ship` and `fetch`.
 pub const FEATURE_TRANSFER: &str = "transfer";
+
+/// `rotate` (token rotation).
+pub const FEATURE_ROTATE: &str = "rotate";
 
 /// The hub's acceptance of a session.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -271,6 +271,39 @@ fn forget_registration(s: &WorkerSettings, reason: &str) {
     }
 }
 
+/// A new token from the hub (`cla-hub worker rotate`): saved into the config file the old one came from,
+/// then used for every later connection. If it cannot be saved, the old token stays (the hub undoes the
+/// rotation when told so).
+fn save_rotated_token(s: &mut WorkerSettings, token: crate::secret::Secret) -> WorkerMessage {
+    let result = match &s.token_file {
+        None => Err(
+            "its token was given with --token or CLA_WORKER_TOKEN, not read from a config file: \
+                     register with --save, or rotate by registering again"
+                .to_owned(),
+        ),
+        Some(path) => crate::config::save::replace_token(path, &s.id, &token)
+            .map(|()| path.display().to_string())
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(place) => {
+            tracing::info!("the hub rotated this worker's token: the new one is saved in {place}");
+            s.token = token;
+            WorkerMessage::Rotated {
+                saved: true,
+                message: place,
+            }
+        }
+        Err(why) => {
+            tracing::warn!("the hub sent a new token, which cannot be saved: {why}; keeping the old one");
+            WorkerMessage::Rotated {
+                saved: false,
+                message: why,
+            }
+        }
+    }
+}
+
 async fn connect_once(
     s: &mut WorkerSettings,
     opts: &RunOptions,
@@ -784,6 +817,10 @@ impl<'w> Live<'w> {
                     tracing::warn!("the hub ordered a shutdown: {reason}");
                     self.worker.stop_all().await;
                     return End::HubShutdown(reason);
+                }
+                HubMessage::Rotate { token } => {
+                    let answer = save_rotated_token(settings, token);
+                    self.send(answer).await;
                 }
                 HubMessage::Error { code, message } => tracing::warn!(?code, "hub reported: {message}"),
                 HubMessage::Welcome(_) | HubMessage::Reject(_) => {
