@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::protocol::api::ApiError;
-use crate::tls::{TlsError, Trust};
+use crate::tls::{ClientIdentity, TlsError, Trust};
 
 /// What can go wrong talking HTTP to the hub.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +68,15 @@ impl HttpClient {
     /// A client for `base` (`http://` or `https://`); on `https://`, the hub's certificate must satisfy
     /// `trust`.
     pub fn with_trust(base: &str, trust: &Trust) -> Result<HttpClient, HttpError> {
+        HttpClient::with_tls(base, trust, None)
+    }
+
+    /// [`HttpClient::with_trust`], presenting `identity` if the hub asks for a client certificate.
+    pub fn with_tls(
+        base: &str,
+        trust: &Trust,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<HttpClient, HttpError> {
         let base = base.trim_end_matches('/').to_owned();
         let https = base.starts_with("https://");
         if !(https || base.starts_with("http://")) || base.parse::<hyper::Uri>().is_err() {
@@ -75,7 +84,7 @@ impl HttpClient {
         }
         // A plain URL never uses the TLS side; it still needs a config, one that trusts nothing.
         let tls = match https {
-            true => Arc::unwrap_or_clone(trust.client_config(&base)?),
+            true => Arc::unwrap_or_clone(trust.client_config_for(&base, identity)?),
             false => rustls::ClientConfig::builder_with_provider(crate::tls::provider())
                 .with_safe_default_protocol_versions()
                 .map_err(|e| TlsError::Setup(e.to_string()))?

@@ -141,34 +141,54 @@ impl Trust {
 
     /// The rustls client config for a TLS connection to `url`.
     pub fn client_config(&self, url: &str) -> Result<Arc<ClientConfig>, TlsError> {
+        self.client_config_for(url, None)
+    }
+
+    /// The rustls client config for a TLS connection to `url`, presenting `identity` if the hub asks for
+    /// a client certificate.
+    pub fn client_config_for(
+        &self,
+        url: &str,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
         let provider = provider();
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Setup(e.to_string()))?;
-        let config = match self {
-            Trust::Unset => return Err(TlsError::Untrusted { url: url.to_owned() }),
-            Trust::Pin(want) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinVerifier::new(Some(*want), Seen::default())))
-                .with_no_client_auth(),
-            Trust::FirstUse(seen) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinVerifier::new(None, seen.clone())))
-                .with_no_client_auth(),
-            Trust::Ca(path) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for cert in read_certs(path).map_err(|reason| TlsError::Ca {
-                    path: path.clone(),
-                    reason,
-                })? {
-                    roots.add(cert).map_err(|e| TlsError::Ca {
+        let with_identity =
+            |b: rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>| match identity {
+                None => Ok(b.with_no_client_auth()),
+                Some(id) => b
+                    .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+                    .map_err(|e| {
+                        TlsError::Setup(format!("the client certificate does not fit its key: {e}"))
+                    }),
+            };
+        let config =
+            match self {
+                Trust::Unset => return Err(TlsError::Untrusted { url: url.to_owned() }),
+                Trust::Pin(want) => with_identity(builder.dangerous().with_custom_certificate_verifier(
+                    Arc::new(PinVerifier::new(Some(*want), Seen::default())),
+                ))?,
+                Trust::FirstUse(seen) => with_identity(
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(Arc::new(PinVerifier::new(None, seen.clone()))),
+                )?,
+                Trust::Ca(path) => {
+                    let mut roots = rustls::RootCertStore::empty();
+                    for cert in read_certs(path).map_err(|reason| TlsError::Ca {
                         path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
+                        reason,
+                    })? {
+                        roots.add(cert).map_err(|e| TlsError::Ca {
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    }
+                    with_identity(builder.with_root_certificates(roots))?
                 }
-                builder.with_root_certificates(roots).with_no_client_auth()
-            }
-        };
+            };
         Ok(Arc::new(config))
     }
 }
@@ -323,6 +343,7 @@ pub fn server_identity(
     key: Option<&Path>,
     data_dir: &Path,
     names: &[String],
+    client_ca: Option<&ClientCa>,
 ) -> Result<ServerIdentity, TlsError> {
     let (cert_path, key_path, generated) = match (cert, key) {
         (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf(), false),
@@ -350,15 +371,25 @@ pub fn server_identity(
         reason: format!("no PEM private key in it ({e})"),
     })?;
     let fingerprint = Fingerprint::of(chain[0].as_ref());
-    let config = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Setup(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Key {
-            path: key_path.clone(),
-            reason: format!("it does not fit the certificate ({e})"),
-        })?;
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    // Client certificates are asked for, and checked against the client CA when given, but not required
+    // at the TLS level: a worker registering for the first time has none yet. The hub decides per
+    // endpoint (`--mtls`).
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(ca.roots()), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Setup(e.to_string()))?,
+        ),
+    };
+    let config = builder.with_single_cert(chain, key).map_err(|e| TlsError::Key {
+        path: key_path.clone(),
+        reason: format!("it does not fit the certificate ({e})"),
+    })?;
     Ok(ServerIdentity {
         config: Arc::new(config),
         fingerprint,
@@ -392,6 +423,154 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into());
     }
     Ok(certs)
+}
+
+/// A worker's client certificate (issued by the hub at registration) and its private key, presented when
+/// the hub asks for one (mTLS).
+pub struct ClientIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientIdentity({})", Fingerprint::of(self.chain[0].as_ref()))
+    }
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        ClientIdentity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl ClientIdentity {
+    /// Reads a PEM certificate and its PEM private key.
+    pub fn load(cert: &Path, key: &Path) -> Result<ClientIdentity, TlsError> {
+        let chain = read_certs(cert).map_err(|reason| TlsError::Cert {
+            path: cert.to_path_buf(),
+            reason,
+        })?;
+        let pem = std::fs::read(key).map_err(|e| TlsError::Key {
+            path: key.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Key {
+            path: key.to_path_buf(),
+            reason: format!("no PEM private key in it ({e})"),
+        })?;
+        Ok(ClientIdentity { chain, key })
+    }
+
+    /// The fingerprint of the certificate, as the hub records it.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(self.chain[0].as_ref())
+    }
+}
+
+/// A new key pair and a certificate signing request for worker `id`: `(csr_pem, key_pem)`. The key stays
+/// on the worker; only the CSR (its public half) goes to the hub.
+pub fn new_csr(id: &str) -> Result<(String, String), TlsError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| TlsError::Generate(e.to_string()))?;
+    let mut params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| TlsError::Generate(e.to_string()))?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, id);
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    Ok((csr, key.serialize_pem()))
+}
+
+/// The hub's CA for worker client certificates, made once in `DATA_DIR/tls/` (the key 0600).
+pub struct ClientCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    cert: CertificateDer<'static>,
+}
+
+/// File names of the client CA in `DATA_DIR/tls/`.
+pub const CLIENT_CA_CERT: &str = "client-ca.crt";
+pub const CLIENT_CA_KEY: &str = "client-ca.key";
+
+impl ClientCa {
+    /// Loads the client CA from `data_dir/tls/`, making it on first use.
+    pub fn load_or_create(data_dir: &Path) -> Result<ClientCa, TlsError> {
+        let dir = data_dir.join("tls");
+        let (cert_path, key_path) = (dir.join(CLIENT_CA_CERT), dir.join(CLIENT_CA_KEY));
+        let gen_err = |e: rcgen::Error| TlsError::Generate(e.to_string());
+        if !(cert_path.exists() && key_path.exists()) {
+            let key = rcgen::KeyPair::generate().map_err(gen_err)?;
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "cla-hub worker client CA");
+            let cert = params.self_signed(&key).map_err(gen_err)?;
+            let write = |path: &Path, text: &str, private: bool| {
+                crate::util::write_atomic(path, text.as_bytes(), private).map_err(|e| TlsError::Write {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+            };
+            write(&key_path, &key.serialize_pem(), true)?;
+            write(&cert_path, &cert.pem(), false)?;
+        }
+        let cert_pem = std::fs::read_to_string(&cert_path).map_err(|e| TlsError::Cert {
+            path: cert_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let key_pem = std::fs::read_to_string(&key_path).map_err(|e| TlsError::Key {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| TlsError::Key {
+            path: key_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| TlsError::Cert {
+            path: cert_path.clone(),
+            reason: e.to_string(),
+        })?;
+        let cert = read_certs(&cert_path)
+            .map_err(|reason| TlsError::Cert {
+                path: cert_path.clone(),
+                reason,
+            })?
+            .remove(0);
+        Ok(ClientCa { issuer, cert })
+    }
+
+    /// Issues a client certificate for worker `id` from its CSR (PEM): the CSR gives only the public
+    /// key; the subject is the worker id, whatever the CSR asked. Returns the PEM and its fingerprint.
+    pub fn sign(&self, csr_pem: &str, id: &str) -> Result<(String, Fingerprint), String> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| format!("bad certificate signing request: {e}"))?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, id);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        // rcgen's default validity (no expiry to speak of): what makes a certificate count is that the
+        // hub's record of the worker names its fingerprint, which unregistering or re-registering ends.
+        csr.params = params;
+        let cert = csr.signed_by(&self.issuer).map_err(|e| e.to_string())?;
+        Ok((cert.pem(), Fingerprint::of(cert.der().as_ref())))
+    }
+
+    /// The CA certificate, as the roots client certificates must chain to.
+    pub fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(self.cert.clone())
+            .expect("the client CA is a valid certificate");
+        roots
+    }
 }
 
 /// The names a self-signed hub certificate covers: `localhost`, the loopback addresses, this host's
@@ -439,9 +618,9 @@ mod tests {
     fn self_signed_identity_is_made_once_and_kept() {
         let dir = tempfile::tempdir().unwrap();
         let names = default_names(None);
-        let first = server_identity(None, None, dir.path(), &names).unwrap();
+        let first = server_identity(None, None, dir.path(), &names, None).unwrap();
         assert!(first.generated);
-        let again = server_identity(None, None, dir.path(), &names).unwrap();
+        let again = server_identity(None, None, dir.path(), &names, None).unwrap();
         assert!(!again.generated);
         assert_eq!(
             first.fingerprint, again.fingerprint,
@@ -463,6 +642,7 @@ mod tests {
             Some(&tls.join(SELF_SIGNED_KEY)),
             Path::new("/nonexistent"),
             &[],
+            None,
         )
         .unwrap();
         assert_eq!(given.fingerprint, first.fingerprint);
@@ -473,12 +653,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not pem").unwrap();
-        let err = server_identity(Some(&junk), Some(&junk), dir.path(), &[])
+        let err = server_identity(Some(&junk), Some(&junk), dir.path(), &[], None)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("junk.pem") && err.contains("certificate"), "{err}");
-        let err = server_identity(Some(&junk), None, dir.path(), &[])
+        let err = server_identity(Some(&junk), None, dir.path(), &[], None)
             .err()
             .unwrap()
             .to_string();
@@ -500,8 +680,9 @@ mod tests {
     #[tokio::test]
     async fn pins_accept_only_their_certificate() {
         let dir = tempfile::tempdir().unwrap();
-        let hub = server_identity(None, None, dir.path(), &default_names(None)).unwrap();
-        let other = server_identity(None, None, &dir.path().join("other"), &default_names(None)).unwrap();
+        let hub = server_identity(None, None, dir.path(), &default_names(None), None).unwrap();
+        let other =
+            server_identity(None, None, &dir.path().join("other"), &default_names(None), None).unwrap();
         assert_ne!(hub.fingerprint, other.fingerprint);
 
         async fn handshake(server: Arc<ServerConfig>, trust: &Trust) -> Result<(), String> {

@@ -357,6 +357,7 @@ fn a_reconnect_storm_of_200_workers_is_absorbed_and_spread_out() {
                 envs: vec![],
                 token: None,
                 trust: Default::default(),
+                csr: None,
             })
             .await
             .unwrap();

@@ -320,10 +320,19 @@ fn api_bodies() {
         host: Some("h".into()),
         user: None,
         version: None,
+        csr: None,
     };
     assert_eq!(
         serde_json::to_value(&reg).unwrap(),
         json!({"passkey":"p","tags":[],"envs":[],"host":"h"})
+    );
+    let with_csr = RegisterRequest {
+        csr: Some("-----BEGIN CERTIFICATE REQUEST-----".into()),
+        ..reg
+    };
+    assert_eq!(
+        serde_json::to_value(&with_csr).unwrap()["csr"],
+        json!("-----BEGIN CERTIFICATE REQUEST-----")
     );
 }
 

@@ -180,7 +180,7 @@ fn a_hub_certificate_from_a_ca_is_checked_against_the_ca() {
         ],
     );
     assert!(
-        !hub.data_dir.join("tls").exists(),
+        !hub.data_dir.join("tls/hub.crt").exists(),
         "no self-signed certificate is made"
     );
     let config = dir.path().join("ca-worker.yml");
@@ -234,4 +234,77 @@ fn a_hub_certificate_from_a_ca_is_checked_against_the_ca() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn with_mtls_a_worker_needs_the_client_certificate_issued_at_its_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start_with(dir.path(), "127.0.0.1:0", &["--mtls"]);
+    hub.proc.wait_for_line("mTLS: workers must present", 10);
+    let a = register(&hub, dir.path(), "m1", "linux");
+    let b = register(&hub, dir.path(), "m2", "linux");
+    let config = std::fs::read_to_string(&a.config).unwrap();
+    let field = |name: &str| {
+        config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")))
+            .unwrap()
+            .trim_matches(['"', '\''])
+            .to_owned()
+    };
+    let (cert, key) = (field("cert"), field("key"));
+    assert!(
+        cert.ends_with("cla-worker-m1.crt") && key.ends_with("cla-worker-m1.key"),
+        "{config}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the private key is private");
+    }
+    assert!(
+        std::fs::read_to_string(&cert)
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    let _worker = run_worker(&a, &[]);
+    hub.wait_worker_state("m1", "idle", 20);
+    assert_eq!(
+        hub.ok(&["exec", "--worker", "m1", "--", "echo", "mutual"]),
+        "mutual\n"
+    );
+
+    // Without its certificate, worker m2 is turned away with the reason.
+    let plain = dir.path().join("m2-nocert.yml");
+    let text: String = std::fs::read_to_string(&b.config)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("cert:") && !l.trim_start().starts_with("key:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&plain, text).unwrap();
+    let mut cmd = Command::new(WORKER);
+    cmd.arg("-c").arg(&plain).arg("run");
+    let mut worker = Proc::spawn(cmd);
+    assert_eq!(worker.wait_exit(20).code(), Some(1));
+    assert!(
+        worker.log_text().contains("presented none"),
+        "{}",
+        worker.log_text()
+    );
+    // With another worker's certificate, too.
+    let mut cmd = Command::new(WORKER);
+    cmd.arg("-c")
+        .arg(&plain)
+        .args(["run", "--client-cert", &cert, "--client-key", &key]);
+    let mut worker = Proc::spawn(cmd);
+    assert_eq!(worker.wait_exit(20).code(), Some(1));
+    assert!(
+        worker
+            .log_text()
+            .contains("not the one issued at its registration"),
+        "{}",
+        worker.log_text()
+    );
+    assert_ne!(hub.worker_state("m2").as_deref(), Some("idle"));
 }

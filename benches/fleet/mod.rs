@@ -29,6 +29,7 @@ pub async fn connect(url: &str, admin: &AdminClient, passkey: &str, n: usize) ->
                 envs: vec![],
                 token: None,
                 trust: Default::default(),
+                csr: None,
             })
             .await
             .unwrap();

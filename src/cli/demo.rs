@@ -92,6 +92,7 @@ async fn drive(
         envs: vec!["DEV".into()],
         token: None,
         trust: Default::default(),
+        csr: None,
     };
     let reg = register(&params).await?;
     let config_path = dir.join("cla-worker.yml");
@@ -105,6 +106,8 @@ async fn drive(
             envs: vec!["DEV".into()],
             pin: None,
             ca: None,
+            cert: None,
+            key: None,
         },
     )?;
     println!(

@@ -148,6 +148,10 @@ pub struct ServeArgs {
     /// minute; past it the source gets HTTP 429 with a retry_after. 0 turns the limit off.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub register_limit: u32,
+    /// Require mutual TLS: workers must present the client certificate the hub issued when they
+    /// registered (over https); implies --tls.
+    #[arg(long)]
+    pub mtls: bool,
     /// The certificate chain (PEM) to serve; implies --tls.
     #[arg(long, value_name = "FILE", requires = "key")]
     pub cert: Option<PathBuf>,
@@ -357,11 +361,12 @@ async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     cfg.offer_lease = Duration::from_secs(a.offer_lease);
     cfg.max_handshakes = a.max_handshakes as usize;
     cfg.register_failures_per_minute = a.register_limit;
-    if a.tls || a.cert.is_some() {
+    if a.tls || a.mtls || a.cert.is_some() {
         cfg.tls = Some(crate::hub::TlsOptions {
             cert: a.cert,
             key: a.key,
             names: a.tls_names,
+            mtls: a.mtls,
         });
     }
     server::run(listener, cfg, crate::shutdown::on_signals()).await?;

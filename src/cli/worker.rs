@@ -155,6 +155,12 @@ pub struct Credentials {
     pub url: Option<String>,
     #[command(flatten)]
     pub trust: TrustArgs,
+    /// The client certificate (PEM) to present to a hub requiring mTLS (default: the registration's).
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 /// How to trust an https hub's certificate (default: the pin recorded at `register`).
@@ -295,6 +301,11 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         }
         given => (given, None),
     };
+    // Over https, ask for a client certificate (mTLS): the key is made here and never sent.
+    let client_key = match url.starts_with("https://") {
+        true => Some(crate::tls::new_csr(a.id.as_deref().unwrap_or("worker"))?),
+        false => None,
+    };
     let params = RegisterParams {
         url: url.clone(),
         passkey,
@@ -303,6 +314,7 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         envs: envs.clone(),
         token: a.token,
         trust: trust.clone(),
+        csr: client_key.as_ref().map(|(csr, _)| csr.clone()),
     };
     // The token is shown only once: make sure it can be saved before asking for it.
     let save_to = a.save.as_ref().map(|explicit| {
@@ -321,6 +333,26 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         (_, Some(seen)) if url.starts_with("https://") => seen.get(),
         _ => None,
     };
+    // The issued client certificate and its key go beside the config file (or here, unsaved).
+    let identity = match (&resp.certificate, &client_key) {
+        (Some(cert), Some((_, key))) => {
+            let dir = save_to
+                .as_ref()
+                .and_then(|p| p.parent())
+                .filter(|d| !d.as_os_str().is_empty())
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            let (cert_path, key_path) = (
+                dir.join(format!("cla-worker-{}.crt", resp.id)),
+                dir.join(format!("cla-worker-{}.key", resp.id)),
+            );
+            crate::util::write_atomic(&key_path, key.as_bytes(), true)?;
+            crate::util::write_atomic(&cert_path, cert.as_bytes(), false)?;
+            Some((cert_path, key_path))
+        }
+        _ => None,
+    };
     let saved = match save_to {
         None => None,
         Some(path) => {
@@ -336,6 +368,8 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
                     Trust::Ca(path) => Some(std::path::absolute(path).unwrap_or_else(|_| path.clone())),
                     _ => None,
                 },
+                cert: identity.as_ref().map(|(c, _)| c.clone()),
+                key: identity.as_ref().map(|(_, k)| k.clone()),
             };
             if let Err(e) = save::save_registration(&path, &reg) {
                 // Registered, but not saved: the token must not be lost with the error.
@@ -362,10 +396,24 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         };
         println!("  hub certificate: {pin} ({how})");
     }
-    let pin_flag = match (pin, &saved) {
+    if let Some((cert, key)) = &identity {
+        println!(
+            "  client certificate: {} (key {}, mode 0600; for hubs requiring mTLS)",
+            cert.display(),
+            key.display()
+        );
+    }
+    let mut pin_flag = match (pin, &saved) {
         (Some(pin), None) => format!(" --pin {pin}"),
         _ => String::new(),
     };
+    if let (Some((cert, key)), None) = (&identity, &saved) {
+        pin_flag.push_str(&format!(
+            " --client-cert {} --client-key {}",
+            cert.display(),
+            key.display()
+        ));
+    }
     match &saved {
         Some(path) => {
             println!("saved to {} (mode 0600)", path.display());
@@ -403,10 +451,13 @@ async fn unregister(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<
         token: a.who.token,
         pin: a.who.trust.pin,
         ca: a.who.trust.ca,
+        client_cert: a.who.client_cert,
+        client_key: a.who.client_key,
         ..Default::default()
     };
     let s = config::resolve(loaded, &cli)?;
-    let resp = registration::unregister(&s.url, &s.id, &s.token, &s.trust).await?;
+    let identity = s.client_identity()?;
+    let resp = registration::unregister(&s.url, &s.id, &s.token, &s.trust, identity.as_ref()).await?;
     println!(
         "worker registration removed: {} (projects: {})",
         resp.id,
@@ -463,6 +514,8 @@ pub(crate) fn overrides(a: &RunArgs) -> Overrides {
         spool_dir: a.spool_dir.clone(),
         pin: a.who.trust.pin.clone(),
         ca: a.who.trust.ca.clone(),
+        client_cert: a.who.client_cert.clone(),
+        client_key: a.who.client_key.clone(),
     }
 }
 

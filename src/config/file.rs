@@ -74,6 +74,11 @@ pub struct Registration {
     /// Or: the CA file that `register --ca` trusted for this hub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
+    /// The client certificate the hub issued at registration (mTLS), and its private key (0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 /// What the hub may do on this worker (enforced from the security issue on; parsed and validated now).
@@ -127,7 +132,7 @@ const TOP_KEYS: &[&str] = &[
     "policy",
     "tls",
 ];
-const REGISTRATION_KEYS: &[&str] = &["id", "token", "url", "tags", "envs", "pin", "ca"];
+const REGISTRATION_KEYS: &[&str] = &["id", "token", "url", "tags", "envs", "pin", "ca", "cert", "key"];
 const POLICY_KEYS: &[&str] = &["allow", "deny", "paths"];
 const POLICY_PATH_KEYS: &[&str] = &["read", "write"];
 const TLS_KEYS: &[&str] = &["ca", "pin"];

@@ -143,6 +143,9 @@ pub struct Overrides {
     pub pin: Option<String>,
     /// `--ca`: a PEM file of CA certificates to trust for the hub.
     pub ca: Option<PathBuf>,
+    /// `--client-cert`/`--client-key`: the worker's client certificate and key (mTLS).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 /// Everything a running worker needs, resolved from file + flags.
@@ -158,6 +161,8 @@ pub struct WorkerSettings {
     pub policy: Policy,
     /// How the hub's certificate is trusted on an https URL.
     pub trust: Trust,
+    /// The client certificate and key presented to a hub that asks (mTLS).
+    pub identity: Option<(PathBuf, PathBuf)>,
     /// This worker's spool directory (`SPOOL_DIR/ID`).
     pub spool_dir: PathBuf,
     /// The spool's size limit in bytes.
@@ -167,6 +172,16 @@ pub struct WorkerSettings {
     /// The config file the token came from (not a flag or the environment): where a rotated token is
     /// saved.
     pub token_file: Option<PathBuf>,
+}
+
+impl WorkerSettings {
+    /// The client certificate and key (mTLS), read from their files, if configured.
+    pub fn client_identity(&self) -> Result<Option<crate::tls::ClientIdentity>, crate::tls::TlsError> {
+        self.identity
+            .as_ref()
+            .map(|(cert, key)| crate::tls::ClientIdentity::load(cert, key))
+            .transpose()
+    }
 }
 
 /// The worker id alone (for `stop`/`status`): the flag, the file's `id`, or its only registration.
@@ -212,6 +227,7 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
     let mut envs = (!cli.envs.is_empty()).then(|| cli.envs.clone());
     let mut pin = cli.pin.clone();
     let mut reg_ca = None;
+    let mut identity = cli.client_cert.clone().zip(cli.client_key.clone());
 
     let registration = match (&id, &token) {
         (Some(id), _) => f.registrations.iter().find(|r| &r.id == id),
@@ -245,6 +261,9 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
         if pin.is_none() && cli.ca.is_none() {
             pin = r.pin.clone();
             reg_ca = r.ca.clone();
+        }
+        if identity.is_none() {
+            identity = r.cert.clone().zip(r.key.clone());
         }
     }
     // The command line, else the registration's own pin or CA, else the file-wide `tls:`.
@@ -301,6 +320,7 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
         workdir: cli.workdir.clone().or_else(|| f.workdir.clone()),
         policy: f.policy.clone().unwrap_or_default(),
         trust,
+        identity,
         spool_dir: cli
             .spool_dir
             .clone()

@@ -149,6 +149,12 @@ impl serde::Serialize for RegistrationOut<'_> {
         if let Some(ca) = &r.ca {
             m.serialize_entry("ca", ca)?;
         }
+        if let Some(cert) = &r.cert {
+            m.serialize_entry("cert", cert)?;
+        }
+        if let Some(key) = &r.key {
+            m.serialize_entry("key", key)?;
+        }
         m.end()
     }
 }

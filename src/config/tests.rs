@@ -120,6 +120,8 @@ fn reg(id: &str, token: &str) -> Registration {
         envs: vec![],
         pin: None,
         ca: None,
+        cert: None,
+        key: None,
     }
 }
 

@@ -163,9 +163,21 @@ async fn register_checked(
                 old_token_hash: None,
                 old_token_until: None,
                 rotation: None,
+                cert_sha256: None,
             };
             (rec, t)
         }
+    };
+    let mut record = record;
+    let certificate = match (&req.csr, &hub.client_ca) {
+        (Some(csr), Some(ca)) => {
+            let (pem, fingerprint) = ca
+                .sign(csr, &id)
+                .map_err(|m| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m))?;
+            record.cert_sha256 = Some(fingerprint.to_string());
+            Some(pem)
+        }
+        _ => None,
     };
     hub.store.put_worker(&record)?;
     tracing::info!(worker = %id, project = %project, "worker registered");
@@ -174,6 +186,7 @@ async fn register_checked(
             id,
             token,
             projects: record.projects,
+            certificate,
         },
         project,
         prefix,
@@ -223,6 +236,26 @@ fn authenticate(hub: &Hub, headers: &HeaderMap) -> Result<WorkerRecord, String> 
     authenticate_which(hub, headers).map(|(rec, _)| rec)
 }
 
+/// With `--mtls`: the worker must present the client certificate issued at its registration.
+fn check_client_cert(hub: &Hub, rec: &WorkerRecord, peer: &Peer) -> Result<(), String> {
+    if !hub.cfg.tls.as_ref().is_some_and(|t| t.mtls) {
+        return Ok(());
+    }
+    let id = &rec.id;
+    match (&rec.cert_sha256, peer.client_cert) {
+        (None, _) => Err(format!(
+            "this hub requires a client certificate and worker {id} was never issued one: register it again over https"
+        )),
+        (Some(_), None) => Err(format!(
+            "this hub requires a client certificate and worker {id} presented none: give it the certificate from its registration (the registration's cert/key in its config)"
+        )),
+        (Some(want), Some(got)) if *want != got.to_string() => Err(format!(
+            "worker {id} presented a client certificate that is not the one issued at its registration"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// [`authenticate`], also telling whether the token was the one before a rotation.
 fn authenticate_which(hub: &Hub, headers: &HeaderMap) -> Result<(WorkerRecord, bool), String> {
     let id = headers
@@ -248,6 +281,7 @@ pub(crate) async fn unregister(
     headers: HeaderMap,
 ) -> Result<Json<UnregisterResponse>, ApiFail> {
     let rec = authenticate(&hub, &headers)
+        .and_then(|rec| check_client_cert(&hub, &rec, &peer).map(|()| rec))
         .map_err(|m| ApiFail::new(StatusCode::UNAUTHORIZED, "unauthorized", m))?;
     let mut e = AuditEvent::new("unregister");
     e.source = Some(peer.addr.ip());
@@ -267,8 +301,14 @@ pub(crate) async fn unregister(
 
 /// `GET /ws/v1`: the worker's WebSocket. Credentials are checked now; a failure is reported on the
 /// socket as `reject`, after the worker's `hello`, so the worker learns why.
-pub(crate) async fn worker_socket(State(hub): State<Arc<Hub>>, req: Request) -> Result<Response, ApiFail> {
-    let auth = match authenticate_which(&hub, req.headers()) {
+pub(crate) async fn worker_socket(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    req: Request,
+) -> Result<Response, ApiFail> {
+    let checked = authenticate_which(&hub, req.headers())
+        .and_then(|(rec, old)| check_client_cert(&hub, &rec, &peer).map(|()| (rec, old)));
+    let auth = match checked {
         Ok((rec, old)) => Auth::Ok(Box::new(rec), old),
         Err(why) => Auth::Denied(why),
     };

@@ -25,6 +25,9 @@ const MAX_HANDSHAKES: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {
     pub addr: SocketAddr,
+    /// The fingerprint of the client certificate the peer presented (TLS only; it chains to the hub's
+    /// client CA, or the handshake would have failed).
+    pub client_cert: Option<crate::tls::Fingerprint>,
 }
 
 /// Accepts connections (with TLS when configured) and hands them to axum.
@@ -69,7 +72,10 @@ async fn accept_loop(
         // No Nagle: the hub writes small frames (offers, acks, cancels) that nobody answers at once, and a
         // small write held back for the peer's delayed ACK would cost a job 40 ms.
         let _ = stream.set_nodelay(true);
-        let peer = Peer { addr };
+        let peer = Peer {
+            addr,
+            client_cert: None,
+        };
         let Some(acceptor) = &tls else {
             if tx.send((Box::new(stream), peer)).await.is_err() {
                 return;
@@ -85,7 +91,13 @@ async fn accept_loop(
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    let _ = tx.send((Box::new(tls), peer)).await;
+                    let client_cert = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| crate::tls::Fingerprint::of(c.as_ref()));
+                    let _ = tx.send((Box::new(tls), Peer { client_cert, ..peer })).await;
                 }
                 Ok(Err(e)) => tracing::info!(%addr, "{}", crate::tls::handshake_failure(&e)),
                 Err(_) => tracing::info!(%addr, "TLS handshake timed out"),
@@ -107,7 +119,10 @@ impl Listener for HubListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(Peer { addr: self.local })
+        Ok(Peer {
+            addr: self.local,
+            client_cert: None,
+        })
     }
 }
 

@@ -63,6 +63,8 @@ pub struct TlsOptions {
     pub key: Option<PathBuf>,
     /// Extra names (host names, IP addresses) for a self-signed certificate made now.
     pub names: Vec<String>,
+    /// Require workers to present the client certificate issued at their registration.
+    pub mtls: bool,
 }
 
 impl HubConfig {
@@ -162,6 +164,8 @@ pub struct Hub {
     pub(crate) audit: guard::Audit,
     /// Admin requests waiting for a worker's answer to `rotate`.
     pub(crate) rotations: Mutex<HashMap<String, rotate::RotationAnswer>>,
+    /// Issues workers' client certificates (TLS hubs only).
+    pub(crate) client_ca: Option<crate::tls::ClientCa>,
 }
 
 impl Hub {
@@ -170,12 +174,14 @@ impl Hub {
         cfg: HubConfig,
         admin_hash: String,
         shutdown: CancellationToken,
+        client_ca: Option<crate::tls::ClientCa>,
     ) -> Arc<Hub> {
         Arc::new_cyclic(|me| Hub {
             store,
             register_limit: guard::FailureLimit::new(cfg.register_failures_per_minute),
             audit: guard::Audit::new(&cfg.data_dir),
             rotations: Default::default(),
+            client_ca,
             cfg,
             admin_hash,
             shutdown,

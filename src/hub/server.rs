@@ -29,6 +29,11 @@ use crate::token;
 pub async fn run(listener: TcpListener, cfg: HubConfig, shutdown: CancellationToken) -> Result<()> {
     let store = Store::open(&cfg.data_dir)?;
     let addr = listener.local_addr()?;
+    // Over TLS the hub issues client certificates at registration (its client CA), and asks for them.
+    let client_ca = match &cfg.tls {
+        Some(_) => Some(crate::tls::ClientCa::load_or_create(&cfg.data_dir)?),
+        None => None,
+    };
     let identity = match &cfg.tls {
         None => None,
         Some(t) => {
@@ -39,13 +44,14 @@ pub async fn run(listener: TcpListener, cfg: HubConfig, shutdown: CancellationTo
                 t.key.as_deref(),
                 &cfg.data_dir,
                 &names,
+                client_ca.as_ref(),
             )?)
         }
     };
     let url = local_url(addr, identity.is_some());
     let pin = identity.as_ref().map(|i| i.fingerprint.to_string());
     let admin_hash = admin_token(&store, &cfg.data_dir, &url, pin.clone())?;
-    let hub = Hub::new(store, cfg, admin_hash, shutdown.clone());
+    let hub = Hub::new(store, cfg, admin_hash, shutdown.clone(), client_ca);
     hub.reload().await?;
     if let Some(id) = &identity {
         tracing::info!(
@@ -54,6 +60,9 @@ pub async fn run(listener: TcpListener, cfg: HubConfig, shutdown: CancellationTo
             id.fingerprint,
             if id.generated { ", self-signed just now" } else { "" }
         );
+    }
+    if hub.cfg.tls.as_ref().is_some_and(|t| t.mtls) {
+        tracing::info!("mTLS: workers must present the client certificate issued at their registration");
     }
     tracing::info!(data_dir = %hub.cfg.data_dir.display(), "listening on {addr}");
     let listener = HubListener::new(listener, identity.map(|i| i.config))?;

@@ -81,6 +81,9 @@ pub struct WorkerRecord {
     /// A rotation asked for and not yet confirmed by the worker: its overlap in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<u64>,
+    /// The fingerprint of the client certificate issued at the last registration (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_sha256: Option<String>,
 }
 
 impl WorkerRecord {

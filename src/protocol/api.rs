@@ -34,6 +34,10 @@ pub struct RegisterRequest {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// A certificate signing request (PEM) for the worker's client certificate (mTLS); its key never
+    /// leaves the worker. Honoured by hubs serving TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
 }
 
 /// `POST /api/v1/register` answer. The token is shown once; the hub keeps only its hash.
@@ -42,6 +46,9 @@ pub struct RegisterResponse {
     pub id: String,
     pub token: String,
     pub projects: Vec<String>,
+    /// The client certificate (PEM) issued for the request's `csr`, for a hub serving TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 /// `POST /api/v1/unregister` answer.

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use super::ProtocolError;
 use super::codec::{Chunk, Frame, encode_binary, encode_text};
 use super::message::SUBPROTOCOL;
-use crate::tls::Trust;
+use crate::tls::{ClientIdentity, Trust};
 
 /// Any byte stream a WebSocket can run over (TCP or TLS), boxed so one type serves all.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -73,6 +73,16 @@ impl Connection {
         headers: &[(&str, &str)],
         trust: &Trust,
     ) -> Result<Connection, ProtocolError> {
+        Connection::connect_tls(url, headers, trust, None).await
+    }
+
+    /// [`Connection::connect_with`], presenting `identity` if the hub asks for a client certificate.
+    pub async fn connect_tls(
+        url: &str,
+        headers: &[(&str, &str)],
+        trust: &Trust,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<Connection, ProtocolError> {
         let ws_url = to_ws_url(url);
         let connect_err = |reason: String| ProtocolError::Connect {
             url: url.to_owned(),
@@ -83,7 +93,11 @@ impl Connection {
             .into_client_request()
             .map_err(|e| connect_err(e.to_string()))?;
         let tls = match ws_url.starts_with("wss://") {
-            true => Some(trust.client_config(url).map_err(|e| connect_err(e.to_string()))?),
+            true => Some(
+                trust
+                    .client_config_for(url, identity)
+                    .map_err(|e| connect_err(e.to_string()))?,
+            ),
             false => None,
         };
         let h = request.headers_mut();

@@ -155,7 +155,8 @@ pub async fn run(loaded: &LoadedConfig, cli: &Overrides) -> Vec<Check> {
         checks.push(skip("tls", "plain http: no TLS to check"));
     }
 
-    let client = match HttpClient::with_trust(&settings.url, &settings.trust) {
+    let identity = settings.client_identity().ok().flatten();
+    let client = match HttpClient::with_tls(&settings.url, &settings.trust, identity.as_ref()) {
         Ok(c) => c,
         Err(e) => {
             checks.push(fail("http", e.to_string()));
@@ -233,7 +234,11 @@ async fn tls_check(
     host: &str,
     addrs: &[std::net::SocketAddr],
 ) -> Result<String, String> {
-    let config = s.trust.client_config(&s.url).map_err(|e| e.to_string())?;
+    let identity = s.client_identity().map_err(|e| e.to_string())?;
+    let config = s
+        .trust
+        .client_config_for(&s.url, identity.as_ref())
+        .map_err(|e| e.to_string())?;
     let name = crate::tls::server_name(host).map_err(|e| e.to_string())?;
     let t = Instant::now();
     let attempt = async {
@@ -262,10 +267,12 @@ async fn tls_check(
 async fn handshake(s: &crate::config::WorkerSettings) -> Check {
     let url = format!("{}{WS_PATH}", s.url);
     let auth = format!("Bearer {}", s.token.expose());
-    let conn = match Connection::connect_with(
+    let identity = s.client_identity().ok().flatten();
+    let conn = match Connection::connect_tls(
         &url,
         &[("authorization", &auth), (WORKER_ID_HEADER, &s.id)],
         &s.trust,
+        identity.as_ref(),
     )
     .await
     {

@@ -5,7 +5,7 @@ use crate::http::HttpClient;
 use crate::protocol::WORKER_ID_HEADER;
 use crate::protocol::api::{RegisterRequest, RegisterResponse, UnregisterResponse};
 use crate::secret::Secret;
-use crate::tls::Trust;
+use crate::tls::{ClientIdentity, Trust};
 
 /// What `register` sends.
 #[derive(Debug, Clone)]
@@ -19,6 +19,8 @@ pub struct RegisterParams {
     pub token: Option<Secret>,
     /// How to trust the hub's certificate on https (first use records what it sees).
     pub trust: Trust,
+    /// A certificate signing request for a client certificate (https hubs issue one).
+    pub csr: Option<String>,
 }
 
 /// Registers with the hub's passkey; the hub answers with the id and a token (shown once).
@@ -32,6 +34,7 @@ pub async fn register(p: &RegisterParams) -> Result<RegisterResponse> {
         host: Some(crate::util::hostname()),
         user: Some(crate::util::username()),
         version: Some(crate::VERSION.to_owned()),
+        csr: p.csr.clone(),
     };
     let auth = p.token.as_ref().map(|t| format!("Bearer {}", t.expose()));
     let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
@@ -39,8 +42,14 @@ pub async fn register(p: &RegisterParams) -> Result<RegisterResponse> {
 }
 
 /// Asks the hub to forget this worker (its own credentials prove who it is).
-pub async fn unregister(url: &str, id: &str, token: &Secret, trust: &Trust) -> Result<UnregisterResponse> {
-    let client = HttpClient::with_trust(url, trust)?;
+pub async fn unregister(
+    url: &str,
+    id: &str,
+    token: &Secret,
+    trust: &Trust,
+    identity: Option<&ClientIdentity>,
+) -> Result<UnregisterResponse> {
+    let client = HttpClient::with_tls(url, trust, identity)?;
     let auth = format!("Bearer {}", token.expose());
     Ok(client
         .post(

@@ -156,8 +156,12 @@ enum End {
 /// sees the failure instead of a worker that looked started).
 pub fn check(settings: &WorkerSettings) -> Result<()> {
     if settings.url.starts_with("https://") {
-        // No pin and no CA, or an unreadable CA file: say so now, not at every reconnect.
-        settings.trust.client_config(&settings.url)?;
+        // No pin and no CA, an unreadable CA file, or a client certificate that cannot be used: say so
+        // now, not at every reconnect.
+        let identity = settings.client_identity()?;
+        settings
+            .trust
+            .client_config_for(&settings.url, identity.as_ref())?;
     }
     Ok(())
 }
@@ -319,7 +323,11 @@ async fn connect_once(
         ("authorization", auth.as_str()),
         (WORKER_ID_HEADER, s.id.as_str()),
     ];
-    let connecting = Connection::connect_with(&url, &headers, &s.trust);
+    let identity = match s.client_identity() {
+        Ok(i) => i,
+        Err(e) => return Ok(lost(e.to_string())),
+    };
+    let connecting = Connection::connect_tls(&url, &headers, &s.trust, identity.as_ref());
     let conn = tokio::select! {
         c = connecting => c,
         _ = shutdown.cancelled() => return Ok(End::Shutdown),

@@ -156,7 +156,7 @@ impl Hub {
             .next()
             .unwrap()
             .to_owned();
-        let tls = extra.iter().any(|a| *a == "--tls" || *a == "--cert");
+        let tls = extra.iter().any(|a| ["--tls", "--mtls", "--cert"].contains(a));
         let url = format!("{}://{addr}", if tls { "https" } else { "http" });
         Hub {
             proc,
