@@ -63,6 +63,7 @@ fn worker_to_hub() {
             signal: Some(15),
             duration_ms: 1000,
             error: Some("timed out after 1s".into()),
+            code: None,
             transfer: None,
             output_bytes: Some([12, 0]),
             eval: None,
@@ -78,6 +79,7 @@ fn worker_to_hub() {
             signal: None,
             duration_ms: 3,
             error: None,
+            code: None,
             transfer: None,
             output_bytes: None,
             eval: None,
@@ -228,6 +230,7 @@ fn eval_messages() {
             signal: None,
             duration_ms: 4,
             error: Some("Error: boom".into()),
+            code: None,
             transfer: None,
             output_bytes: None,
             eval: Some(EvalOutput {

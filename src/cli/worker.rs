@@ -526,8 +526,7 @@ async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig, strict: bool) -> 
     let (path, cli_again) = (loaded.path.clone(), cli.clone());
     let reload: agent::Reload = std::sync::Arc::new(move || {
         let fresh = config::load(path.as_deref(), false, strict)?;
-        let s = config::resolve(&fresh, &cli_again)?;
-        Ok((s.tags, s.envs))
+        Ok(config::resolve(&fresh, &cli_again)?)
     });
     let mut opts = RunOptions {
         drain_timeout: Duration::from_secs(a.drain_timeout),

@@ -81,8 +81,8 @@ pub struct Registration {
     pub key: Option<PathBuf>,
 }
 
-/// What the hub may do on this worker (enforced from the security issue on; parsed and validated now).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+/// What the hub may do on this worker (enforced by [`crate::policy::Enforcer`]).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 pub struct Policy {
     #[serde(default, deserialize_with = "list")]
     pub allow: Vec<String>,
@@ -93,7 +93,7 @@ pub struct Policy {
 }
 
 /// Path allow-lists of a [`Policy`].
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, serde::Serialize)]
 pub struct PolicyPaths {
     #[serde(default)]
     pub read: Vec<PathBuf>,

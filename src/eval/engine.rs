@@ -22,7 +22,7 @@ pub fn evaluate(input: &EvalInput, stream: Option<fn(&ConsoleLine)>) -> EvalOutp
     limits.set_loop_iteration_limit(input.limits.loop_iterations);
     limits.set_recursion_limit(input.limits.recursion);
     let mut out = EvalOutput::default();
-    host::begin(stream, input.limits.max_console_bytes);
+    host::begin(stream, input.limits.max_console_bytes, input.policy.clone());
     let mut run = || -> Result<(), EvalError> {
         host::install(&mut ctx, &input.worker).map_err(|e| describe(&e, &mut ctx))?;
         let stash = match &input.stash {

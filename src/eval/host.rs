@@ -11,7 +11,8 @@
 //! | `cla.run(cmd)` / `cla.run([argv..])` | `{rc, stdout, stderr}` once the command has ended |
 //!
 //! Every call that touches the system goes through [`check`] first: the one place where the worker's
-//! local policy (verbs and path allow-lists, the security milestone) will be enforced.
+//! local policy applies to scripts. Reads (`readFile`, `listDir`, `exists`) must be under
+//! `policy.paths.read`; `cla.run` needs the `exec` verb (a script may not run what the hub could not).
 
 use std::cell::RefCell;
 use std::path::Path;
@@ -34,11 +35,17 @@ pub(crate) enum Access {
     Env,
 }
 
-/// The policy gate for host calls. Today every access is allowed; the worker's `policy:` (verbs and
-/// path allow-lists, parsed by `config`) is enforced here when the security milestone lands, so that
-/// scripts can never do more than the worker owner allows.
-fn check(_access: Access, _target: &str) -> JsResult<()> {
-    Ok(())
+/// The policy gate for host calls, so that scripts never do more than the worker's owner allows.
+fn check(access: Access, target: &str) -> JsResult<()> {
+    let verdict = POLICY.with(|p| {
+        let p = p.borrow();
+        match access {
+            Access::Read => p.path("eval", crate::policy::Access::Read, Path::new(target), None),
+            Access::Exec => p.verb("exec").map_err(|e| format!("{e} (cla.run)")),
+            Access::Env => Ok(()),
+        }
+    });
+    verdict.map_err(|e| JsNativeError::error().with_message(e).into())
 }
 
 /// Console state of the eval running on this thread.
@@ -54,6 +61,8 @@ thread_local! {
     static CONSOLE: RefCell<Option<Console>> = const { RefCell::new(None) };
     /// The built-in `JSON.stringify`, saved before the script runs.
     static STRINGIFY: RefCell<Option<JsObject>> = const { RefCell::new(None) };
+    /// The worker's local policy, for [`check`].
+    static POLICY: RefCell<crate::policy::Enforcer> = RefCell::new(Default::default());
 }
 
 /// The saved built-in `JSON.stringify`.
@@ -62,7 +71,8 @@ pub(super) fn builtin_stringify() -> Option<JsObject> {
 }
 
 /// Starts collecting console output for an eval on this thread.
-pub(super) fn begin(stream: Option<fn(&ConsoleLine)>, max_bytes: usize) {
+pub(super) fn begin(stream: Option<fn(&ConsoleLine)>, max_bytes: usize, policy: crate::policy::Enforcer) {
+    POLICY.with(|p| *p.borrow_mut() = policy);
     CONSOLE.with(|c| {
         *c.borrow_mut() = Some(Console {
             stream,

@@ -63,6 +63,9 @@ pub struct EvalInput {
     pub worker: WorkerInfo,
     #[serde(default)]
     pub limits: EvalLimits,
+    /// The worker's local policy, applied to the host API (`cla.readFile`, `cla.run`, ...).
+    #[serde(default)]
+    pub policy: crate::policy::Enforcer,
 }
 
 /// Default wall-clock limit of an eval.

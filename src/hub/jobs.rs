@@ -1513,6 +1513,7 @@ fn finish_with(st: &mut State, result: JobResult) -> Option<Ended> {
         r.rc = result.rc;
         r.signal = result.signal;
         r.error = result.error.clone();
+        r.error_code = result.code.clone();
         // Every byte the worker says the job wrote should be here; if not, the record says so.
         if let Some([out, err]) = result.output_bytes
             && (out, err) != (r.stdout_bytes, r.stderr_bytes)

@@ -491,6 +491,9 @@ pub struct JobRecord {
     /// Why the job failed to run, was lost or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A machine-readable kind of `error`: `policy` when the worker's local policy refused the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
     /// An eval job's result, stash, console and error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalOutput>,
@@ -526,6 +529,7 @@ impl JobRecord {
             started: None,
             ended: None,
             error: None,
+            error_code: None,
             eval: None,
             transfer: None,
             waiting: None,

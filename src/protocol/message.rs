@@ -337,6 +337,9 @@ pub struct JobResult {
     /// Why the job could not run, or what killed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A machine-readable kind of `error`: `policy` when the worker's local policy refused the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
     /// What an eval produced (eval jobs only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalOutput>,
@@ -350,6 +353,14 @@ pub struct JobResult {
 }
 
 impl JobResult {
+    /// The end of a job the worker's local policy refused: it never ran, and is not tried elsewhere.
+    pub fn refused_by_policy(job: String, error: String) -> Self {
+        JobResult {
+            code: Some(crate::policy::POLICY_CODE.to_owned()),
+            ..JobResult::not_run(job, Outcome::Error, error)
+        }
+    }
+
     /// The end of a job that never ran (refused repeat, cancelled before it started).
     pub fn not_run(job: String, outcome: Outcome, error: impl Into<String>) -> Self {
         JobResult {
@@ -359,6 +370,7 @@ impl JobResult {
             signal: None,
             duration_ms: 0,
             error: Some(error.into()),
+            code: None,
             eval: None,
             transfer: None,
             output_bytes: None,

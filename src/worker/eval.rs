@@ -68,6 +68,7 @@ pub(crate) async fn handle(
         signal: None,
         duration_ms: start.elapsed().as_millis() as u64,
         error,
+        code: None,
         eval,
         transfer: None,
         output_bytes: None,
@@ -94,6 +95,7 @@ pub(crate) async fn handle(
             envs: ctx.envs.clone(),
         },
         limits: EvalLimits::default(),
+        policy: (*ctx.policy).clone(),
     };
     let mut cmd = Command::new(exe);
     scrub_env(&mut cmd);

@@ -53,6 +53,8 @@ pub(crate) struct ExecCtx {
     pub out: mpsc::Sender<Out>,
     /// Where the session delivers the pieces of running transfers.
     pub routes: super::transfer::Routes,
+    /// The local policy (eval hands it to its child, for the host API).
+    pub policy: std::sync::Arc<crate::policy::Enforcer>,
 }
 
 impl ExecCtx {
@@ -83,6 +85,7 @@ pub(crate) async fn handle(
         signal,
         duration_ms: start.elapsed().as_millis() as u64,
         error,
+        code: None,
         eval: None,
         transfer: None,
         output_bytes: None,

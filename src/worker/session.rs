@@ -15,6 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::policy::{Access, Enforcer};
 use tokio_util::task::TaskTracker;
 
 use super::daemon::{ConnState, Reporter};
@@ -40,7 +42,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(60);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Re-reads tags and envs (on SIGHUP): the config file again, with the command line still winning.
-pub type Reload = Arc<dyn Fn() -> Result<(Vec<String>, Vec<String>)> + Send + Sync>;
+pub type Reload = Arc<dyn Fn() -> Result<WorkerSettings> + Send + Sync>;
 
 /// Options of `cla-worker run` that are not part of the config.
 #[derive(Clone)]
@@ -100,7 +102,14 @@ fn reload(
     reporter: &Reporter,
 ) -> Option<(Vec<String>, Vec<String>)> {
     let f = opts.reload.as_ref()?;
-    match f() {
+    let fresh = f().map(|fresh| {
+        if fresh.policy != settings.policy {
+            tracing::info!("SIGHUP: policy reloaded");
+            settings.policy = fresh.policy.clone();
+        }
+        (fresh.tags, fresh.envs)
+    });
+    match fresh {
         Ok((tags, envs)) if tags != settings.tags || envs != settings.envs => {
             tracing::info!(?tags, ?envs, "SIGHUP: tags/envs reloaded");
             settings.tags = tags.clone();
@@ -185,6 +194,17 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
     let mut worker = WorkerJobs::new(spool);
     worker.recover().await;
     tracing::info!(id = %settings.id, url = %settings.url, tags = ?settings.tags, capacity = settings.capacity, "cla-worker {} starting", crate::VERSION);
+    #[cfg(unix)]
+    if nix::unistd::geteuid().is_root() && settings.policy == Default::default() {
+        let file = settings
+            .source
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the config file".into());
+        tracing::warn!(
+            "running as root with no policy: the hub may run any command and ship or fetch any file here; limit it with `policy:` in {file} (docs/security.md)"
+        );
+    }
     if !opts.startup_jitter.is_zero() {
         let wait = opts.startup_jitter.mul_f64(crate::util::unit_random());
         tracing::info!("startup jitter: connecting in {:.1}s", wait.as_secs_f64());
@@ -589,6 +609,7 @@ impl<'w> Live<'w> {
                 workdir: s.workdir.clone(),
                 out: tx,
                 routes: worker.routes.clone(),
+                policy: Arc::new(Enforcer::new(s.policy.clone(), s.source.clone())),
             },
             capacity: s.capacity as usize,
             worker,
@@ -684,7 +705,9 @@ impl<'w> Live<'w> {
                 }
                 _ = self.dead.cancelled() => return lost("connection to the hub failed".into()),
                 _ = hup.recv() => {
-                    if let Some((tags, envs)) = reload(opts, settings, &self.reporter) {
+                    let changed = reload(opts, settings, &self.reporter);
+                    self.ctx.policy = Arc::new(Enforcer::new(settings.policy.clone(), settings.source.clone()));
+                    if let Some((tags, envs)) = changed {
                         self.ctx.tags = tags.clone();
                         self.ctx.envs = envs.clone();
                         self.send(WorkerMessage::Update { tags, envs }).await;
@@ -733,13 +756,14 @@ impl<'w> Live<'w> {
                         on_disconnect: req.on_disconnect,
                     };
                     let (job, what) = (req.job.clone(), req.command.display());
+                    let denied = self.ctx.policy.verb("exec").err();
                     let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
                         let Keep::Journal(journal) = keep else {
                             unreachable!("exec jobs have a journal")
                         };
                         exec::handle(req, &ctx, journal, cancel).await
                     };
-                    self.start_job(job, what, kind, draining, work).await
+                    self.start_job(job, what, kind, draining, denied, work).await
                 }
                 HubMessage::Eval(req) => {
                     let kind = Kind::Journaled {
@@ -750,34 +774,51 @@ impl<'w> Live<'w> {
                         req.job.clone(),
                         format!("eval ({} bytes of JavaScript)", req.code.len()),
                     );
+                    let denied = self.ctx.policy.verb("eval").err();
                     let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
                         let Keep::Journal(journal) = keep else {
                             unreachable!("eval jobs have a journal")
                         };
                         eval::handle(req, &ctx, journal, cancel).await
                     };
-                    self.start_job(job, what, kind, draining, work).await
+                    self.start_job(job, what, kind, draining, denied, work).await
                 }
                 HubMessage::Ship(req) => {
                     let (job, what, stream) = (req.job.clone(), format!("ship → {}", req.dest), req.stream);
+                    let policy = &self.ctx.policy;
+                    let denied = policy
+                        .verb("ship")
+                        .and_then(|()| {
+                            let dest = std::path::Path::new(&req.dest);
+                            policy.path("ship", Access::Write, dest, self.ctx.workdir.as_deref())
+                        })
+                        .err();
                     let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
                         let Keep::Leg(leg) = keep else {
                             unreachable!("transfers have a leg")
                         };
                         transfer::ship(req, &ctx, leg, cancel).await
                     };
-                    self.start_job(job, what, Kind::Transfer { stream }, draining, work)
+                    self.start_job(job, what, Kind::Transfer { stream }, draining, denied, work)
                         .await
                 }
                 HubMessage::Fetch(req) => {
                     let (job, what, stream) = (req.job.clone(), format!("fetch {}", req.path), req.stream);
+                    let policy = &self.ctx.policy;
+                    let denied = policy
+                        .verb("fetch")
+                        .and_then(|()| {
+                            let path = std::path::Path::new(&req.path);
+                            policy.path("fetch", Access::Read, path, self.ctx.workdir.as_deref())
+                        })
+                        .err();
                     let work = move |ctx: ExecCtx, keep: Keep, cancel| async move {
                         let Keep::Leg(leg) = keep else {
                             unreachable!("transfers have a leg")
                         };
                         transfer::fetch(req, &ctx, leg, cancel).await
                     };
-                    self.start_job(job, what, Kind::Transfer { stream }, draining, work)
+                    self.start_job(job, what, Kind::Transfer { stream }, draining, denied, work)
                         .await
                 }
                 HubMessage::Ack { job } => self.acknowledged(&job).await,
@@ -891,8 +932,17 @@ impl<'w> Live<'w> {
     }
 
     /// Accepts (or refuses) an offered job and runs `work` for it as a tracked task.
-    async fn start_job<F, Fut>(&mut self, job: String, what: String, kind: Kind, draining: bool, work: F)
-    where
+    /// `denied`: the local policy's refusal, if it refuses the job: it is accepted (so that the hub does not
+    /// offer it elsewhere) and ends at once with the `policy` error, having done nothing.
+    async fn start_job<F, Fut>(
+        &mut self,
+        job: String,
+        what: String,
+        kind: Kind,
+        draining: bool,
+        denied: Option<String>,
+        work: F,
+    ) where
         F: FnOnce(ExecCtx, Keep, CancellationToken) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobResult> + Send + 'static,
     {
@@ -972,8 +1022,16 @@ impl<'w> Live<'w> {
         let span = tracing::info_span!("job", job_id = %job);
         self.worker.tracker.spawn(tracing::Instrument::instrument(
             async move {
-                tracing::info!("running {what}");
-                let result = work(ctx, keep.clone(), cancel).await;
+                let result = match denied {
+                    Some(why) => {
+                        tracing::warn!("refused {what}: {why}");
+                        JobResult::refused_by_policy(job, why)
+                    }
+                    None => {
+                        tracing::info!("running {what}");
+                        work(ctx, keep.clone(), cancel).await
+                    }
+                };
                 tracing::info!(outcome = ?result.outcome, rc = ?result.rc, ms = result.duration_ms, "finished");
                 let job = result.job.clone();
                 // Sent (now, or after a reconnect) and kept until the hub's ack.

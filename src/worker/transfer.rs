@@ -238,6 +238,7 @@ fn result(job: &str, start: Instant, done: Result<TransferSummary, TransferError
         signal: None,
         duration_ms: start.elapsed().as_millis() as u64,
         error,
+        code: None,
         eval: None,
         transfer,
         output_bytes: None,

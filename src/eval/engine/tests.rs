@@ -20,6 +20,7 @@ fn run_with(code: &str, stash: serde_json::Value) -> EvalOutput {
             loop_iterations: 100_000,
             ..Default::default()
         },
+        policy: Default::default(),
     };
     evaluate(&input, None)
 }
