@@ -26,6 +26,7 @@ pub mod exit;
 pub mod http;
 pub mod hub;
 pub mod logging;
+pub mod mask;
 pub mod policy;
 pub mod protocol;
 pub mod rulebook;

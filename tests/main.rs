@@ -15,6 +15,7 @@ mod daemon;
 mod durable;
 mod end_to_end;
 mod eval;
+mod masking;
 mod policy;
 mod protocol_golden;
 mod resilience;

@@ -37,6 +37,7 @@ pub struct ConfigFile {
     pub registrations: Vec<Registration>,
     pub policy: Option<Policy>,
     pub tls: Option<TlsConfig>,
+    pub mask: Option<MaskConfig>,
 }
 
 impl ConfigFile {
@@ -108,6 +109,17 @@ pub struct TlsConfig {
     pub pin: Option<String>,
 }
 
+/// Secrets to mask in job output (besides the worker's own token, always masked).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub struct MaskConfig {
+    /// Environment variables (of the worker process) whose values are secrets.
+    #[serde(default, deserialize_with = "list")]
+    pub envs: Vec<String>,
+    /// Regexes whose matches are secrets (byte-oriented syntax, e.g. `AKIA[0-9A-Z]{16}`).
+    #[serde(default)]
+    pub patterns: Vec<String>,
+}
+
 /// Verbs a policy may name.
 const VERBS: &[&str] = &["exec", "ship", "fetch", "eval"];
 
@@ -131,11 +143,13 @@ const TOP_KEYS: &[&str] = &[
     "registrations",
     "policy",
     "tls",
+    "mask",
 ];
 const REGISTRATION_KEYS: &[&str] = &["id", "token", "url", "tags", "envs", "pin", "ca", "cert", "key"];
 const POLICY_KEYS: &[&str] = &["allow", "deny", "paths"];
 const POLICY_PATH_KEYS: &[&str] = &["read", "write"];
 const TLS_KEYS: &[&str] = &["ca", "pin"];
+const MASK_KEYS: &[&str] = &["envs", "patterns"];
 
 /// Parses config text. Returns the typed file and the warnings (unknown keys).
 pub(super) fn parse(path: &Path, text: &str) -> Result<(ConfigFile, Vec<String>), ConfigError> {
@@ -187,6 +201,9 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<(ConfigFile, Vec<String>)
     if let Some(t) = tree.get("tls") {
         unknown_keys(path, t, "tls.", TLS_KEYS, &mut warnings);
     }
+    if let Some(m) = tree.get("mask") {
+        unknown_keys(path, m, "mask.", MASK_KEYS, &mut warnings);
+    }
     let file: ConfigFile = serde_saphyr::from_str(text).map_err(located)?;
     validate(path, &file)?;
     Ok((file, warnings))
@@ -218,6 +235,11 @@ fn validate(path: &Path, f: &ConfigFile) -> Result<(), ConfigError> {
     for (key, pin) in pins {
         if let Err(e) = crate::tls::Fingerprint::parse(pin) {
             return Err(invalid(format!("{key}: {e}")));
+        }
+    }
+    if let Some(m) = &f.mask {
+        for (i, p) in m.patterns.iter().enumerate() {
+            crate::mask::check_pattern(p).map_err(|e| invalid(format!("mask.patterns[{i}]: {e}")))?;
         }
     }
     if let Some(p) = &f.policy {

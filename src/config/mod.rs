@@ -10,7 +10,7 @@ pub mod save;
 
 use std::path::{Path, PathBuf};
 
-pub use file::{ConfigFile, Policy, PolicyPaths, Registration, TlsConfig};
+pub use file::{ConfigFile, MaskConfig, Policy, PolicyPaths, Registration, TlsConfig};
 
 use crate::secret::Secret;
 use crate::tls::Trust;
@@ -163,6 +163,8 @@ pub struct WorkerSettings {
     pub trust: Trust,
     /// The client certificate and key presented to a hub that asks (mTLS).
     pub identity: Option<(PathBuf, PathBuf)>,
+    /// Secrets to mask in job output, besides the token.
+    pub mask: MaskConfig,
     /// This worker's spool directory (`SPOOL_DIR/ID`).
     pub spool_dir: PathBuf,
     /// The spool's size limit in bytes.
@@ -175,6 +177,27 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
+    /// The masks of this worker's job output: its token, the values of `mask.envs` (from this process's
+    /// environment), and `mask.patterns`. Returns warnings for names that are unset or too short.
+    pub fn masks(&self) -> Result<(crate::mask::Masks, Vec<String>), String> {
+        let mut values = vec![self.token.expose().to_owned()];
+        let mut warnings = Vec::new();
+        for name in &self.mask.envs {
+            match std::env::var(name) {
+                Ok(v) if v.len() >= crate::mask::MIN_SECRET_LEN => values.push(v),
+                Ok(_) => warnings.push(format!(
+                    "mask.envs: the value of {name} is shorter than {} characters and is not masked",
+                    crate::mask::MIN_SECRET_LEN
+                )),
+                Err(_) => warnings.push(format!(
+                    "mask.envs: {name} is not set in the worker's environment"
+                )),
+            }
+        }
+        let masks = crate::mask::Masks::new(&values, &self.mask.patterns)?;
+        Ok((masks, warnings))
+    }
+
     /// The client certificate and key (mTLS), read from their files, if configured.
     pub fn client_identity(&self) -> Result<Option<crate::tls::ClientIdentity>, crate::tls::TlsError> {
         self.identity
@@ -321,6 +344,7 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
         policy: f.policy.clone().unwrap_or_default(),
         trust,
         identity,
+        mask: f.mask.clone().unwrap_or_default(),
         spool_dir: cli
             .spool_dir
             .clone()

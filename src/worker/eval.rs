@@ -131,13 +131,15 @@ pub(crate) async fn handle(
         // Dropping stdin closes it: the child reads to EOF.
     });
     let out = journal.clone();
+    let masks = ctx.masks.clone();
     let stdout = child.stdout.take().expect("piped");
     let reader = tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         let mut done = None;
         while let Ok(Some(line)) = lines.next_line().await {
             match serde_json::from_str::<ChildLine>(&line) {
-                Ok(ChildLine::Console(c)) => {
+                Ok(ChildLine::Console(mut c)) => {
+                    c.text = masks.text(&c.text);
                     // In frames of at most 64 KiB, like exec output: a huge line never makes a huge message.
                     let bytes = bytes::Bytes::from(render(&c).into_bytes());
                     for start in (0..bytes.len()).step_by(FRAME) {
@@ -214,6 +216,24 @@ pub(crate) async fn handle(
                 Some(format!("the eval process ended without a result ({how}){detail}")),
                 None,
             )
+        }
+    }
+}
+
+/// Masks the secrets in an eval's output: its result and stash (every string), console lines and error.
+pub(crate) fn mask_output(masks: &crate::mask::Masks, o: &mut EvalOutput) {
+    if masks.is_empty() {
+        return;
+    }
+    masks.json(&mut o.result);
+    masks.json(&mut o.stash);
+    for line in &mut o.console {
+        line.text = masks.text(&line.text);
+    }
+    if let Some(e) = o.error.as_mut() {
+        e.message = masks.text(&e.message);
+        for frame in &mut e.stack {
+            *frame = masks.text(frame);
         }
     }
 }

@@ -55,6 +55,8 @@ pub(crate) struct ExecCtx {
     pub routes: super::transfer::Routes,
     /// The local policy (eval hands it to its child, for the host API).
     pub policy: std::sync::Arc<crate::policy::Enforcer>,
+    /// The secrets masked in job output.
+    pub masks: crate::mask::Masks,
 }
 
 impl ExecCtx {
@@ -141,7 +143,15 @@ pub(crate) async fn handle(
 
     let last_output = Arc::new(AtomicU64::new(0));
     let spawn_pump = |pipe: Box<dyn AsyncRead + Unpin + Send>, stream| {
-        tokio::spawn(pump(pipe, stream, journal.clone(), start, last_output.clone()))
+        let masker = ctx.masks.stream();
+        tokio::spawn(pump(
+            pipe,
+            stream,
+            journal.clone(),
+            start,
+            last_output.clone(),
+            masker,
+        ))
     };
     let pumps = [
         spawn_pump(Box::new(child.stdout.take().expect("piped")), Stream::Stdout),
@@ -183,21 +193,32 @@ pub(crate) async fn handle(
     result(outcome, rc, signal, error)
 }
 
-/// Copies a pipe into the job's journal (which sends it on to the hub) until EOF.
+/// Copies a pipe into the job's journal (which sends it on to the hub) until EOF, masking secrets on the
+/// way (a possible start of one is held back until the next read shows whether it is one).
 async fn pump(
     mut pipe: impl AsyncRead + Unpin,
     stream: Stream,
     journal: Arc<Journal>,
     start: Instant,
     last: Arc<AtomicU64>,
+    mut masker: crate::mask::StreamMasker,
 ) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                let rest = masker.finish();
+                if !rest.is_empty() {
+                    journal.output(stream, Bytes::from(rest)).await;
+                }
+                return;
+            }
             Ok(n) => {
                 last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                journal.output(stream, Bytes::copy_from_slice(&buf[..n])).await;
+                let out = masker.push(&buf[..n]);
+                if !out.is_empty() {
+                    journal.output(stream, Bytes::from(out)).await;
+                }
                 // Handed on: progress too (the pipe linger counts from here).
                 last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
             }

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::mask::Masks;
 use crate::policy::{Access, Enforcer};
 use tokio_util::task::TaskTracker;
 
@@ -192,6 +193,7 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
     let mut backoff = Backoff::default();
     let spool = Arc::new(Spool::open(&settings.spool_dir, settings.spool_max_bytes)?);
     let mut worker = WorkerJobs::new(spool);
+    worker.masks = masks_of(&settings)?;
     worker.recover().await;
     tracing::info!(id = %settings.id, url = %settings.url, tags = ?settings.tags, capacity = settings.capacity, "cla-worker {} starting", crate::VERSION);
     #[cfg(unix)]
@@ -270,6 +272,15 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
     worker.drain_offline(opts.drain_timeout).await;
     reporter.remove();
     result
+}
+
+/// The masks of `settings`, logging what cannot be masked.
+fn masks_of(settings: &WorkerSettings) -> Result<Masks> {
+    let (masks, warnings) = settings.masks().map_err(Error::Usage)?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(masks)
 }
 
 /// After the hub deleted this worker's registration: removes it from the config file it came from.
@@ -485,6 +496,8 @@ struct WorkerJobs {
     seen: BoundedIds,
     /// Counts established connections: a disconnect policy applies only if no new one came since.
     epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// The secrets masked in job output.
+    masks: Masks,
 }
 
 impl WorkerJobs {
@@ -496,6 +509,7 @@ impl WorkerJobs {
             routes: Arc::default(),
             seen: BoundedIds::new(SEEN_CAPACITY),
             epoch: Arc::default(),
+            masks: Masks::none(),
         }
     }
 
@@ -610,6 +624,7 @@ impl<'w> Live<'w> {
                 out: tx,
                 routes: worker.routes.clone(),
                 policy: Arc::new(Enforcer::new(s.policy.clone(), s.source.clone())),
+                masks: worker.masks.clone(),
             },
             capacity: s.capacity as usize,
             worker,
@@ -707,6 +722,10 @@ impl<'w> Live<'w> {
                 _ = hup.recv() => {
                     let changed = reload(opts, settings, &self.reporter);
                     self.ctx.policy = Arc::new(Enforcer::new(settings.policy.clone(), settings.source.clone()));
+                    if let Ok(masks) = masks_of(settings) {
+                        self.ctx.masks = masks.clone();
+                        self.worker.masks = masks;
+                    }
                     if let Some((tags, envs)) = changed {
                         self.ctx.tags = tags.clone();
                         self.ctx.envs = envs.clone();
@@ -1029,7 +1048,14 @@ impl<'w> Live<'w> {
                     }
                     None => {
                         tracing::info!("running {what}");
-                        work(ctx, keep.clone(), cancel).await
+                        let masks = ctx.masks.clone();
+                        let mut result = work(ctx, keep.clone(), cancel).await;
+                        // Secrets never leave in a result either.
+                        result.error = result.error.map(|e| masks.text(&e));
+                        if let Some(ev) = result.eval.as_mut() {
+                            crate::worker::eval::mask_output(&masks, ev);
+                        }
+                        result
                     }
                 };
                 tracing::info!(outcome = ?result.outcome, rc = ?result.rc, ms = result.duration_ms, "finished");

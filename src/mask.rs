@@ -1,0 +1,457 @@
+//! Secret masking: the worker replaces secrets with `***` in job output before it leaves the machine
+//! (streamed output, the spool, results, eval console lines and values).
+//!
+//! What is a secret: the worker's own token, the values of the environment variables named in
+//! `mask.envs`, and whatever matches a `mask.patterns` regex. Each value is also looked for in the forms
+//! it usually takes when a program prints it: lower- and upper-case hex, percent-encoding (URL), and
+//! standard and URL-safe base64. Base64 of a value depends on where it starts within 3-byte groups, so
+//! the three alignments are looked for; the characters at the edges that also depend on neighbouring
+//! bytes are not (at most 2 characters of the encoding stay visible at each end).
+//!
+//! All needles go into one DFA (regex-automata), searched once per chunk. Streams are masked across chunk
+//! boundaries: a [`StreamMasker`] holds back only the tail of the data that could still be the start of a
+//! secret (the DFA is still alive from there), and emits everything before it at once. So output is not
+//! delayed unless it ends in something that looks like the beginning of a secret, and a secret split
+//! across any number of writes is still caught. Patterns are searched within a window of
+//! [`PATTERN_WINDOW`] bytes across boundaries: a longer match of a pattern may slip through in parts.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use regex_automata::dfa::{Automaton, dense, regex::Regex};
+use regex_automata::{Anchored, Input};
+
+/// What a secret is replaced with.
+pub const MASK: &str = "***";
+
+/// Values shorter than this are not masked (they would mask ordinary output everywhere).
+pub const MIN_SECRET_LEN: usize = 6;
+
+/// How far back a pattern match may start when a chunk boundary cuts it.
+pub const PATTERN_WINDOW: usize = 256;
+
+/// A compiled set of secrets, shared by all the streams of a worker.
+#[derive(Clone)]
+pub struct Masks {
+    inner: Option<Arc<Compiled>>,
+}
+
+struct Compiled {
+    re: Regex,
+    /// The longest stretch held back across a chunk boundary.
+    window: usize,
+}
+
+impl std::fmt::Debug for Masks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secrets themselves.
+        write!(f, "Masks({})", if self.inner.is_some() { "on" } else { "none" })
+    }
+}
+
+impl Masks {
+    /// No masking.
+    pub fn none() -> Masks {
+        Masks { inner: None }
+    }
+
+    /// Compiles `values` (with their encodings) and `patterns` (regexes). Values shorter than
+    /// [`MIN_SECRET_LEN`] are skipped. A pattern that does not compile is an error naming it.
+    pub fn new<S: AsRef<str>>(values: &[S], patterns: &[String]) -> Result<Masks, String> {
+        let mut needles: Vec<Vec<u8>> = Vec::new();
+        for v in values {
+            let v = v.as_ref().as_bytes();
+            if v.len() >= MIN_SECRET_LEN {
+                needles.extend(encodings(v));
+            }
+        }
+        needles.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        needles.dedup();
+        needles.retain(|n| n.len() >= 4);
+        let longest = needles.first().map(Vec::len).unwrap_or(0);
+        // Longer needles first: at one position, leftmost-first prefers the longest.
+        let mut sources: Vec<String> = needles.iter().map(|n| escape(n)).collect();
+        for p in patterns {
+            check_pattern(p)?;
+            sources.push(p.clone());
+        }
+        if sources.is_empty() {
+            return Ok(Masks::none());
+        }
+        let re = Regex::builder()
+            .syntax(
+                regex_automata::util::syntax::Config::new()
+                    .unicode(false)
+                    .utf8(false),
+            )
+            .dense(dense::Config::new().minimize(false))
+            .build_many(&sources)
+            .map_err(|e| format!("cannot build the masks: {e}"))?;
+        let window = if patterns.is_empty() {
+            longest
+        } else {
+            longest.max(PATTERN_WINDOW)
+        };
+        Ok(Masks {
+            inner: Some(Arc::new(Compiled { re, window })),
+        })
+    }
+
+    /// True when there is nothing to mask.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// A masker for one stream.
+    pub fn stream(&self) -> StreamMasker {
+        StreamMasker {
+            masks: self.inner.clone(),
+            held: Vec::new(),
+        }
+    }
+
+    /// Masks a complete piece of text.
+    pub fn text(&self, text: &str) -> String {
+        if self.inner.is_none() {
+            return text.to_owned();
+        }
+        let mut s = self.stream();
+        let mut out = s.push(text.as_bytes());
+        out.extend(s.finish());
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Masks every string in a JSON value (keys included).
+    pub fn json(&self, value: &mut serde_json::Value) {
+        if self.inner.is_none() {
+            return;
+        }
+        match value {
+            serde_json::Value::String(s) => *s = self.text(s),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| self.json(v)),
+            serde_json::Value::Object(map) => {
+                let old = std::mem::take(map);
+                for (k, mut v) in old {
+                    self.json(&mut v);
+                    map.insert(self.text(&k), v);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A checked regex for `mask.patterns`: compiles alone, and cannot match the empty string.
+pub fn check_pattern(p: &str) -> Result<(), String> {
+    let re = Regex::builder()
+        .syntax(
+            regex_automata::util::syntax::Config::new()
+                .unicode(false)
+                .utf8(false),
+        )
+        .build(p)
+        .map_err(|e| {
+            format!(
+                "pattern `{p}` is not a valid regex: {}",
+                first_line(&e.to_string())
+            )
+        })?;
+    if re.find(b"").is_some() {
+        return Err(format!(
+            "pattern `{p}` matches the empty string: make it match at least one character"
+        ));
+    }
+    Ok(())
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(s)
+        .trim()
+        .to_owned()
+}
+
+/// Masks one stream fed in chunks of any size.
+pub struct StreamMasker {
+    masks: Option<Arc<Compiled>>,
+    held: Vec<u8>,
+}
+
+impl StreamMasker {
+    /// Takes the next chunk; returns what can be sent now (masked). The rest is held until the next chunk
+    /// or [`StreamMasker::finish`].
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let Some(m) = self.masks.clone() else {
+            return chunk.to_vec();
+        };
+        self.held.extend_from_slice(chunk);
+        let hold_from = hold_point(&m, &self.held);
+        let (out, consumed) = mask_until(&m.re, &self.held, hold_from);
+        self.held.drain(..consumed);
+        out
+    }
+
+    /// The end of the stream: everything left, masked.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let Some(m) = self.masks.clone() else {
+            return Vec::new();
+        };
+        let held = std::mem::take(&mut self.held);
+        let (out, _) = mask_until(&m.re, &held, held.len());
+        out
+    }
+
+    /// Bytes held back right now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+}
+
+/// The earliest position from which `buf` could still be the start of a match that more data would
+/// complete or lengthen, looking back at most `window` bytes; `buf.len()` if none.
+fn hold_point(m: &Compiled, buf: &[u8]) -> usize {
+    let dfa = m.re.forward();
+    let low = buf.len().saturating_sub(m.window);
+    'start: for p in low..buf.len() {
+        let input = Input::new(&buf[p..]).anchored(Anchored::Yes);
+        let Ok(mut state) = dfa.start_state_forward(&input) else {
+            continue;
+        };
+        for &b in &buf[p..] {
+            state = dfa.next_state(state, b);
+            if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
+                continue 'start;
+            }
+        }
+        return p;
+    }
+    buf.len()
+}
+
+/// Masks the matches of `re` in `buf` that start before `until`, and copies the rest of `buf` before
+/// `until` unchanged. Returns the output and how much of `buf` it covers (past `until` when a match
+/// starting before it ends after it).
+fn mask_until(re: &Regex, buf: &[u8], until: usize) -> (Vec<u8>, usize) {
+    let mut out = Vec::with_capacity(until);
+    let mut at = 0;
+    for m in re.find_iter(buf) {
+        if m.start() >= until {
+            break;
+        }
+        out.extend_from_slice(&buf[at..m.start()]);
+        out.extend_from_slice(MASK.as_bytes());
+        at = m.end();
+    }
+    let end = until.max(at);
+    out.extend_from_slice(&buf[at..end]);
+    (out, end)
+}
+
+/// `value` and the forms it usually takes when printed.
+fn encodings(value: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = vec![value.to_vec()];
+    out.push(hex::encode(value).into_bytes());
+    out.push(hex::encode_upper(value).into_bytes());
+    for upper in [false, true] {
+        let enc = percent(value, upper);
+        if enc != value {
+            out.push(enc);
+        }
+    }
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+    for engine in [STANDARD, URL_SAFE] {
+        for k in 0..3usize {
+            let mut padded = vec![0u8; k];
+            padded.extend_from_slice(value);
+            let enc = engine.encode(&padded).into_bytes();
+            // Character i covers bits [6i, 6i+6): keep those wholly inside the value's bits.
+            let first = (8 * k).div_ceil(6);
+            let last = (8 * (k + value.len())) / 6; // exclusive
+            if last > first {
+                out.push(enc[first..last.min(enc.len())].to_vec());
+            }
+        }
+    }
+    out
+}
+
+/// Percent-encoding of everything but RFC 3986's unreserved characters.
+fn percent(value: &[u8], upper: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len() * 3);
+    for &b in value {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b);
+        } else if upper {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        } else {
+            out.extend_from_slice(format!("%{b:02x}").as_bytes());
+        }
+    }
+    out
+}
+
+/// A literal as a regex (byte-oriented syntax): alphanumerics as they are, everything else `\xHH`.
+fn escape(needle: &[u8]) -> String {
+    let mut s = String::with_capacity(needle.len() * 2);
+    for &b in needle {
+        if b.is_ascii_alphanumeric() {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "hunter2-Sup3r/S3cret+value";
+
+    fn masks() -> Masks {
+        Masks::new(&[SECRET, "clatk_0123456789abcdef"], &[]).unwrap()
+    }
+
+    fn b64(engine: base64::engine::GeneralPurpose, prefix: &[u8]) -> String {
+        let mut data = prefix.to_vec();
+        data.extend_from_slice(SECRET.as_bytes());
+        engine.encode(data)
+    }
+
+    #[test]
+    fn every_encoding_is_masked() {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+        let m = masks();
+        let forms = [
+            SECRET.to_owned(),
+            hex::encode(SECRET),
+            hex::encode_upper(SECRET),
+            String::from_utf8(percent(SECRET.as_bytes(), false)).unwrap(),
+            String::from_utf8(percent(SECRET.as_bytes(), true)).unwrap(),
+            b64(STANDARD, b""),
+            b64(STANDARD, b"x"),
+            b64(STANDARD, b"xy"),
+            b64(URL_SAFE, b"xyz"),
+            b64(URL_SAFE, b"x"),
+            b64(URL_SAFE_NO_PAD, b"xy"),
+        ];
+        for form in forms {
+            let out = m.text(&format!("before {form} after"));
+            assert!(out.contains(MASK), "{form} -> {out}");
+            assert!(out.starts_with("before ") && out.ends_with(" after"), "{out}");
+            // Nothing long of the encoding survives: at most 2 characters at each edge (and padding).
+            let visible = out.len() - "before  after".len() - MASK.len();
+            assert!(visible <= 6, "{form} -> {out}");
+        }
+    }
+
+    #[test]
+    fn text_without_secrets_passes_unchanged() {
+        let m = masks();
+        let text = "hunter2 is not it; hex 68756e746572 is short; normal output\n";
+        assert_eq!(m.text(text), text);
+        assert_eq!(Masks::none().text(text), text);
+    }
+
+    /// A secret split at every possible boundary, byte by byte, and in random pieces: never emitted whole
+    /// or in part, and the output equals masking the whole text at once.
+    #[test]
+    fn secrets_split_across_chunks_are_caught() {
+        let m = masks();
+        let text = format!("a{SECRET}b {} c {SECRET}{SECRET} end", hex::encode(SECRET));
+        let whole = m.text(&text);
+        assert_eq!(whole, "a***b *** c ****** end");
+        for cut in 0..=text.len() {
+            let mut s = m.stream();
+            let mut out = s.push(&text.as_bytes()[..cut]);
+            out.extend(s.push(&text.as_bytes()[cut..]));
+            out.extend(s.finish());
+            assert_eq!(String::from_utf8(out).unwrap(), whole, "cut at {cut}");
+        }
+        let mut s = m.stream();
+        let mut out = Vec::new();
+        for b in text.as_bytes() {
+            let piece = s.push(std::slice::from_ref(b));
+            assert!(
+                !String::from_utf8_lossy(&piece).contains("Sup3r"),
+                "no part of it leaks early"
+            );
+            out.extend(piece);
+        }
+        out.extend(s.finish());
+        assert_eq!(String::from_utf8(out).unwrap(), whole);
+        // Pseudo-random pieces.
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        for _ in 0..200 {
+            let mut s = m.stream();
+            let (mut out, mut at) = (Vec::new(), 0);
+            while at < text.len() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let n = 1 + (seed % 9) as usize;
+                let end = (at + n).min(text.len());
+                out.extend(s.push(&text.as_bytes()[at..end]));
+                at = end;
+            }
+            out.extend(s.finish());
+            assert_eq!(String::from_utf8(out).unwrap(), whole);
+        }
+    }
+
+    #[test]
+    fn output_is_held_only_when_it_could_be_a_secret() {
+        let m = masks();
+        let mut s = m.stream();
+        assert_eq!(s.push(b"progress 10%\n"), b"progress 10%\n", "nothing held");
+        assert_eq!(s.push(b"token: hunt"), b"token: ", "the possible start is held");
+        assert_eq!(s.held(), 4);
+        assert_eq!(
+            s.push(b"ing season"),
+            b"hunting season",
+            "and let go once it cannot be one"
+        );
+        assert_eq!(s.finish(), b"");
+    }
+
+    #[test]
+    fn a_secret_that_prefixes_another_and_overlaps() {
+        let m = Masks::new(&["abcdef12", "abcdef1234"], &[]).unwrap();
+        assert_eq!(m.text("xabcdef1234y"), "x***y", "the longer one wins");
+        assert_eq!(m.text("xabcdef12y"), "x***y");
+        assert_eq!(m.text("abcdef12abcdef12"), "******");
+    }
+
+    #[test]
+    fn patterns_are_masked_and_checked() {
+        let m = Masks::new::<&str>(&[], &["clatk_[0-9a-f]{16}".to_owned()]).unwrap();
+        assert_eq!(m.text("t=clatk_0123456789abcdef."), "t=***.");
+        let mut s = m.stream();
+        let mut out = s.push(b"t=clatk_01234567");
+        out.extend(s.push(b"89abcdef."));
+        out.extend(s.finish());
+        assert_eq!(out, b"t=***.");
+        let e = Masks::new::<&str>(&[], &["(".to_owned()]).err().unwrap();
+        assert!(
+            e.contains("pattern `(`") && e.contains("not a valid regex"),
+            "{e}"
+        );
+        let e = Masks::new::<&str>(&[], &["x*".to_owned()]).err().unwrap();
+        assert!(e.contains("empty string"), "{e}");
+    }
+
+    #[test]
+    fn short_values_are_not_masked_and_json_is() {
+        let m = Masks::new(&["abc", SECRET], &[]).unwrap();
+        assert_eq!(m.text("abc"), "abc");
+        let mut v = serde_json::json!({"k": [SECRET, 1, {"n": format!("x{SECRET}")}], SECRET: true});
+        m.json(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"k": ["***", 1, {"n": "x***"}], "***": true})
+        );
+        assert!(!format!("{m:?}").contains(SECRET));
+    }
+}
