@@ -8,7 +8,8 @@
 //! the three alignments are looked for; the characters at the edges that also depend on neighbouring
 //! bytes are not (at most 2 characters of the encoding stay visible at each end).
 //!
-//! All needles go into one DFA (regex-automata), searched once per chunk. Streams are masked across chunk
+//! The values' forms are searched with Aho-Corasick (SIMD-accelerated for literals), the patterns with a
+//! DFA (regex-automata); each chunk is searched once by each. Streams are masked across chunk
 //! boundaries: a [`StreamMasker`] holds back only the tail of the data that could still be the start of a
 //! secret (the DFA is still alive from there), and emits everything before it at once. So output is not
 //! delayed unless it ends in something that looks like the beginning of a secret, and a secret split
@@ -17,6 +18,8 @@
 
 use std::sync::Arc;
 
+use aho_corasick::automaton::Automaton as _;
+use aho_corasick::{AhoCorasick, MatchKind, StartKind};
 use base64::Engine;
 use regex_automata::dfa::{Automaton, dense, regex::Regex};
 use regex_automata::{Anchored, Input};
@@ -37,7 +40,10 @@ pub struct Masks {
 }
 
 struct Compiled {
-    re: Regex,
+    /// The values in all their forms: a searcher, and the same needles as an anchored DFA (to tell
+    /// whether a tail could still become one).
+    literals: Option<(AhoCorasick, aho_corasick::dfa::DFA)>,
+    patterns: Option<Regex>,
     /// The longest stretch held back across a chunk boundary.
     window: usize,
 }
@@ -59,6 +65,7 @@ impl Masks {
     /// [`MIN_SECRET_LEN`] are skipped. A pattern that does not compile is an error naming it.
     pub fn new<S: AsRef<str>>(values: &[S], patterns: &[String]) -> Result<Masks, String> {
         let mut needles: Vec<Vec<u8>> = Vec::new();
+        // (Leftmost-longest: at one position, the longest form wins.)
         for v in values {
             let v = v.as_ref().as_bytes();
             if v.len() >= MIN_SECRET_LEN {
@@ -69,31 +76,53 @@ impl Masks {
         needles.dedup();
         needles.retain(|n| n.len() >= 4);
         let longest = needles.first().map(Vec::len).unwrap_or(0);
-        // Longer needles first: at one position, leftmost-first prefers the longest.
-        let mut sources: Vec<String> = needles.iter().map(|n| escape(n)).collect();
+        let literals = if needles.is_empty() {
+            None
+        } else {
+            let err = |e: aho_corasick::BuildError| format!("cannot build the masks: {e}");
+            let search = AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(&needles)
+                .map_err(err)?;
+            let anchored = aho_corasick::dfa::DFA::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .start_kind(StartKind::Anchored)
+                .build(&needles)
+                .map_err(err)?;
+            Some((search, anchored))
+        };
         for p in patterns {
             check_pattern(p)?;
-            sources.push(p.clone());
         }
-        if sources.is_empty() {
+        let patterns_re = if patterns.is_empty() {
+            None
+        } else {
+            Some(
+                Regex::builder()
+                    .syntax(
+                        regex_automata::util::syntax::Config::new()
+                            .unicode(false)
+                            .utf8(false),
+                    )
+                    .dense(dense::Config::new().minimize(false))
+                    .build_many(patterns)
+                    .map_err(|e| format!("cannot build the masks: {e}"))?,
+            )
+        };
+        if literals.is_none() && patterns_re.is_none() {
             return Ok(Masks::none());
         }
-        let re = Regex::builder()
-            .syntax(
-                regex_automata::util::syntax::Config::new()
-                    .unicode(false)
-                    .utf8(false),
-            )
-            .dense(dense::Config::new().minimize(false))
-            .build_many(&sources)
-            .map_err(|e| format!("cannot build the masks: {e}"))?;
         let window = if patterns.is_empty() {
             longest
         } else {
             longest.max(PATTERN_WINDOW)
         };
         Ok(Masks {
-            inner: Some(Arc::new(Compiled { re, window })),
+            inner: Some(Arc::new(Compiled {
+                literals,
+                patterns: patterns_re,
+                window,
+            })),
         })
     }
 
@@ -187,7 +216,7 @@ impl StreamMasker {
         };
         self.held.extend_from_slice(chunk);
         let hold_from = hold_point(&m, &self.held);
-        let (out, consumed) = mask_until(&m.re, &self.held, hold_from);
+        let (out, consumed) = mask_until(&m, &self.held, hold_from);
         self.held.drain(..consumed);
         out
     }
@@ -198,7 +227,7 @@ impl StreamMasker {
             return Vec::new();
         };
         let held = std::mem::take(&mut self.held);
-        let (out, _) = mask_until(&m.re, &held, held.len());
+        let (out, _) = mask_until(&m, &held, held.len());
         out
     }
 
@@ -211,37 +240,79 @@ impl StreamMasker {
 /// The earliest position from which `buf` could still be the start of a match that more data would
 /// complete or lengthen, looking back at most `window` bytes; `buf.len()` if none.
 fn hold_point(m: &Compiled, buf: &[u8]) -> usize {
-    let dfa = m.re.forward();
     let low = buf.len().saturating_sub(m.window);
-    'start: for p in low..buf.len() {
-        let input = Input::new(&buf[p..]).anchored(Anchored::Yes);
-        let Ok(mut state) = dfa.start_state_forward(&input) else {
-            continue;
-        };
-        for &b in &buf[p..] {
-            state = dfa.next_state(state, b);
-            if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
-                continue 'start;
-            }
-        }
-        return p;
-    }
-    buf.len()
+    (low..buf.len())
+        .find(|&p| {
+            let tail = &buf[p..];
+            m.literals
+                .as_ref()
+                .is_some_and(|(_, dfa)| literal_alive(dfa, tail))
+                || m.patterns.as_ref().is_some_and(|re| pattern_alive(re, tail))
+        })
+        .unwrap_or(buf.len())
 }
 
-/// Masks the matches of `re` in `buf` that start before `until`, and copies the rest of `buf` before
-/// `until` unchanged. Returns the output and how much of `buf` it covers (past `until` when a match
-/// starting before it ends after it).
-fn mask_until(re: &Regex, buf: &[u8], until: usize) -> (Vec<u8>, usize) {
+/// Whether some value's form starts with `tail` (or is `tail` and a longer one could follow).
+fn literal_alive(dfa: &aho_corasick::dfa::DFA, tail: &[u8]) -> bool {
+    let anchored = aho_corasick::Anchored::Yes;
+    let Ok(mut sid) = dfa.start_state(anchored) else {
+        return false;
+    };
+    for &b in tail {
+        sid = dfa.next_state(anchored, sid, b);
+        if dfa.is_dead(sid) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether a pattern match could start with `tail`.
+fn pattern_alive(re: &Regex, tail: &[u8]) -> bool {
+    let dfa = re.forward();
+    let input = Input::new(tail).anchored(Anchored::Yes);
+    let Ok(mut state) = dfa.start_state_forward(&input) else {
+        return false;
+    };
+    for &b in tail {
+        state = dfa.next_state(state, b);
+        if dfa.is_dead_state(state) || dfa.is_quit_state(state) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Masks the matches in `buf` that start before `until` (leftmost first, the longest at a position;
+/// values' forms and patterns together), and copies the rest of `buf` before `until` unchanged. Returns
+/// the output and how much of `buf` it covers (past `until` when a match starting before it ends after
+/// it).
+fn mask_until(m: &Compiled, buf: &[u8], until: usize) -> (Vec<u8>, usize) {
+    let mut found: Vec<(usize, usize)> = Vec::new();
+    if let Some((ac, _)) = &m.literals {
+        found.extend(
+            ac.find_iter(buf)
+                .take_while(|x| x.start() < until)
+                .map(|x| (x.start(), x.end())),
+        );
+    }
+    if let Some(re) = &m.patterns {
+        found.extend(
+            re.find_iter(buf)
+                .take_while(|x| x.start() < until)
+                .map(|x| (x.start(), x.end())),
+        );
+        found.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    }
     let mut out = Vec::with_capacity(until);
     let mut at = 0;
-    for m in re.find_iter(buf) {
-        if m.start() >= until {
-            break;
+    for (start, end) in found {
+        if start < at {
+            continue; // overlaps the previous one
         }
-        out.extend_from_slice(&buf[at..m.start()]);
+        out.extend_from_slice(&buf[at..start]);
         out.extend_from_slice(MASK.as_bytes());
-        at = m.end();
+        at = end;
     }
     let end = until.max(at);
     out.extend_from_slice(&buf[at..end]);
