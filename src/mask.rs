@@ -362,19 +362,6 @@ fn percent(value: &[u8], upper: bool) -> Vec<u8> {
     out
 }
 
-/// A literal as a regex (byte-oriented syntax): alphanumerics as they are, everything else `\xHH`.
-fn escape(needle: &[u8]) -> String {
-    let mut s = String::with_capacity(needle.len() * 2);
-    for &b in needle {
-        if b.is_ascii_alphanumeric() {
-            s.push(b as char);
-        } else {
-            s.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
