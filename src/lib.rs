@@ -28,6 +28,8 @@ pub mod hub;
 pub mod logging;
 pub mod mask;
 pub mod policy;
+#[cfg(test)]
+mod props;
 pub mod protocol;
 pub mod rulebook;
 pub mod secret;

@@ -158,3 +158,81 @@ fn malformed_and_unknown_frames_are_answered_not_fatal() {
     });
     assert!(hub.proc.exited().is_none(), "the hub died");
 }
+
+/// A peer flooding bad frames, or sending one over the size limit, loses its connection; the hub stays
+/// healthy for everyone else.
+#[test]
+fn a_flood_of_bad_frames_or_an_oversized_frame_closes_the_connection() {
+    use cla_worker::protocol::connection::{Incoming, MAX_BAD_FRAMES, MAX_MESSAGE_BYTES};
+    use cla_worker::protocol::{Connection, Hello, PROTOCOL_VERSION, WORKER_ID_HEADER, WorkerMessage};
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let setup = register(&hub, dir.path(), "flood", "t");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let open = || async {
+        let auth = format!("Bearer {}", setup.token);
+        let url = format!("{}/ws/v1", hub.url);
+        let conn = Connection::connect(&url, &[("authorization", &auth), (WORKER_ID_HEADER, "flood")])
+            .await
+            .unwrap();
+        let (mut w, r) = conn.split();
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            agent: "test".into(),
+            tags: vec!["t".into()],
+            envs: vec![],
+            capacity: 1,
+            host: "h".into(),
+            os: "linux".into(),
+            arch: "x".into(),
+            pid: 1,
+            resume: vec![],
+            features: vec![],
+        };
+        w.send(&WorkerMessage::Hello(hello)).await.unwrap();
+        (w, r)
+    };
+    // Reads until the hub closes the connection; returns how many frames came before.
+    let until_closed = |mut r: cla_worker::protocol::ConnectionReader| async move {
+        let mut frames = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), r.read()).await {
+                Err(_) => panic!("the hub kept the connection open"),
+                Ok(Ok(Some(Incoming::Frame(_)))) => frames += 1,
+                Ok(Ok(Some(Incoming::Alive))) => {}
+                Ok(Ok(None)) | Ok(Err(_)) => return frames,
+            }
+        }
+    };
+    rt.block_on(async {
+        let (mut w, r) = open().await;
+        let reading = tokio::spawn(until_closed(r));
+        for i in 0..(MAX_BAD_FRAMES + 50) {
+            if w.send_text(format!("{{\"type\":\"junk{i}\"}}")).await.is_err() {
+                break;
+            }
+        }
+        let frames = reading.await.unwrap();
+        // The welcome, then one error per bad frame up to the limit, and no more.
+        assert!(frames <= MAX_BAD_FRAMES as usize + 1, "{frames} frames");
+    });
+    hub.proc
+        .wait_for_line("malformed or unsupported frames within", 10);
+    rt.block_on(async {
+        let (mut w, r) = open().await;
+        let reading = tokio::spawn(until_closed(r));
+        let _ = w.send_binary(1, &vec![0u8; MAX_MESSAGE_BYTES + 1024]).await;
+        reading.await.unwrap();
+    });
+    hub.proc.wait_for_line("Message too long", 10);
+    // The hub serves everyone else as before.
+    let _worker = run_worker(&setup, &[]);
+    hub.wait_worker_state("flood", "idle", 20);
+    assert_eq!(
+        hub.ok(&["exec", "--worker", "flood", "--", "echo", "fine"]),
+        "fine\n"
+    );
+}

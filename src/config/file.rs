@@ -152,7 +152,7 @@ const TLS_KEYS: &[&str] = &["ca", "pin"];
 const MASK_KEYS: &[&str] = &["envs", "patterns"];
 
 /// Parses config text. Returns the typed file and the warnings (unknown keys).
-pub(super) fn parse(path: &Path, text: &str) -> Result<(ConfigFile, Vec<String>), ConfigError> {
+pub(crate) fn parse(path: &Path, text: &str) -> Result<(ConfigFile, Vec<String>), ConfigError> {
     let located = |e: serde_saphyr::Error| {
         let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
         ConfigError::Parse {

@@ -5,7 +5,7 @@
 //! `/etc/cla-worker.yml`; the first file found is the only one loaded. Command-line values beat file
 //! values. `--save` edits are in [`save`]. Nothing here sees clap.
 
-mod file;
+pub(crate) mod file;
 pub mod save;
 
 use std::path::{Path, PathBuf};

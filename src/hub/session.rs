@@ -255,6 +255,7 @@ async fn read_loop(
     close: &CancellationToken,
 ) {
     let deadline = hb * MISSED_HEARTBEATS;
+    let mut bad = crate::protocol::connection::BadFrames::default();
     loop {
         let next = tokio::select! {
             _ = close.cancelled() => return,
@@ -278,12 +279,23 @@ async fn read_loop(
         match incoming {
             Incoming::Alive => {}
             Incoming::Frame(Frame::Binary(chunk)) => hub.job_output(id, chunk).await,
-            Incoming::Frame(Frame::Text(text)) => handle(hub, id, &text).await,
+            Incoming::Frame(Frame::Text(text)) => {
+                if !handle(hub, id, &text).await && bad.record() {
+                    tracing::warn!(
+                        worker = id,
+                        "more than {} malformed or unsupported frames within {:?}: closing the connection",
+                        crate::protocol::connection::MAX_BAD_FRAMES,
+                        crate::protocol::connection::BAD_FRAME_WINDOW
+                    );
+                    return;
+                }
+            }
         }
     }
 }
 
-async fn handle(hub: &Arc<Hub>, id: &str, text: &str) {
+/// Handles one text frame; false when it could not be decoded (answered with an `error`).
+async fn handle(hub: &Arc<Hub>, id: &str, text: &str) -> bool {
     let msg = match decode_text::<WorkerMessage>(text) {
         Ok(m) => m,
         Err(e) => {
@@ -301,7 +313,7 @@ async fn handle(hub: &Arc<Hub>, id: &str, text: &str) {
                 },
             )
             .await;
-            return;
+            return false;
         }
     };
     match msg {
@@ -337,6 +349,7 @@ async fn handle(hub: &Arc<Hub>, id: &str, text: &str) {
             tracing::warn!(worker = id, ?code, "worker reported: {message}")
         }
     }
+    true
 }
 
 /// Sends a message to a connected worker (dropped if it is gone).

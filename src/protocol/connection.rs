@@ -47,6 +47,42 @@ fn ws_config() -> WebSocketConfig {
         .read_buffer_size(READ_BUFFER_BYTES)
 }
 
+/// Malformed or unsupported frames a peer may send within [`BAD_FRAME_WINDOW`] before its connection
+/// is closed: each one is answered with an `error`, and a peer flooding them would otherwise get the
+/// other side to write (and log) one answer per frame forever.
+pub const MAX_BAD_FRAMES: u32 = 100;
+/// See [`MAX_BAD_FRAMES`].
+pub const BAD_FRAME_WINDOW: Duration = Duration::from_secs(60);
+
+/// Counts a peer's bad frames (see [`MAX_BAD_FRAMES`]).
+#[derive(Debug)]
+pub struct BadFrames {
+    since: std::time::Instant,
+    count: u32,
+}
+
+impl Default for BadFrames {
+    fn default() -> Self {
+        BadFrames {
+            since: std::time::Instant::now(),
+            count: 0,
+        }
+    }
+}
+
+impl BadFrames {
+    /// Counts one; true when the peer is over the limit and its connection should be closed.
+    pub fn record(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.since) > BAD_FRAME_WINDOW {
+            self.since = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count > MAX_BAD_FRAMES
+    }
+}
+
 /// What a reader gets: a data frame, or a sign of life (ping/pong) that only refreshes liveness.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {

@@ -115,3 +115,38 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any wire path the receiver accepts, joined to a root, stays under the root, lexically and by
+        /// component: no `.`, `..`, empty part, root, drive, backslash or NUL gets through.
+        #[test]
+        fn props_accepted_wire_paths_stay_under_the_root(
+            parts in prop::collection::vec(prop_oneof![
+                Just("a".to_owned()), Just("..".to_owned()), Just(".".to_owned()), Just(String::new()),
+                Just("/".to_owned()), Just("\\".to_owned()), Just("\0".to_owned()), Just("c:".to_owned()),
+                Just("é".to_owned()), Just("...".to_owned()), any::<String>(),
+            ], 1..6),
+            lead in prop_oneof![Just(""), Just("/"), Just("./"), Just("../")],
+        ) {
+            let wire = format!("{lead}{}", parts.join("/"));
+            let root = Path::new("/srv/root");
+            match components(&wire) {
+                Ok(parts) => {
+                    let joined = join(root, &parts);
+                    prop_assert!(joined.starts_with(root));
+                    prop_assert!(joined.components().all(|c| matches!(
+                        c,
+                        std::path::Component::RootDir | std::path::Component::Normal(_)
+                    )), "{}", joined.display());
+                    prop_assert_eq!(joined.components().count(), root.components().count() + parts.len());
+                }
+                Err(e) => prop_assert!(e.starts_with("refused entry path") && !e.contains('\n'), "{e}"),
+            }
+        }
+    }
+}

@@ -700,6 +700,7 @@ impl<'w> Live<'w> {
         // deadline (then the kill ladder); the hub's `drain` without one.
         let mut draining = false;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        let mut bad = crate::protocol::connection::BadFrames::default();
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled(), if drain_deadline.is_none() => {
@@ -760,6 +761,13 @@ impl<'w> Live<'w> {
                         _ => ErrorCode::Malformed,
                     };
                     tracing::warn!("{e}");
+                    if bad.record() {
+                        return lost(format!(
+                            "the hub sent more than {} malformed or unsupported frames within {:?}",
+                            crate::protocol::connection::MAX_BAD_FRAMES,
+                            crate::protocol::connection::BAD_FRAME_WINDOW
+                        ));
+                    }
                     self.send(WorkerMessage::Error {
                         code,
                         message: e.to_string(),
