@@ -4,7 +4,7 @@
 //! The properties: no input makes them panic, every error is one line naming its source, and what is
 //! accepted keeps the invariant the code promises.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -187,7 +187,7 @@ proptest! {
 /// A tree for the policy properties: `root/allowed/{a,b}/f`, `root/outside/f`, and a symlink
 /// `root/allowed/link` to `root/outside`.
 #[cfg(unix)]
-fn policy_tree() -> (tempfile::TempDir, PathBuf, PathBuf) {
+fn policy_tree() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().canonicalize().unwrap();
     let allowed = root.join("allowed");
@@ -219,7 +219,7 @@ proptest! {
             },
             None,
         );
-        let rel: PathBuf = parts.iter().collect();
+        let rel: std::path::PathBuf = parts.iter().collect();
         let path = if absolute { root.join(&rel) } else { rel.clone() };
         let verdict = policy.path("fetch", crate::policy::Access::Read, &path, Some(&allowed));
         let full = if absolute { path.clone() } else { allowed.join(&rel) };
