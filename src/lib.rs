@@ -14,7 +14,8 @@
 //! | [`hub`] | the server runtime: HTTP + WebSocket listener, registry of connected workers, jobs, embedded store |
 //! | [`cli`] | clap argument types for both binaries and one `execute` per verb; nothing below it sees clap |
 //! | [`http`] | a small JSON-over-HTTP client used by `register`, `unregister` and the hub's admin commands |
-//! | [`tls`] | the hub's certificate (given or self-signed) and how clients trust it (a pin or a CA) |
+//! | [`tls`] | the hub's certificate (given or self-signed), how clients trust it (a pin or a CA), mTLS client certificates |
+//! | [`policy`], [`mask`] | the worker's local policy (verbs, path allow-lists) and secret masking of job output |
 //! | [`secret`], [`token`] | secrets with redacted `Debug`; token generation, hashing and comparison |
 //! | [`exit`], [`error`], [`shutdown`], [`logging`] | process-level plumbing shared by both binaries |
 
