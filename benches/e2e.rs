@@ -3,6 +3,7 @@
 //!
 //! `cargo bench --bench e2e` (full) or `cargo bench --bench e2e -- --quick`. Prints a table and writes
 //! `target/bench/e2e.json`. Baselines are measured in the same run: ratios matter, not absolute figures.
+//! `-- --tls` runs it all against a hub serving TLS and writes `target/bench/e2e-tls.json`.
 //! Measures: exec round trip of `true` vs a local `sh -c true` (and `ssh 127.0.0.1 true` when an sshd
 //! allows it), jobs per second vs spawning the same processes locally, stdout streaming, eval of `1+1`, the
 //! idle worker's RSS and threads, connect time, and the hub holding a fleet of idle workers (simulated
@@ -45,9 +46,11 @@ fn sample(n: usize, warm: usize, mut f: impl FnMut()) -> Vec<f64> {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--tls`: the same run with the hub serving TLS (workers and clients pinning its certificate).
+    let tls = std::env::args().any(|a| a == "--tls");
     let (n_exec, n_eval) = if quick { (50, 20) } else { (500, 200) };
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::start(dir.path());
+    let hub = Hub::start_with(dir.path(), if tls { &["--tls"] } else { &[] });
     let data_dir = hub.data_dir.clone();
     let config = dir.path().join("w.yml");
     hub.register(&config, "bench");
@@ -239,6 +242,7 @@ fn main() {
         &admin,
         &hub.cmd(&["passkey", "create", "--project", "fleet"]),
         n_fleet,
+        hub.trust(),
     ));
     std::thread::sleep(Duration::from_secs(2));
     let hub_rss_kib = proc_status(hub.pid(), "VmRSS:").unwrap_or(0);
@@ -251,6 +255,7 @@ fn main() {
 
     let mut results = serde_json::json!({
         "mode": if quick { "quick" } else { "full" },
+        "tls": tls,
         "exec_p50_us": percentile(&exec, 0.5),
         "exec_p99_us": percentile(&exec, 0.99),
         "fork_p50_us": percentile(&fork, 0.5),
@@ -281,7 +286,7 @@ fn main() {
         results["ssh_p50_us"] = serde_json::json!(ssh);
         results["ssh_vs_exec"] = serde_json::json!(ssh / percentile(&exec, 0.5));
     }
-    common::report("e2e", &results);
+    common::report(if tls { "e2e-tls" } else { "e2e" }, &results);
     // Not a goal check (the machines are noisy): a guard against gross regressions, such as a small
     // frame held back by Nagle's algorithm for a delayed ACK (40 ms a job, 60× fork, seen once).
     let ratio = percentile(&exec, 0.5) / percentile(&fork, 0.5);

@@ -43,6 +43,10 @@ fn a_denied_verb_fails_the_job_with_a_policy_error_and_runs_nothing() {
     assert_eq!(job["worker"], "p1");
     assert_ne!(job["state"], "succeeded");
     assert!(worker.log_text().contains("refused"));
+    assert!(
+        !worker.log_text().contains("running as root with no policy"),
+        "a policy is set"
+    );
     // Other verbs still work, and an eval's cla.run needs exec too.
     let out = hub.run(&["eval", "--worker", "p1", "1+1"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -179,6 +183,9 @@ fn sighup_reloads_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     let (hub, setup, worker) = with_policy(dir.path(), "p3", "");
     assert!(hub.run(&["eval", "--worker", "p3", "2+2"]).status.success());
+    // As root with no policy, the worker says what that means.
+    let warned = worker.log_text().contains("running as root with no policy");
+    assert_eq!(warned, nix::unistd::geteuid().is_root(), "{}", worker.log_text());
     let mut text = std::fs::read_to_string(&setup.config).unwrap();
     text.push_str("policy:\n  allow: [exec]\n");
     std::fs::write(&setup.config, text).unwrap();

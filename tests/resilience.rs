@@ -60,10 +60,7 @@ fn running_job_of_a_vanished_worker_is_lost_not_hung() {
 #[test]
 fn malformed_and_unknown_frames_are_answered_not_fatal() {
     use cla_worker::protocol::connection::Incoming;
-    use cla_worker::protocol::{
-        Connection, ErrorCode, Frame, Hello, HubMessage, PROTOCOL_VERSION, WORKER_ID_HEADER, WorkerMessage,
-        decode_text,
-    };
+    use cla_worker::protocol::{ErrorCode, Frame, HubMessage, decode_text};
     let dir = tempfile::tempdir().unwrap();
     let mut hub = Hub::start(dir.path());
     let setup = register(&hub, dir.path(), "raw", "t");
@@ -72,26 +69,7 @@ fn malformed_and_unknown_frames_are_answered_not_fatal() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let auth = format!("Bearer {}", setup.token);
-        let url = format!("{}/ws/v1", hub.url);
-        let conn = Connection::connect(&url, &[("authorization", &auth), (WORKER_ID_HEADER, "raw")])
-            .await
-            .unwrap();
-        let (mut w, mut r) = conn.split();
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            agent: "test".into(),
-            tags: vec!["t".into()],
-            envs: vec![],
-            capacity: 1,
-            host: "h".into(),
-            os: "linux".into(),
-            arch: "x".into(),
-            pid: 1,
-            resume: vec![],
-            features: vec![],
-        };
-        w.send(&WorkerMessage::Hello(hello)).await.unwrap();
+        let (mut w, mut r) = raw_worker(&hub, "raw", &setup.token).await;
         let mut next_text = async || loop {
             match tokio::time::timeout(Duration::from_secs(10), r.read())
                 .await
@@ -164,7 +142,6 @@ fn malformed_and_unknown_frames_are_answered_not_fatal() {
 #[test]
 fn a_flood_of_bad_frames_or_an_oversized_frame_closes_the_connection() {
     use cla_worker::protocol::connection::{Incoming, MAX_BAD_FRAMES, MAX_MESSAGE_BYTES};
-    use cla_worker::protocol::{Connection, Hello, PROTOCOL_VERSION, WORKER_ID_HEADER, WorkerMessage};
     let dir = tempfile::tempdir().unwrap();
     let hub = Hub::start(dir.path());
     let setup = register(&hub, dir.path(), "flood", "t");
@@ -172,29 +149,7 @@ fn a_flood_of_bad_frames_or_an_oversized_frame_closes_the_connection() {
         .enable_all()
         .build()
         .unwrap();
-    let open = || async {
-        let auth = format!("Bearer {}", setup.token);
-        let url = format!("{}/ws/v1", hub.url);
-        let conn = Connection::connect(&url, &[("authorization", &auth), (WORKER_ID_HEADER, "flood")])
-            .await
-            .unwrap();
-        let (mut w, r) = conn.split();
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            agent: "test".into(),
-            tags: vec!["t".into()],
-            envs: vec![],
-            capacity: 1,
-            host: "h".into(),
-            os: "linux".into(),
-            arch: "x".into(),
-            pid: 1,
-            resume: vec![],
-            features: vec![],
-        };
-        w.send(&WorkerMessage::Hello(hello)).await.unwrap();
-        (w, r)
-    };
+    let open = || raw_worker(&hub, "flood", &setup.token);
     // Reads until the hub closes the connection; returns how many frames came before.
     let until_closed = |mut r: cla_worker::protocol::ConnectionReader| async move {
         let mut frames = 0;

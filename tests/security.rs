@@ -119,13 +119,7 @@ fn tokens_and_passkeys_appear_in_no_log_and_no_store_file() {
     let worker = run_worker(&setup, &["-vv"]);
     hub.wait_worker_state("sec-1", "idle", 20);
     assert_eq!(hub.ok(&["exec", "--worker", "sec-1", "--", "echo", "hi"]), "hi\n");
-    let admin_token = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(hub.data_dir.join("hub.json")).unwrap(),
-    )
-    .unwrap()["admin_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let admin_token = hub.admin_token();
     let secrets = [key.as_str(), setup.token.as_str(), admin_token.as_str()];
     let logs = [hub.proc.log_text(), worker.log_text()];
     for secret in secrets {

@@ -110,13 +110,7 @@ fn a_worker_refuses_a_hub_with_another_certificate() {
     );
     assert!(!config.exists(), "nothing saved");
     // Remote admin: --hub on https needs a pin (or a CA), and a wrong one is refused.
-    let token = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(hub.data_dir.join("hub.json")).unwrap(),
-    )
-    .unwrap()["admin_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = hub.admin_token();
     let remote = |pin: Option<&str>| {
         let mut c = Command::new(HUB);
         c.args(["--data-dir", "/nonexistent", "--hub", &hub.url, "workers"])

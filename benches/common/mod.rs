@@ -42,11 +42,17 @@ pub struct Hub {
 
 impl Hub {
     pub fn start(dir: &Path) -> Hub {
+        Hub::start_with(dir, &[])
+    }
+
+    /// A hub with extra `serve` flags (`--tls`: its URL is then https).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Hub {
         let data_dir = dir.join("hub");
         let mut child = Command::new(HUB)
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -62,7 +68,20 @@ impl Hub {
         Hub {
             proc: Kill(child),
             data_dir,
-            url: format!("http://{addr}"),
+            url: format!(
+                "{}://{addr}",
+                if extra.contains(&"--tls") { "https" } else { "http" }
+            ),
+        }
+    }
+
+    /// The pin of a TLS hub, from its `hub.json` (what admin commands on its machine use).
+    pub fn trust(&self) -> cla_worker::tls::Trust {
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.data_dir.join("hub.json")).unwrap()).unwrap();
+        match file["pin"].as_str() {
+            Some(pin) => cla_worker::tls::Trust::Pin(pin.parse().unwrap()),
+            None => cla_worker::tls::Trust::Unset,
         }
     }
 

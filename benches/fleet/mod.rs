@@ -8,18 +8,19 @@ use cla_worker::hub::client::AdminClient;
 use cla_worker::protocol::connection::Incoming;
 use cla_worker::protocol::{Connection, Frame, HubMessage, PROTOCOL_VERSION, WorkerMessage, decode_text};
 use cla_worker::secret::Secret;
+use cla_worker::tls::Trust;
 use cla_worker::worker::registration::{RegisterParams, register};
 use tokio::sync::Semaphore;
 
 /// Registers and connects `n` simulated workers; returns the seconds it took. They stay connected
 /// (their tasks keep reading) until the runtime is dropped.
-pub async fn connect(url: &str, admin: &AdminClient, passkey: &str, n: usize) -> f64 {
+pub async fn connect(url: &str, admin: &AdminClient, passkey: &str, n: usize, trust: Trust) -> f64 {
     let t = Instant::now();
     let gate = Arc::new(Semaphore::new(32));
     let mut registered = tokio::task::JoinSet::new();
     for i in 0..n {
         let permit = gate.clone().acquire_owned().await.unwrap();
-        let (url, passkey) = (url.to_owned(), passkey.trim().to_owned());
+        let (url, passkey, trust) = (url.to_owned(), passkey.trim().to_owned(), trust.clone());
         registered.spawn(async move {
             let r = register(&RegisterParams {
                 url,
@@ -28,7 +29,7 @@ pub async fn connect(url: &str, admin: &AdminClient, passkey: &str, n: usize) ->
                 tags: vec!["sim".into()],
                 envs: vec![],
                 token: None,
-                trust: Default::default(),
+                trust,
                 csr: None,
             })
             .await
@@ -45,11 +46,16 @@ pub async fn connect(url: &str, admin: &AdminClient, passkey: &str, n: usize) ->
     for (id, token) in creds {
         let permit = gate.clone().acquire_owned().await.unwrap();
         let url = format!("{url}/ws/v1");
+        let trust = trust.clone();
         welcomed.spawn(async move {
             let auth = format!("Bearer {token}");
-            let conn = Connection::connect(&url, &[("authorization", &auth), ("x-cla-worker-id", &id)])
-                .await
-                .unwrap();
+            let conn = Connection::connect_with(
+                &url,
+                &[("authorization", &auth), ("x-cla-worker-id", &id)],
+                &trust,
+            )
+            .await
+            .unwrap();
             let (mut writer, mut reader) = conn.split();
             writer
                 .send(&WorkerMessage::Hello(cla_worker::protocol::Hello {

@@ -205,6 +205,13 @@ impl Hub {
         });
     }
 
+    /// The admin token the hub wrote into its `hub.json`.
+    pub fn admin_token(&self) -> String {
+        let file: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.data_dir.join("hub.json")).unwrap()).unwrap();
+        file["admin_token"].as_str().unwrap().to_owned()
+    }
+
     pub fn passkey(&self, project: &str) -> String {
         self.ok(&["passkey", "create", "--project", project])
             .trim()
@@ -414,4 +421,38 @@ pub fn job_json(hub: &Hub, id: &str, wait: bool) -> serde_json::Value {
     }
     let out = hub.run(&args);
     serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("job show {id}: {e}: {}", stderr(&out)))
+}
+
+/// A raw protocol connection as worker `id` (with `token`) that has sent its `hello`: for tests that
+/// play a misbehaving worker.
+pub async fn raw_worker(
+    hub: &Hub,
+    id: &str,
+    token: &str,
+) -> (
+    cla_worker::protocol::ConnectionWriter,
+    cla_worker::protocol::ConnectionReader,
+) {
+    use cla_worker::protocol::{Connection, Hello, PROTOCOL_VERSION, WORKER_ID_HEADER, WorkerMessage};
+    let auth = format!("Bearer {token}");
+    let url = format!("{}/ws/v1", hub.url);
+    let conn = Connection::connect(&url, &[("authorization", &auth), (WORKER_ID_HEADER, id)])
+        .await
+        .unwrap();
+    let (mut w, r) = conn.split();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        agent: "test".into(),
+        tags: vec!["t".into()],
+        envs: vec![],
+        capacity: 1,
+        host: "h".into(),
+        os: "linux".into(),
+        arch: "x".into(),
+        pid: 1,
+        resume: vec![],
+        features: vec![],
+    };
+    w.send(&WorkerMessage::Hello(hello)).await.unwrap();
+    (w, r)
 }
