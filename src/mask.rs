@@ -40,9 +40,12 @@ pub struct Masks {
 }
 
 struct Compiled {
-    /// The values in all their forms: a searcher, and the same needles as an anchored DFA (to tell
-    /// whether a tail could still become one).
-    literals: Option<(AhoCorasick, aho_corasick::dfa::DFA)>,
+    /// The values in all their forms: a fast leftmost-longest searcher (SIMD prefilter), one that also
+    /// reports overlapping occurrences (run only around a match), and the needles as an anchored DFA (to
+    /// tell whether a tail could still become one).
+    literals: Option<(AhoCorasick, AhoCorasick, aho_corasick::dfa::DFA)>,
+    /// The longest value form.
+    longest: usize,
     patterns: Option<Regex>,
     /// The longest stretch held back across a chunk boundary.
     window: usize,
@@ -84,12 +87,17 @@ impl Masks {
                 .match_kind(MatchKind::LeftmostLongest)
                 .build(&needles)
                 .map_err(err)?;
+            // Every occurrence, overlapping ones included: two secrets that overlap are masked as one run.
+            let overlapping = AhoCorasick::builder()
+                .match_kind(MatchKind::Standard)
+                .build(&needles)
+                .map_err(err)?;
             let anchored = aho_corasick::dfa::DFA::builder()
                 .match_kind(MatchKind::LeftmostLongest)
                 .start_kind(StartKind::Anchored)
                 .build(&needles)
                 .map_err(err)?;
-            Some((search, anchored))
+            Some((search, overlapping, anchored))
         };
         for p in patterns {
             check_pattern(p)?;
@@ -120,6 +128,7 @@ impl Masks {
         Ok(Masks {
             inner: Some(Arc::new(Compiled {
                 literals,
+                longest,
                 patterns: patterns_re,
                 window,
             })),
@@ -136,6 +145,7 @@ impl Masks {
         StreamMasker {
             masks: self.inner.clone(),
             held: Vec::new(),
+            covered: 0,
         }
     }
 
@@ -205,6 +215,9 @@ fn first_line(s: &str) -> String {
 pub struct StreamMasker {
     masks: Option<Arc<Compiled>>,
     held: Vec<u8>,
+    /// How many bytes at the start of `held` a `***` already sent stands for (a masked run reaching into
+    /// what had to be held back): they are not shown, and a match overlapping them joins that run.
+    covered: usize,
 }
 
 impl StreamMasker {
@@ -216,8 +229,9 @@ impl StreamMasker {
         };
         self.held.extend_from_slice(chunk);
         let hold_from = hold_point(&m, &self.held);
-        let (out, consumed) = mask_until(&m, &self.held, hold_from);
-        self.held.drain(..consumed);
+        let (out, covered_to) = mask_until(&m, &self.held, self.covered, hold_from);
+        self.held.drain(..hold_from);
+        self.covered = covered_to.saturating_sub(hold_from);
         out
     }
 
@@ -227,7 +241,7 @@ impl StreamMasker {
             return Vec::new();
         };
         let held = std::mem::take(&mut self.held);
-        let (out, _) = mask_until(&m, &held, held.len());
+        let (out, _) = mask_until(&m, &held, std::mem::take(&mut self.covered), held.len());
         out
     }
 
@@ -246,7 +260,7 @@ fn hold_point(m: &Compiled, buf: &[u8]) -> usize {
             let tail = &buf[p..];
             m.literals
                 .as_ref()
-                .is_some_and(|(_, dfa)| literal_alive(dfa, tail))
+                .is_some_and(|(_, _, dfa)| literal_alive(dfa, tail))
                 || m.patterns.as_ref().is_some_and(|re| pattern_alive(re, tail))
         })
         .unwrap_or(buf.len())
@@ -283,18 +297,19 @@ fn pattern_alive(re: &Regex, tail: &[u8]) -> bool {
     true
 }
 
-/// Masks the matches in `buf` that start before `until` (leftmost first, the longest at a position;
-/// values' forms and patterns together), and copies the rest of `buf` before `until` unchanged. Returns
-/// the output and how much of `buf` it covers (past `until` when a match starting before it ends after
-/// it).
-fn mask_until(m: &Compiled, buf: &[u8], until: usize) -> (Vec<u8>, usize) {
+/// Masks `buf[..until]`: every match starting before `until` (values' forms and patterns; overlapping
+/// ones merge into one run) becomes `***`, and the rest is copied unchanged. The first `covered` bytes
+/// were masked already: they are not shown again, and a match overlapping them extends that run. Returns
+/// the output and where the last run ends (which may be past `until`: those bytes stay held, covered).
+fn mask_until(m: &Compiled, buf: &[u8], covered: usize, until: usize) -> (Vec<u8>, usize) {
     let mut found: Vec<(usize, usize)> = Vec::new();
-    if let Some((ac, _)) = &m.literals {
-        found.extend(
-            ac.find_iter(buf)
-                .take_while(|x| x.start() < until)
-                .map(|x| (x.start(), x.end())),
-        );
+    if let Some((fast, all, _)) = &m.literals {
+        for x in fast.find_iter(buf).take_while(|x| x.start() < until) {
+            found.push((x.start(), x.end()));
+            // Others overlapping it start before its end, so end before its end plus the longest form.
+            let around = aho_corasick::Input::new(buf).range(x.start()..buf.len().min(x.end() + m.longest));
+            found.extend(all.find_overlapping_iter(around).map(|y| (y.start(), y.end())));
+        }
     }
     if let Some(re) = &m.patterns {
         found.extend(
@@ -302,21 +317,39 @@ fn mask_until(m: &Compiled, buf: &[u8], until: usize) -> (Vec<u8>, usize) {
                 .take_while(|x| x.start() < until)
                 .map(|x| (x.start(), x.end())),
         );
-        found.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
     }
+    found.sort_unstable();
     let mut out = Vec::with_capacity(until);
+    // The run being built: (start, end), and whether its `***` was already sent.
+    let mut run: Option<(usize, usize)> = (covered > 0).then_some((0, covered));
     let mut at = 0;
-    for (start, end) in found {
-        if start < at {
-            continue; // overlaps the previous one
+    let flush = |out: &mut Vec<u8>, at: &mut usize, (start, end): (usize, usize)| {
+        if start >= *at {
+            out.extend_from_slice(&buf[*at..start]);
+            if !(start == 0 && covered > 0) {
+                out.extend_from_slice(MASK.as_bytes());
+            }
         }
-        out.extend_from_slice(&buf[at..start]);
-        out.extend_from_slice(MASK.as_bytes());
-        at = end;
+        *at = end;
+    };
+    for (start, end) in found {
+        match run {
+            Some((s, e)) if start < e => run = Some((s, e.max(end))),
+            Some(r) => {
+                flush(&mut out, &mut at, r);
+                run = Some((start, end));
+            }
+            None => run = Some((start, end)),
+        }
     }
-    let end = until.max(at);
-    out.extend_from_slice(&buf[at..end]);
-    (out, end)
+    if let Some(r) = run {
+        flush(&mut out, &mut at, r);
+    }
+    if at < until {
+        out.extend_from_slice(&buf[at..until]);
+        at = until;
+    }
+    (out, at)
 }
 
 /// `value` and the forms it usually takes when printed.
@@ -341,6 +374,14 @@ fn encodings(value: &[u8]) -> Vec<Vec<u8>> {
             let last = (8 * (k + value.len())) / 6; // exclusive
             if last > first {
                 out.push(enc[first..last.min(enc.len())].to_vec());
+            }
+            // And the value at the very end of the encoded data: the last characters then hold its last
+            // bits padded with zeros, with or without `=` padding.
+            if enc.len() > first {
+                let tail = &enc[first..];
+                out.push(tail.to_vec());
+                let unpadded = tail.iter().rposition(|&c| c != b'=').map_or(0, |i| i + 1);
+                out.push(tail[..unpadded].to_vec());
             }
         }
     }
@@ -382,26 +423,27 @@ mod tests {
     fn every_encoding_is_masked() {
         use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
         let m = masks();
+        // Each form, and how many of its characters may show: none, except those of a base64 form that
+        // (also) encode the bytes before the value.
         let forms = [
-            SECRET.to_owned(),
-            hex::encode(SECRET),
-            hex::encode_upper(SECRET),
-            String::from_utf8(percent(SECRET.as_bytes(), false)).unwrap(),
-            String::from_utf8(percent(SECRET.as_bytes(), true)).unwrap(),
-            b64(STANDARD, b""),
-            b64(STANDARD, b"x"),
-            b64(STANDARD, b"xy"),
-            b64(URL_SAFE, b"xyz"),
-            b64(URL_SAFE, b"x"),
-            b64(URL_SAFE_NO_PAD, b"xy"),
+            (SECRET.to_owned(), 0),
+            (hex::encode(SECRET), 0),
+            (hex::encode_upper(SECRET), 0),
+            (String::from_utf8(percent(SECRET.as_bytes(), false)).unwrap(), 0),
+            (String::from_utf8(percent(SECRET.as_bytes(), true)).unwrap(), 0),
+            (b64(STANDARD, b""), 0),
+            (b64(STANDARD, b"x"), 2),
+            (b64(STANDARD, b"xy"), 3),
+            (b64(URL_SAFE, b"xyz"), 4),
+            (b64(URL_SAFE, b"x"), 2),
+            (b64(URL_SAFE_NO_PAD, b"xy"), 3),
         ];
-        for form in forms {
+        for (form, may_show) in forms {
             let out = m.text(&format!("before {form} after"));
             assert!(out.contains(MASK), "{form} -> {out}");
             assert!(out.starts_with("before ") && out.ends_with(" after"), "{out}");
-            // Nothing long of the encoding survives: at most 2 characters at each edge (and padding).
             let visible = out.len() - "before  after".len() - MASK.len();
-            assert!(visible <= 6, "{form} -> {out}");
+            assert!(visible <= may_show, "{form} -> {out}");
         }
     }
 
@@ -480,6 +522,24 @@ mod tests {
         assert_eq!(m.text("xabcdef1234y"), "x***y", "the longer one wins");
         assert_eq!(m.text("xabcdef12y"), "x***y");
         assert_eq!(m.text("abcdef12abcdef12"), "******");
+    }
+
+    #[test]
+    fn overlapping_secrets_are_one_run_at_any_cut() {
+        let m = Masks::new(&["abcdefgh", "efghijkl"], &[]).unwrap();
+        let text = "x abcdefghijkl y abcdefgh z";
+        let whole = m.text(text);
+        assert_eq!(whole, "x *** y *** z");
+        for cut in 0..=text.len() {
+            for cut2 in cut..=text.len() {
+                let mut s = m.stream();
+                let mut out = s.push(&text.as_bytes()[..cut]);
+                out.extend(s.push(&text.as_bytes()[cut..cut2]));
+                out.extend(s.push(&text.as_bytes()[cut2..]));
+                out.extend(s.finish());
+                assert_eq!(String::from_utf8(out).unwrap(), whole, "cuts at {cut}, {cut2}");
+            }
+        }
     }
 
     #[test]

@@ -56,6 +56,18 @@ echo "to stderr: $DB_PASSWORD" >&2"#;
     assert!(se.contains("to stderr: ***"), "{se}");
     assert!(so.lines().filter(|l| l.contains("***")).count() >= 6, "{so}");
 
+    // The start of what could have been a secret, left in the pipe by a command whose background child
+    // keeps the pipe open: sent once the job ends, not lost.
+    let out = hub.run(&[
+        "exec",
+        "--worker",
+        "mask-1",
+        "--",
+        "printf 'tail: Pa55'; sleep 30 &",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "tail: Pa55");
+
     // The stored output and the worker's own token (read from its config by a job).
     let id = hub.detach("mask-1", &[], &format!("cat {}", setup.config.display()));
     hub.wait_job_state(&id, "succeeded", 20);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -142,20 +142,16 @@ pub(crate) async fn handle(
     journal.started(child.id()).await;
 
     let last_output = Arc::new(AtomicU64::new(0));
-    let spawn_pump = |pipe: Box<dyn AsyncRead + Unpin + Send>, stream| {
-        let masker = ctx.masks.stream();
-        tokio::spawn(pump(
-            pipe,
-            stream,
-            journal.clone(),
-            start,
-            last_output.clone(),
-            masker,
-        ))
+    // Each stream's masker outlives its pump: a pump cut off after the linger (a background process
+    // holding the pipe open) may hold back the start of what could be a secret, sent after the drain.
+    let maskers = [Stream::Stdout, Stream::Stderr].map(|s| (s, Arc::new(Mutex::new(ctx.masks.stream()))));
+    let spawn_pump = |pipe: Box<dyn AsyncRead + Unpin + Send>, i: usize| {
+        let (stream, masker) = (maskers[i].0, maskers[i].1.clone());
+        tokio::spawn(pump(pipe, stream, journal.clone(), start, last_output.clone(), masker))
     };
     let pumps = [
-        spawn_pump(Box::new(child.stdout.take().expect("piped")), Stream::Stdout),
-        spawn_pump(Box::new(child.stderr.take().expect("piped")), Stream::Stderr),
+        spawn_pump(Box::new(child.stdout.take().expect("piped")), 0),
+        spawn_pump(Box::new(child.stderr.take().expect("piped")), 1),
     ];
 
     let timeout = req.timeout_ms.map(Duration::from_millis);
@@ -189,6 +185,12 @@ pub(crate) async fn handle(
         base + Duration::from_millis(moved.load(Ordering::Relaxed))
     })
     .await;
+    for (stream, masker) in &maskers {
+        let rest = masker.lock().expect("masker lock").finish();
+        if !rest.is_empty() {
+            journal.output(*stream, Bytes::from(rest)).await;
+        }
+    }
     let (rc, signal) = status.map(exit_status).unwrap_or((None, None));
     result(outcome, rc, signal, error)
 }
@@ -201,13 +203,13 @@ async fn pump(
     journal: Arc<Journal>,
     start: Instant,
     last: Arc<AtomicU64>,
-    mut masker: crate::mask::StreamMasker,
+    masker: Arc<Mutex<crate::mask::StreamMasker>>,
 ) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => {
-                let rest = masker.finish();
+                let rest = masker.lock().expect("masker lock").finish();
                 if !rest.is_empty() {
                     journal.output(stream, Bytes::from(rest)).await;
                 }
@@ -215,7 +217,7 @@ async fn pump(
             }
             Ok(n) => {
                 last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                let out = masker.push(&buf[..n]);
+                let out = masker.lock().expect("masker lock").push(&buf[..n]);
                 if !out.is_empty() {
                     journal.output(stream, Bytes::from(out)).await;
                 }

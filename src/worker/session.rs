@@ -571,6 +571,9 @@ impl WorkerJobs {
     }
 }
 
+/// How long a worker stays idle before it returns its free heap to the OS.
+const IDLE_TRIM_AFTER: Duration = Duration::from_secs(2);
+
 fn running(table: &Table) -> u32 {
     table
         .lock()
@@ -1073,7 +1076,18 @@ impl<'w> Live<'w> {
                 if let Some(t) = table.lock().expect("jobs lock").get_mut(&job) {
                     t.ended = true;
                 }
-                reporter.update(|s| s.running = running(&table));
+                let now_running = running(&table);
+                reporter.update(|s| s.running = now_running);
+                if now_running == 0 {
+                    // Idle: once it has stayed so for a moment, hand back the memory busy times took.
+                    let table = table.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(IDLE_TRIM_AFTER).await;
+                        if running(&table) == 0 {
+                            crate::util::release_free_memory();
+                        }
+                    });
+                }
             },
             span,
         ));
