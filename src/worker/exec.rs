@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -147,7 +147,14 @@ pub(crate) async fn handle(
     let maskers = [Stream::Stdout, Stream::Stderr].map(|s| (s, Arc::new(Mutex::new(ctx.masks.stream()))));
     let spawn_pump = |pipe: Box<dyn AsyncRead + Unpin + Send>, i: usize| {
         let (stream, masker) = (maskers[i].0, maskers[i].1.clone());
-        tokio::spawn(pump(pipe, stream, journal.clone(), start, last_output.clone(), masker))
+        tokio::spawn(pump(
+            pipe,
+            stream,
+            journal.clone(),
+            start,
+            last_output.clone(),
+            masker,
+        ))
     };
     let pumps = [
         spawn_pump(Box::new(child.stdout.take().expect("piped")), 0),
