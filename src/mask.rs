@@ -106,15 +106,9 @@ impl Masks {
             None
         } else {
             Some(
-                Regex::builder()
-                    .syntax(
-                        regex_automata::util::syntax::Config::new()
-                            .unicode(false)
-                            .utf8(false),
-                    )
-                    .dense(dense::Config::new().minimize(false))
+                pattern_builder()
                     .build_many(patterns)
-                    .map_err(|e| format!("cannot build the masks: {e}"))?,
+                    .map_err(|e| format!("cannot build the masks: {}", cause(&e)))?,
             )
         };
         if literals.is_none() && patterns_re.is_none() {
@@ -180,27 +174,63 @@ impl Masks {
     }
 }
 
+/// How large the automata of `mask.patterns` may grow (each of the NFA, the DFA and its
+/// determinization). A DFA can be exponentially larger than its pattern (`[0-9A-Z]{5000}`, `(a|b)*a.{20}`):
+/// without a limit one line of config could take all the memory of the machine.
+pub const PATTERN_SIZE_LIMIT: usize = 8 << 20;
+
+/// The one way `mask.patterns` are compiled: bytes (not Unicode), and bounded in size.
+fn pattern_builder() -> regex_automata::dfa::regex::Builder {
+    let mut b = Regex::builder();
+    b.syntax(
+        regex_automata::util::syntax::Config::new()
+            .unicode(false)
+            .utf8(false),
+    )
+    .thompson(regex_automata::nfa::thompson::Config::new().nfa_size_limit(Some(PATTERN_SIZE_LIMIT)))
+    .dense(
+        dense::Config::new()
+            .minimize(false)
+            .dfa_size_limit(Some(PATTERN_SIZE_LIMIT))
+            .determinize_size_limit(Some(PATTERN_SIZE_LIMIT)),
+    );
+    b
+}
+
 /// A checked regex for `mask.patterns`: compiles alone, and cannot match the empty string.
 pub fn check_pattern(p: &str) -> Result<(), String> {
-    let re = Regex::builder()
-        .syntax(
-            regex_automata::util::syntax::Config::new()
-                .unicode(false)
-                .utf8(false),
-        )
-        .build(p)
-        .map_err(|e| {
+    let shown = crate::util::one_line(p, 80);
+    let re = pattern_builder().build(p).map_err(|e| {
+        if e.is_size_limit_exceeded() || e.to_string().contains("exceeded") || cause(&e).contains("exceeded") {
             format!(
-                "pattern `{p}` is not a valid regex: {}",
-                first_line(&e.to_string())
+                "pattern `{shown}` is too large to search for as a stream (over {} MiB of automaton): use smaller \
+                 repetition counts or fewer alternatives",
+                PATTERN_SIZE_LIMIT >> 20
             )
-        })?;
+        } else {
+            format!("pattern `{shown}` is not a valid regex: {}", cause(&e))
+        }
+    })?;
     if re.find(b"").is_some() {
         return Err(format!(
-            "pattern `{p}` matches the empty string: make it match at least one character"
+            "pattern `{shown}` matches the empty string: make it match at least one character"
         ));
     }
     Ok(())
+}
+
+/// The most precise line of a regex build error: the innermost cause (the DFA error only says
+/// "error building NFA"), and of a syntax error's picture of the pattern, its `error: ...` line.
+fn cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut inner = e;
+    while let Some(next) = inner.source() {
+        inner = next;
+    }
+    let text = inner.to_string();
+    match text.lines().rev().find_map(|l| l.trim().strip_prefix("error: ")) {
+        Some(line) => line.to_owned(),
+        None => first_line(&text),
+    }
 }
 
 fn first_line(s: &str) -> String {
@@ -556,8 +586,24 @@ mod tests {
             e.contains("pattern `(`") && e.contains("not a valid regex"),
             "{e}"
         );
+        assert!(e.contains("unclosed group"), "the syntax error's own words: {e}");
         let e = Masks::new::<&str>(&[], &["x*".to_owned()]).err().unwrap();
         assert!(e.contains("empty string"), "{e}");
+    }
+
+    #[test]
+    fn patterns_whose_automaton_explodes_are_refused_quickly() {
+        // Found by the property tests: `[0-9A-Z]{16}` mutated into a large count made the DFA take
+        // gigabytes. Each of these is refused with a one-line error, in bounded memory.
+        for p in ["[0-9A-Z]{16666}", "(a|b)*a(a|b){24}", "x{1000}{1000}"] {
+            let e = check_pattern(p)
+                .err()
+                .unwrap_or_else(|| panic!("{p} was accepted"));
+            assert!(e.contains("too large"), "{p}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        check_pattern("AKIA[0-9A-Z]{16}").unwrap();
+        check_pattern("[0-9a-f]{64}").unwrap();
     }
 
     #[test]

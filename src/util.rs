@@ -106,6 +106,24 @@ pub(crate) fn check_writable(path: &Path) -> Result<()> {
     })
 }
 
+/// `text` made safe for a one-line message: control characters escaped (`\n`, `\u{1b}`), and cut to
+/// `max` characters with an ellipsis. For peer-supplied text quoted in errors and logs.
+pub(crate) fn one_line(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (n, c) in text.chars().enumerate() {
+        if n == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Splits comma-separated values, trims them and drops empty ones (`"a, b,,c"` → `[a, b, c]`).
 pub(crate) fn split_list<'a>(values: impl IntoIterator<Item = &'a String>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();

@@ -210,9 +210,10 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<(ConfigFile, Vec<String>)
 }
 
 fn validate(path: &Path, f: &ConfigFile) -> Result<(), ConfigError> {
+    // Values are quoted in these messages: a multi-line YAML string must not break the one-line error.
     let invalid = |message: String| ConfigError::Invalid {
         path: path.to_path_buf(),
-        message,
+        message: crate::util::one_line(&message, 400),
     };
     if f.capacity == Some(0) {
         return Err(invalid("capacity must be at least 1".into()));

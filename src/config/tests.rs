@@ -56,6 +56,19 @@ fn parse_errors_carry_file_line_and_column() {
 }
 
 #[test]
+fn multi_line_values_keep_errors_on_one_line() {
+    // Found by the property tests: a quoted YAML string running over several lines.
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(&dir, "ml.yml", "url: 'ttp://h:1\ntags: [a]\n'\n");
+    let e = load(Some(&p), false, false).unwrap_err().to_string();
+    assert!(!e.contains('\n'), "{e}");
+    assert!(e.contains("must start with http://"), "{e}");
+    let p = write(&dir, "mp.yml", "mask:\n  patterns: [\"(a\\nb\"]\n");
+    let e = load(Some(&p), false, false).unwrap_err().to_string();
+    assert!(!e.contains('\n') && e.contains("mask.patterns[0]"), "{e}");
+}
+
+#[test]
 fn invalid_values_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(&dir, "v.yml", "policy:\n  deny: [teleport]\n");

@@ -109,9 +109,15 @@ pub fn decode_text<T: DeserializeOwned>(text: &str) -> Result<T, ProtocolError> 
             match serde_json::from_str::<Probe>(text) {
                 Ok(Probe {
                     kind: Some(serde_json::Value::String(kind)),
-                }) if err.to_string().starts_with("unknown variant") => Err(ProtocolError::UnknownType(kind)),
+                }) if err.to_string().starts_with("unknown variant") => {
+                    Err(ProtocolError::UnknownType(crate::util::one_line(&kind, 64)))
+                }
                 Ok(Probe { kind: None }) => Err(ProtocolError::Malformed("missing `type` field".to_owned())),
-                _ => Err(ProtocolError::Malformed(err.to_string())),
+                // serde quotes the offending value (`unknown variant `x\ny``): keep the error one line.
+                _ => Err(ProtocolError::Malformed(crate::util::one_line(
+                    &err.to_string(),
+                    240,
+                ))),
             }
         }
     }
@@ -163,6 +169,22 @@ mod tests {
         let e = decode_text::<HubMessage>(r#"{"type":"teleport","to":"mars"}"#).unwrap_err();
         assert!(
             matches!(e, ProtocolError::UnknownType(ref t) if t == "teleport"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn quoted_values_in_errors_stay_on_one_line() {
+        // Found by the property tests: a type or enum value with an escaped newline.
+        let e = decode_text::<WorkerMessage>(r#"{"type":"tra\nsfer","job":"j"}"#).unwrap_err();
+        assert_eq!(e.to_string(), "unsupported message type `tra\\nsfer`");
+        let long = "x".repeat(5000);
+        let e = decode_text::<WorkerMessage>(&format!(r#"{{"type":"{long}"}}"#)).unwrap_err();
+        assert!(e.to_string().len() < 120, "{e}");
+        let e = decode_text::<WorkerMessage>(r#"{"type":"finished","job":"j","outcome":"ok\u001b[2J\n"}"#)
+            .unwrap_err();
+        assert!(
+            !e.to_string().contains('\n') && !e.to_string().contains('\u{1b}'),
             "{e}"
         );
     }
