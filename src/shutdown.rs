@@ -36,23 +36,85 @@ pub async fn wait_for_signal() {
     }
     #[cfg(windows)]
     {
-        // Ctrl-C, Ctrl-Break and closing the console window all mean "drain and exit".
+        // Ctrl-C, Ctrl-Break, closing the console window and `cla-worker stop` (the stop event) all
+        // mean "drain and exit".
         use tokio::signal::windows::{ctrl_break, ctrl_close};
+        let stop = stop_event::wait();
         match (ctrl_break(), ctrl_close()) {
             (Ok(mut brk), Ok(mut close)) => {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = brk.recv() => {}
                     _ = close.recv() => {}
+                    _ = stop => {}
                 }
             }
             _ => {
-                let _ = tokio::signal::ctrl_c().await;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = stop => {}
+                }
             }
         }
     }
     #[cfg(not(any(unix, windows)))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Windows has no SIGTERM: a background worker (`cla-worker start`) waits on a named event of its own,
+/// `Local\cla-worker-stop-PID`, which `cla-worker stop` sets. (As a service, the Service Control Manager's
+/// stop request does the same.)
+#[cfg(windows)]
+pub mod stop_event {
+    use windows_sys::Win32::Foundation::{CloseHandle, HANDLE, WAIT_OBJECT_0};
+    use windows_sys::Win32::System::Threading::{
+        CreateEventW, EVENT_MODIFY_STATE, INFINITE, OpenEventW, SetEvent, WaitForSingleObject,
+    };
+
+    fn name(pid: u32) -> Vec<u16> {
+        format!("Local\\cla-worker-stop-{pid}\0").encode_utf16().collect()
+    }
+
+    /// Resolves when this process's stop event is set; never, if it cannot be created.
+    pub async fn wait() {
+        let name = name(std::process::id());
+        // SAFETY: a NUL-terminated name; the handle is closed by the thread that waits on it.
+        let event = unsafe { CreateEventW(std::ptr::null(), 1, 0, name.as_ptr()) } as usize;
+        if event == 0 {
+            tracing::warn!(
+                "cannot create the stop event: {}",
+                std::io::Error::last_os_error()
+            );
+            return std::future::pending().await;
+        }
+        let waited = tokio::task::spawn_blocking(move || {
+            let event = event as HANDLE;
+            // SAFETY: a valid event handle, owned here.
+            let r = unsafe { WaitForSingleObject(event, INFINITE) };
+            unsafe { CloseHandle(event) };
+            r == WAIT_OBJECT_0
+        })
+        .await;
+        if !matches!(waited, Ok(true)) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Sets the stop event of worker `pid`.
+    pub fn request(pid: u32) -> std::io::Result<()> {
+        let name = name(pid);
+        // SAFETY: a NUL-terminated name; the handle is closed before returning.
+        unsafe {
+            let event = OpenEventW(EVENT_MODIFY_STATE, 0, name.as_ptr());
+            if event.is_null() {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = SetEvent(event);
+            let err = std::io::Error::last_os_error();
+            CloseHandle(event);
+            if ok == 0 { Err(err) } else { Ok(()) }
+        }
     }
 }

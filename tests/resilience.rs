@@ -176,6 +176,8 @@ fn a_flood_of_bad_frames_or_an_oversized_frame_closes_the_connection() {
     });
     hub.proc
         .wait_for_line("malformed or unsupported frames within", 10);
+    // The session is gone before the same id connects again (else: "already connected").
+    hub.proc.wait_for_line("worker disconnected", 10);
     rt.block_on(async {
         let (mut w, r) = open().await;
         let reading = tokio::spawn(until_closed(r));

@@ -160,7 +160,14 @@ fn detach(cmd: &mut Command) {
             cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
         }
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
+    {
+        use std::os::windows::process::CommandExt;
+        use windows_sys::Win32::System::Threading::{CREATE_NEW_PROCESS_GROUP, DETACHED_PROCESS};
+        // No console (closing ours must not end it), and out of our Ctrl-C group.
+        cmd.creation_flags(DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP);
+    }
+    #[cfg(not(any(unix, windows)))]
     let _ = cmd;
 }
 
@@ -220,10 +227,18 @@ fn signal_term(pid: u32) -> Result<()> {
         kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM)
             .map_err(|e| Error::Other(format!("cannot signal pid {pid}: {e}")))
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
+    {
+        crate::shutdown::stop_event::request(pid).map_err(|e| {
+            Error::Other(format!(
+                "cannot ask pid {pid} to stop ({e}): is it a cla-worker of this user's session? (`taskkill /PID {pid} /T /F` forces it)"
+            ))
+        })
+    }
+    #[cfg(not(any(unix, windows)))]
     {
         Err(Error::Other(format!(
-            "stopping pid {pid} is not supported on this platform yet"
+            "stopping pid {pid} is not supported on this platform"
         )))
     }
 }

@@ -6,6 +6,8 @@ pub mod demo;
 pub mod hub;
 mod jobs;
 pub(crate) mod rulebook;
+#[cfg(windows)]
+pub mod service;
 mod table;
 pub(crate) mod transfer;
 pub mod worker;

@@ -48,6 +48,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Check config, DNS, TCP, TLS, HTTP, clock skew and authentication against the hub, with fixes.
     Doctor(UnregisterArgs),
+    /// Install, remove, start or stop the worker as a Windows service.
+    #[cfg(windows)]
+    #[command(subcommand)]
+    Service(super::service::ServiceCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell.
@@ -242,6 +246,27 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     .map_err(|e| Error::io(path, e))?;
             crate::logging::init_to_file(verbose, file);
         }
+        // A service has no console: its log goes to --logfile, else the worker's default logfile.
+        #[cfg(windows)]
+        Command::Service(super::service::ServiceCommand::Run { run, .. }) => {
+            let path = match &run.logfile {
+                Some(p) => p.clone(),
+                None => {
+                    let id = config::resolve_id(&loaded, run.who.id.as_deref())?;
+                    crate::worker::daemon::paths(&id, None, loaded.file.logfile.clone()).logfile
+                }
+            };
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            let file = crate::logging::RotatingFile::open(
+                &path,
+                loaded.file.log_max_bytes(),
+                loaded.file.log_keep(),
+            )
+            .map_err(|e| Error::io(&path, e))?;
+            crate::logging::init_to_file(verbose, file);
+        }
         _ => crate::logging::init(verbose),
     }
     for w in &loaded.warnings {
@@ -252,6 +277,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Start(a) => super::daemon::start(a, &loaded, args.verbose, args.strict),
         Command::Stop(a) => super::daemon::stop(a, &loaded),
         Command::Status(a) => super::daemon::status(a, &loaded),
+        // The SCM's dispatcher blocks this thread; the service makes its own runtime.
+        #[cfg(windows)]
+        Command::Service(c) => super::service::run(c, &loaded, verbose),
         command => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -520,6 +548,19 @@ pub(crate) fn overrides(a: &RunArgs) -> Overrides {
 }
 
 async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig, strict: bool) -> Result<ExitCode> {
+    // Signal handlers first: a SIGTERM or SIGHUP arriving once the pidfile exists must not kill us.
+    let shutdown = crate::shutdown::on_signals();
+    crate::shutdown::hold_sighup();
+    run_worker_until(a, loaded, strict, shutdown).await
+}
+
+/// The worker of `run` (and of the Windows service), until `shutdown` is cancelled.
+pub(crate) async fn run_worker_until(
+    a: RunArgs,
+    loaded: &config::LoadedConfig,
+    strict: bool,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<ExitCode> {
     let cli = overrides(&a);
     let settings = config::resolve(loaded, &cli)?;
     // SIGHUP: the same file again, the same flags on top.
@@ -540,9 +581,6 @@ async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig, strict: bool) -> 
         reload: Some(reload),
     };
     agent::session::check(&settings)?;
-    // Signal handlers first: a SIGTERM or SIGHUP arriving once the pidfile exists must not kill us.
-    let shutdown = crate::shutdown::on_signals();
-    crate::shutdown::hold_sighup();
     let _pidfile = match &a.pidfile {
         Some(p) => {
             let lock = crate::worker::daemon::PidLock::acquire(p)?;

@@ -44,7 +44,7 @@ pub enum ConfigError {
 }
 
 /// A config file as loaded, with the warnings found while loading it.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LoadedConfig {
     /// Where it came from; `None` when no file was found (all defaults).
     pub path: Option<PathBuf>,
@@ -61,6 +61,11 @@ pub fn search_paths() -> Vec<PathBuf> {
     }
     #[cfg(unix)]
     paths.push(PathBuf::from("/etc").join(FILE_NAME));
+    // Windows' counterpart of /etc: %ProgramData%\cla-worker\cla-worker.yml.
+    #[cfg(windows)]
+    if let Some(data) = std::env::var_os("ProgramData") {
+        paths.push(PathBuf::from(data).join("cla-worker").join(FILE_NAME));
+    }
     paths
 }
 

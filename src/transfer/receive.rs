@@ -274,8 +274,10 @@ impl Stage {
                     "protocol error: the first entry `{wire}` is not the transfer's root"
                 ));
             }
+            // The path asked for is the worker's: on a Windows worker `C:\\dir\\NAME` ends in NAME too.
             if let Some(want) = &self.expect_name
                 && want != parts[0]
+                && want.rsplit('\\').next() != Some(parts[0])
             {
                 return Err(format!(
                     "refused the transfer: its root is named `{}`, but `{want}` was asked for",

@@ -255,6 +255,27 @@ async fn a_sender_cannot_choose_another_root_name() {
     assert!(!home.exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_from_a_windows_path_expects_its_last_component() {
+    // The hub fetching `Z:\\releases\\app.tar` from a Windows worker: the root comes named `app.tar`.
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("app.tar");
+    std::fs::write(&src, b"tar").unwrap();
+    let source = Source::open(src).await.unwrap();
+    let (mut s, mut r) = pair();
+    let c = CancellationToken::new();
+    let back = d.path().join("back");
+    let mut want = to(&PathBuf::from(format!("{}/", back.display())));
+    want.expect_name = Some(r"Z:\releases\app.tar".into());
+    let (sent, got) = tokio::join!(
+        send(source, &mut s, &c, |_| {}),
+        receive(want, &mut r, &c, |_| {})
+    );
+    sent.unwrap();
+    got.unwrap();
+    assert_eq!(std::fs::read(back.join("app.tar")).unwrap(), b"tar");
+}
+
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merge_goes_through_a_linked_destination_and_keeps_its_mode() {

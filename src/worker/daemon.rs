@@ -91,7 +91,16 @@ pub fn running(pidfile: &Path) -> Option<u32> {
             }),
         }
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
+    {
+        // The running worker keeps its pidfile open without write sharing (see PidLock): if the file can be
+        // opened for writing, nobody holds it.
+        if std::fs::OpenOptions::new().write(true).open(pidfile).is_ok() {
+            return None;
+        }
+        read_pid(pidfile)
+    }
+    #[cfg(not(any(unix, windows)))]
     {
         read_pid(pidfile)
     }
@@ -102,6 +111,8 @@ pub struct PidLock {
     path: PathBuf,
     #[cfg(unix)]
     _lock: nix::fcntl::Flock<std::fs::File>,
+    #[cfg(not(unix))]
+    _file: std::fs::File,
 }
 
 impl PidLock {
@@ -110,13 +121,31 @@ impl PidLock {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+        let mut open = std::fs::OpenOptions::new();
+        open.read(true).write(true).create(true).truncate(false);
+        // Windows has no flock: the running worker holds the file open sharing reads only, so a second
+        // one cannot open it for writing, and a crash releases it as well.
+        #[cfg(windows)]
+        std::os::windows::fs::OpenOptionsExt::share_mode(
+            &mut open,
+            // (Delete sharing: so that Drop can remove it while it is still open.)
+            windows_sys::Win32::Storage::FileSystem::FILE_SHARE_READ
+                | windows_sys::Win32::Storage::FileSystem::FILE_SHARE_DELETE,
+        );
+        #[cfg(windows)]
+        let file = open.open(path).map_err(|e| match e.raw_os_error() {
+            // ERROR_SHARING_VIOLATION
+            Some(32) => {
+                let pid = read_pid(path).map(|p| format!("pid {p}, ")).unwrap_or_default();
+                Error::Other(format!(
+                    "a worker is already running with this pidfile ({pid}{})",
+                    path.display()
+                ))
+            }
+            _ => Error::io(path, e),
+        })?;
+        #[cfg(not(windows))]
+        let file = open.open(path).map_err(|e| Error::io(path, e))?;
         #[cfg(unix)]
         {
             use nix::fcntl::{Flock, FlockArg};
@@ -144,8 +173,10 @@ impl PidLock {
             let mut file = file;
             file.set_len(0).map_err(|e| Error::io(path, e))?;
             writeln!(file, "{}", std::process::id()).map_err(|e| Error::io(path, e))?;
+            file.sync_all().map_err(|e| Error::io(path, e))?;
             Ok(PidLock {
                 path: path.to_path_buf(),
+                _file: file,
             })
         }
     }

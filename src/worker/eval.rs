@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::exec::{ExecCtx, PIPE_LINGER, scrub_env};
 use super::journal::{Journal, Stream};
-use super::process::{Ending, drain, exit_status, own_group, supervise};
+use super::process::{Ending, drain, exit_status, spawn_tree, supervise};
 use crate::eval::child::{CHILD_ENV, ChildLine};
 use crate::eval::{DEFAULT_TIMEOUT_MS, EvalInput, EvalLimits, WorkerInfo};
 use crate::protocol::{ConsoleLine, EvalOutput, EvalRequest, JobResult, Outcome};
@@ -110,9 +110,8 @@ pub(crate) async fn handle(
     if let Some(dir) = ctx.workdir.as_ref().filter(|d| d.is_dir()) {
         cmd.current_dir(dir);
     }
-    own_group(&mut cmd);
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let mut tree = match spawn_tree(&mut cmd) {
+        Ok(t) => t,
         Err(e) => {
             return result(
                 Outcome::Error,
@@ -122,17 +121,17 @@ pub(crate) async fn handle(
             );
         }
     };
-    journal.started(child.id()).await;
+    journal.started(tree.child.id()).await;
 
     let request = serde_json::to_vec(&input).expect("eval input serializes");
-    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdin = tree.child.stdin.take().expect("piped");
     let feeder = tokio::spawn(async move {
         let _ = stdin.write_all(&request).await;
         // Dropping stdin closes it: the child reads to EOF.
     });
     let out = journal.clone();
     let masks = ctx.masks.clone();
-    let stdout = child.stdout.take().expect("piped");
+    let stdout = tree.child.stdout.take().expect("piped");
     let reader = tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();
         let mut done = None;
@@ -153,7 +152,7 @@ pub(crate) async fn handle(
         }
         done
     });
-    let mut stderr = child.stderr.take().expect("piped");
+    let mut stderr = tree.child.stderr.take().expect("piped");
     let errors = tokio::spawn(async move {
         let mut buf = Vec::new();
         let _ = (&mut stderr).take(STDERR_TAIL as u64).read_to_end(&mut buf).await;
@@ -166,7 +165,7 @@ pub(crate) async fn handle(
     });
 
     let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS));
-    let (ending, status) = supervise(&mut child, &cancel, || {
+    let (ending, status) = supervise(&mut tree, &cancel, || {
         (start.elapsed() >= timeout).then(|| format!("timed out after {}s", timeout.as_secs_f64()))
     })
     .await;

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::journal::{Journal, Stream};
-use super::process::{Ending, drain_while_moving, exit_status, own_group, shell, supervise};
+use super::process::{Ending, drain_while_moving, exit_status, shell, spawn_tree, supervise};
 use super::session::Out;
 use crate::protocol::{CommandLine, ExecRequest, JobResult, Outcome};
 
@@ -131,15 +131,14 @@ pub(crate) async fn handle(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    own_group(&mut cmd);
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let mut tree = match spawn_tree(&mut cmd) {
+        Ok(t) => t,
         Err(e) => {
             let msg = format!("cannot run `{}`: {e}", req.command.display());
             return result(Outcome::Error, None, None, Some(msg));
         }
     };
-    journal.started(child.id()).await;
+    journal.started(tree.child.id()).await;
 
     let last_output = Arc::new(AtomicU64::new(0));
     // Each stream's masker outlives its pump: a pump cut off after the linger (a background process
@@ -157,8 +156,8 @@ pub(crate) async fn handle(
         ))
     };
     let pumps = [
-        spawn_pump(Box::new(child.stdout.take().expect("piped")), 0),
-        spawn_pump(Box::new(child.stderr.take().expect("piped")), 1),
+        spawn_pump(Box::new(tree.child.stdout.take().expect("piped")), 0),
+        spawn_pump(Box::new(tree.child.stderr.take().expect("piped")), 1),
     ];
 
     let timeout = req.timeout_ms.map(Duration::from_millis);
@@ -168,7 +167,7 @@ pub(crate) async fn handle(
             .elapsed()
             .saturating_sub(Duration::from_millis(last_output.load(Ordering::Relaxed)))
     };
-    let (ending, status) = supervise(&mut child, &cancel, || {
+    let (ending, status) = supervise(&mut tree, &cancel, || {
         if let Some(t) = timeout.filter(|t| start.elapsed() >= *t) {
             return Some(format!("timed out after {}", secs(t)));
         }

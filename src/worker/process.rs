@@ -1,8 +1,9 @@
-//! Child processes as trees: each job runs in its own process group (Unix) so that a timeout or a cancel
-//! reaches every process it started, not just the first one.
+//! Child processes as trees: each job runs in its own process group (Unix) or Job Object (Windows) so
+//! that a timeout or a cancel reaches every process it started, not just the first one.
 //!
-//! The kill ladder: SIGTERM to the group, a grace period for it to exit, then SIGKILL to whatever is left.
-//! Windows (Job Objects) comes with the cross-platform issue; until then the direct child is killed.
+//! The kill ladder: on Unix SIGTERM to the group, a grace period for it to exit, then SIGKILL to whatever
+//! is left. On Windows Ctrl-Break to the job's console process group (console programs stop on it as on
+//! Ctrl-C), the same grace period, then `TerminateJobObject`, which ends every process in the job.
 
 use std::time::{Duration, Instant};
 
@@ -12,12 +13,26 @@ use tokio_util::sync::CancellationToken;
 /// Time between SIGTERM and SIGKILL.
 pub(crate) const KILL_GRACE: Duration = Duration::from_secs(2);
 
-/// Makes the command the leader of a new process group.
-pub(crate) fn own_group(cmd: &mut Command) {
+/// A running job process and, on Windows, the Job Object holding it and everything it starts.
+pub(crate) struct Tree {
+    pub(crate) child: Child,
+    #[cfg(windows)]
+    job: Option<job::Job>,
+}
+
+/// Starts `cmd` as the root of a tree of its own: the leader of a new process group (Unix), or a new
+/// console process group inside a new Job Object (Windows).
+pub(crate) fn spawn_tree(cmd: &mut Command) -> std::io::Result<Tree> {
     #[cfg(unix)]
     cmd.process_group(0);
-    #[cfg(not(unix))]
-    let _ = cmd;
+    #[cfg(windows)]
+    cmd.creation_flags(windows_sys::Win32::System::Threading::CREATE_NEW_PROCESS_GROUP);
+    let child = cmd.spawn()?;
+    Ok(Tree {
+        #[cfg(windows)]
+        job: job::Job::adopt(&child),
+        child,
+    })
 }
 
 /// The shell command for a one-string command line (`sh -c` / `cmd /C`). A std `Command`, so that the
@@ -52,14 +67,14 @@ pub(crate) enum Ending {
 /// Waits for `child` to exit, for `cancel`, or for `limit` (polled every 100 ms) to return a reason to
 /// stop; in the last two cases kills the whole tree. Returns why, and the exit status if there is one.
 pub(crate) async fn supervise(
-    child: &mut Child,
+    tree: &mut Tree,
     cancel: &CancellationToken,
     mut limit: impl FnMut() -> Option<String>,
 ) -> (Ending, Option<std::process::ExitStatus>) {
     let mut check = tokio::time::interval(Duration::from_millis(100));
     let ending = loop {
         tokio::select! {
-            status = child.wait() => return match status {
+            status = tree.child.wait() => return match status {
                 Ok(s) => (Ending::Exited(s), Some(s)),
                 Err(e) => (Ending::WaitFailed(format!("waiting for the process failed: {e}")), None),
             },
@@ -71,8 +86,8 @@ pub(crate) async fn supervise(
             }
         }
     };
-    kill_tree(child, KILL_GRACE).await;
-    (ending, child.try_wait().ok().flatten())
+    kill_tree(tree, KILL_GRACE).await;
+    (ending, tree.child.try_wait().ok().flatten())
 }
 
 /// Waits for reader tasks (pipes) to finish; after the process has ended, background processes may
@@ -116,9 +131,10 @@ pub(crate) async fn drain_while_moving<T>(
     out
 }
 
-/// Kills the tree led by `child`: TERM, up to `grace` for the group to empty, then KILL.
-/// Reaps the leader. Returns once the leader has exited.
-pub(crate) async fn kill_tree(child: &mut Child, grace: Duration) {
+/// Kills the tree led by `tree.child`: TERM (Ctrl-Break on Windows), up to `grace` for the tree to
+/// empty, then KILL (`TerminateJobObject`). Reaps the leader. Returns once the leader has exited.
+pub(crate) async fn kill_tree(tree: &mut Tree, grace: Duration) {
+    let child = &mut tree.child;
     #[cfg(unix)]
     {
         use nix::sys::signal::{Signal, killpg};
@@ -143,11 +159,109 @@ pub(crate) async fn kill_tree(child: &mut Child, grace: Duration) {
         }
         let _ = child.wait().await;
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
     {
-        let _ = grace;
-        let _ = Instant::now();
+        match (&tree.job, child.id()) {
+            (Some(job), Some(pid)) => {
+                // Ctrl-Break reaches the group only when we share a console with it (not as a service):
+                // then the grace period is the program's chance to clean up.
+                let asked = job::ctrl_break(pid);
+                let start = Instant::now();
+                while asked && job.active() > 0 && start.elapsed() < grace {
+                    let _ = child.try_wait();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                job.terminate();
+            }
+            _ => {
+                let _ = child.start_kill();
+            }
+        }
+        let _ = child.wait().await;
+    }
+    #[cfg(not(any(unix, windows)))]
+    {
+        let _ = (grace, Instant::now());
         let _ = child.kill().await;
+    }
+}
+
+/// Job Objects: every process a job's command starts (unless it asks to break away) is in its job, so
+/// one call ends them all.
+#[cfg(windows)]
+mod job {
+    use windows_sys::Win32::Foundation::{CloseHandle, HANDLE};
+    use windows_sys::Win32::System::Console::{CTRL_BREAK_EVENT, GenerateConsoleCtrlEvent};
+    use windows_sys::Win32::System::JobObjects::{
+        AssignProcessToJobObject, CreateJobObjectW, JOBOBJECT_BASIC_ACCOUNTING_INFORMATION,
+        JobObjectBasicAccountingInformation, QueryInformationJobObject, TerminateJobObject,
+    };
+
+    pub(super) struct Job(HANDLE);
+
+    // SAFETY: a Job Object handle may be used and closed from any thread.
+    unsafe impl Send for Job {}
+    unsafe impl Sync for Job {}
+
+    impl Job {
+        /// A new job holding `child` (and, from now on, whatever it starts). `None` if the OS refuses
+        /// (then only the child itself can be killed).
+        pub(super) fn adopt(child: &tokio::process::Child) -> Option<Job> {
+            let process = child.raw_handle()? as HANDLE;
+            // SAFETY: plain Win32 calls; the job handle is owned by the returned Job (closed on drop), the
+            // process handle stays owned by `child`.
+            unsafe {
+                let job = CreateJobObjectW(std::ptr::null(), std::ptr::null());
+                if job.is_null() {
+                    return None;
+                }
+                if AssignProcessToJobObject(job, process) == 0 {
+                    CloseHandle(job);
+                    tracing::debug!(
+                        "cannot put the job process in a Job Object: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    return None;
+                }
+                Some(Job(job))
+            }
+        }
+
+        /// How many processes of the job are alive.
+        pub(super) fn active(&self) -> u32 {
+            let mut info: JOBOBJECT_BASIC_ACCOUNTING_INFORMATION = unsafe { std::mem::zeroed() };
+            // SAFETY: `info` is a properly sized, writable out-buffer for this information class.
+            let ok = unsafe {
+                QueryInformationJobObject(
+                    self.0,
+                    JobObjectBasicAccountingInformation,
+                    (&mut info as *mut JOBOBJECT_BASIC_ACCOUNTING_INFORMATION).cast(),
+                    std::mem::size_of::<JOBOBJECT_BASIC_ACCOUNTING_INFORMATION>() as u32,
+                    std::ptr::null_mut(),
+                )
+            };
+            if ok == 0 { 0 } else { info.ActiveProcesses }
+        }
+
+        /// Ends every process in the job.
+        pub(super) fn terminate(&self) {
+            // SAFETY: the handle is valid until drop.
+            unsafe { TerminateJobObject(self.0, 1) };
+        }
+    }
+
+    impl Drop for Job {
+        fn drop(&mut self) {
+            // SAFETY: we own the handle. Closing it does not end the processes (no KILL_ON_JOB_CLOSE):
+            // as on Unix, background processes a finished command left behind are left alone.
+            unsafe { CloseHandle(self.0) };
+        }
+    }
+
+    /// Sends Ctrl-Break to the console process group `pid` leads. False if it could not be sent.
+    pub(super) fn ctrl_break(pid: u32) -> bool {
+        // SAFETY: plain Win32 call.
+        unsafe { GenerateConsoleCtrlEvent(CTRL_BREAK_EVENT, pid) != 0 }
     }
 }
 
