@@ -23,6 +23,7 @@ if ! command -v x86_64-w64-mingw32-gcc >/dev/null 2>&1; then
     $sudo_ apt-get install -y -q gcc-mingw-w64-x86-64
 fi
 wine=/usr/lib/wine/wine64
+wineserver=/usr/lib/wine/wineserver64
 if [[ ! -x $wine ]]; then
     $sudo_ apt-get install -y -q wine64
 fi
@@ -37,7 +38,7 @@ export WINEPREFIX="$tmp/prefix" WINEDEBUG=-all WINEARCH=win64 WINEDLLOVERRIDES="
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wineserver -k 2>/dev/null || /usr/lib/wine/wineserver64 -k 2>/dev/null || true
+    $wineserver -k 2>/dev/null || true
     wait 2>/dev/null || true
     rm -rf "$tmp"
 }
@@ -58,7 +59,7 @@ cd "$tmp"
 # The prefix is created on first use (about 10 s); the console programs need no display.
 # Wait for that first boot to finish: until then its service database is locked.
 timeout 120 $wine wineboot --init >/dev/null 2>&1 || true
-timeout 120 wineserver -w || true
+timeout 120 $wineserver -w || true
 w() { timeout 120 $wine "$tmp/bin/cla-worker.exe" -c "$tmp/w.yml" "$@"; }
 hub() { timeout 120 "$hubbin" --data-dir "$tmp/hub" "$@"; }
 win() { sed 's#/#\\#g; s#^#Z:#' <<<"$1"; }

@@ -301,4 +301,21 @@ fn with_mtls_a_worker_needs_the_client_certificate_issued_at_its_registration() 
         worker.log_text()
     );
     assert_ne!(hub.worker_state("m2").as_deref(), Some("idle"));
+
+    // Unregistering m2 removes the certificate and key made for it (over mTLS: it presents them).
+    let (cert2, key2) = (cert.replace("m1.crt", "m2.crt"), key.replace("m1.key", "m2.key"));
+    assert!(std::path::Path::new(&key2).exists());
+    let out = Command::new(WORKER)
+        .arg("-c")
+        .arg(&b.config)
+        .arg("unregister")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !std::path::Path::new(&cert2).exists() && !std::path::Path::new(&key2).exists(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(std::path::Path::new(&key).exists(), "m1's key stays");
 }

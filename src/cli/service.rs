@@ -177,15 +177,19 @@ fn install(a: InstallArgs, loaded: &LoadedConfig, verbose: u8) -> Result<ExitCod
     Ok(ExitCode::Success)
 }
 
+/// The installed service `name`, opened for `access`.
+fn open(name: &str, access: ServiceAccess) -> Result<windows_service::service::Service> {
+    ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)
+        .map_err(|e| scm(e, "reach the Service Control Manager for", name))?
+        .open_service(name, access)
+        .map_err(|e| scm(e, "open", name))
+}
+
 fn uninstall(name: &str) -> Result<ExitCode> {
-    let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)
-        .map_err(|e| scm(e, "reach the Service Control Manager to remove", name))?;
-    let service = manager
-        .open_service(
-            name,
-            ServiceAccess::QUERY_STATUS | ServiceAccess::STOP | ServiceAccess::DELETE,
-        )
-        .map_err(|e| scm(e, "open", name))?;
+    let service = open(
+        name,
+        ServiceAccess::QUERY_STATUS | ServiceAccess::STOP | ServiceAccess::DELETE,
+    )?;
     if service
         .query_status()
         .map(|s| s.current_state != ServiceState::Stopped)
@@ -200,14 +204,10 @@ fn uninstall(name: &str) -> Result<ExitCode> {
 }
 
 fn control(name: &str, start: bool) -> Result<ExitCode> {
-    let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)
-        .map_err(|e| scm(e, "reach the Service Control Manager for", name))?;
-    let service = manager
-        .open_service(
-            name,
-            ServiceAccess::QUERY_STATUS | ServiceAccess::START | ServiceAccess::STOP,
-        )
-        .map_err(|e| scm(e, "open", name))?;
+    let service = open(
+        name,
+        ServiceAccess::QUERY_STATUS | ServiceAccess::START | ServiceAccess::STOP,
+    )?;
     let (want, verb) = if start {
         service.start::<&str>(&[]).map_err(|e| scm(e, "start", name))?;
         (ServiceState::Running, "started")

@@ -496,6 +496,22 @@ async fn unregister(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<
     {
         println!("removed from {}", path.display());
     }
+    // The client certificate and key `register` made for this id (not files the user named otherwise):
+    // the hub no longer accepts them, and the key should not outlive the registration.
+    if let Some((cert, key)) = &s.identity {
+        let ours = |p: &std::path::Path, ext: &str| {
+            p.file_name().and_then(|n| n.to_str()) == Some(format!("cla-worker-{}.{ext}", s.id).as_str())
+        };
+        if ours(cert, "crt") && ours(key, "key") {
+            for p in [cert, key] {
+                match std::fs::remove_file(p) {
+                    Ok(()) => println!("removed {}", p.display()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!("cannot remove {}: {e}", p.display()),
+                }
+            }
+        }
+    }
     Ok(ExitCode::Success)
 }
 
