@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds cla-worker.exe (x86_64-pc-windows-gnu, mingw-w64) and runs it under Wine against a Linux cla-hub
-# serving TLS on 127.0.0.1: register (pinning the hub), start in the background, status, exec through
-# `cmd /C`, a timeout that must kill a tree of cmd.exe processes (Job Object), eval, ship and fetch back,
-# stop (the stop event), and the Windows service: install, start, a job through it, stop, uninstall.
+# Builds cla-worker.exe (x86_64-pc-windows-gnu, mingw-w64) and the library's unit tests for Windows, runs
+# the unit tests under Wine, then the worker against a Linux cla-hub serving TLS on 127.0.0.1: register
+# (pinning the hub), start in the background, status, exec through `cmd /C`, a timeout that must kill a
+# tree of cmd.exe processes (Job Object), eval, ship and fetch back, stop (the stop event), and the Windows
+# service: install, start, a job through it, stop, uninstall.
 # Installs what a fresh machine lacks (the rust target, mingw-w64, wine64). Output: target/x86_64-pc-windows-gnu/release/.
 #
 #   packaging/smoke-windows.sh
@@ -29,6 +30,10 @@ if [[ ! -x $wine ]]; then
 fi
 cargo build --locked --release --target "$target" --bin cla-worker
 cargo build --locked --release --bin cla-hub
+# The library's unit tests, built for Windows, to run under Wine too.
+unit=$(cargo test --locked --target "$target" --lib --no-run --message-format=json |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+[[ -n "$unit" && -f "$unit" ]] || { echo "error: no unit-test executable was built" >&2; exit 1; }
 exe="target/$target/release/cla-worker.exe"
 hubbin="$PWD/target/release/cla-hub"
 echo "cla-worker.exe: $(stat -c %s "$exe") bytes, $(file -b "$exe" | cut -d, -f1-2)"
@@ -60,6 +65,10 @@ cd "$tmp"
 # Wait for that first boot to finish: until then its service database is locked.
 timeout 120 $wine wineboot --init >/dev/null 2>&1 || true
 timeout 120 $wineserver -w || true
+cp "$unit" "$tmp/bin/unit-tests.exe"
+out=$(timeout 600 $wine "$tmp/bin/unit-tests.exe" 2>&1) || { printf '%s\n' "$out" | tail -40; fail "unit tests under Wine"; }
+grep -E '^test result: ok' <<<"$out" | tr -d '\r'
+echo "the library's unit tests pass under Wine"
 w() { timeout 120 $wine "$tmp/bin/cla-worker.exe" -c "$tmp/w.yml" "$@"; }
 hub() { timeout 120 "$hubbin" --data-dir "$tmp/hub" "$@"; }
 win() { sed 's#/#\\#g; s#^#Z:#' <<<"$1"; }

@@ -74,7 +74,13 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Resul
                 .set_permissions(std::fs::Permissions::from_mode(mode));
         }
     }
-    #[cfg(not(unix))]
+    // Windows has no mode bits: a private file gets a protected DACL that grants only its owner, SYSTEM
+    // and Administrators, so what it would inherit (Users may read C:\ProgramData) does not apply.
+    #[cfg(windows)]
+    if private && let Err(e) = restrict_to_owner(tmp.path()) {
+        tracing::warn!("cannot restrict access to {} to its owner: {e}", path.display());
+    }
+    #[cfg(not(any(unix, windows)))]
     let _ = private;
     // Replacing a file keeps its owner (root editing /etc/cla-worker.yml must leave it readable by the
     // service's user). Only root may change owners; for anyone else the owner is already right.
@@ -87,6 +93,100 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Resul
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
+}
+
+/// The access list of a private file on Windows, in SDDL: protected (nothing inherited), full access for
+/// the owner (OW), SYSTEM (SY) and Administrators (BA), nobody else.
+#[cfg(windows)]
+pub(crate) const PRIVATE_SDDL: &str = "D:P(A;;FA;;;OW)(A;;FA;;;SY)(A;;FA;;;BA)";
+
+#[cfg(windows)]
+fn restrict_to_owner(file: &Path) -> std::io::Result<()> {
+    use std::os::windows::ffi::OsStrExt;
+    use windows_sys::Win32::Foundation::LocalFree;
+    use windows_sys::Win32::Security::Authorization::{
+        ConvertStringSecurityDescriptorToSecurityDescriptorW, SDDL_REVISION_1,
+    };
+    use windows_sys::Win32::Security::{
+        DACL_SECURITY_INFORMATION, PROTECTED_DACL_SECURITY_INFORMATION, PSECURITY_DESCRIPTOR,
+        SetFileSecurityW,
+    };
+    let sddl: Vec<u16> = PRIVATE_SDDL.encode_utf16().chain(Some(0)).collect();
+    let name: Vec<u16> = file.as_os_str().encode_wide().chain(Some(0)).collect();
+    let mut sd: PSECURITY_DESCRIPTOR = std::ptr::null_mut();
+    // SAFETY: NUL-terminated wide strings; the descriptor the first call allocates is freed with LocalFree.
+    unsafe {
+        if ConvertStringSecurityDescriptorToSecurityDescriptorW(
+            sddl.as_ptr(),
+            SDDL_REVISION_1,
+            &mut sd,
+            std::ptr::null_mut(),
+        ) == 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ok = SetFileSecurityW(
+            name.as_ptr(),
+            DACL_SECURITY_INFORMATION | PROTECTED_DACL_SECURITY_INFORMATION,
+            sd,
+        );
+        let err = std::io::Error::last_os_error();
+        LocalFree(sd);
+        if ok == 0 { Err(err) } else { Ok(()) }
+    }
+}
+
+/// The access list of `file` in SDDL (Windows), for tests.
+#[cfg(all(windows, test))]
+pub(crate) fn access_list(file: &Path) -> std::io::Result<String> {
+    use std::os::windows::ffi::OsStrExt;
+    use windows_sys::Win32::Foundation::LocalFree;
+    use windows_sys::Win32::Security::Authorization::{
+        ConvertSecurityDescriptorToStringSecurityDescriptorW, SDDL_REVISION_1,
+    };
+    use windows_sys::Win32::Security::{DACL_SECURITY_INFORMATION, GetFileSecurityW};
+    let name: Vec<u16> = file.as_os_str().encode_wide().chain(Some(0)).collect();
+    let mut need = 0u32;
+    // SAFETY: the first call only reports the size; the buffer is then that size; the string the
+    // conversion allocates is freed with LocalFree.
+    unsafe {
+        GetFileSecurityW(
+            name.as_ptr(),
+            DACL_SECURITY_INFORMATION,
+            std::ptr::null_mut(),
+            0,
+            &mut need,
+        );
+        if need == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; need as usize];
+        if GetFileSecurityW(
+            name.as_ptr(),
+            DACL_SECURITY_INFORMATION,
+            buf.as_mut_ptr().cast(),
+            need,
+            &mut need,
+        ) == 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut text: windows_sys::core::PWSTR = std::ptr::null_mut();
+        if ConvertSecurityDescriptorToStringSecurityDescriptorW(
+            buf.as_mut_ptr().cast(),
+            SDDL_REVISION_1,
+            DACL_SECURITY_INFORMATION,
+            &mut text,
+            std::ptr::null_mut(),
+        ) == 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let len = (0..).take_while(|&i| *text.add(i) != 0).count();
+        let s = String::from_utf16_lossy(std::slice::from_raw_parts(text, len));
+        LocalFree(text.cast());
+        Ok(s)
+    }
 }
 
 /// Checks that [`write_atomic`] can replace `path`: a temp file can be created in its directory. Used
@@ -223,6 +323,17 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
+        }
+        // Run under Wine by packaging/smoke-windows.sh. Wine accepts the DACL but keeps only what Unix
+        // modes can say (owner and SYSTEM), so the exact list (protected, BA) is not checked there.
+        #[cfg(windows)]
+        {
+            restrict_to_owner(&p).unwrap();
+            let acl = access_list(&p).unwrap();
+            assert!(
+                !acl.contains(";;;BU)") && !acl.contains(";;;WD)") && !acl.contains(";;;AU)"),
+                "no access for users, everyone or authenticated users: {acl}"
+            );
         }
         // No temp files left behind.
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);

@@ -46,6 +46,8 @@ pub(crate) struct Spool {
     max: u64,
     #[cfg(unix)]
     _lock: nix::fcntl::Flock<std::fs::File>,
+    #[cfg(not(unix))]
+    _lock: std::fs::File,
 }
 
 impl Spool {
@@ -58,27 +60,38 @@ impl Spool {
                 dir.display()
             ))
         })?;
+        let busy = || {
+            Error::Usage(format!(
+                "the spool directory {} is in use by another cla-worker process; give each worker \
+                 its own `spool_dir` (or stop the other one)",
+                dir.display()
+            ))
+        };
+        let mut open = std::fs::OpenOptions::new();
+        open.create(true).append(true);
+        // Windows has no flock: the lock file is held open with no sharing at all, which a second open
+        // fails with a sharing violation (and a crash releases).
+        #[cfg(windows)]
+        std::os::windows::fs::OpenOptionsExt::share_mode(&mut open, 0);
+        let file = open.open(dir.join("lock")).map_err(|e| match e.raw_os_error() {
+            #[cfg(windows)]
+            Some(32) => busy(),
+            _ => Error::io(dir, e),
+        })?;
         #[cfg(unix)]
         let lock = {
             use nix::fcntl::{Flock, FlockArg};
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("lock"))
-                .map_err(|e| Error::io(dir, e))?;
-            Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
-                Error::Usage(format!(
-                    "the spool directory {} is in use by another cla-worker process; give each worker \
-                     its own `spool_dir` (or stop the other one)",
-                    dir.display()
-                ))
-            })?
+            Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| busy())?
+        };
+        #[cfg(not(unix))]
+        let lock = {
+            let _ = &busy;
+            file
         };
         Ok(Spool {
             dir: dir.to_path_buf(),
             used: AtomicU64::new(0),
             max: max_bytes,
-            #[cfg(unix)]
             _lock: lock,
         })
     }

@@ -147,6 +147,8 @@ fn console_output_is_capped() {
     assert!(out.console_truncated);
 }
 
+// Unix paths and `sh` syntax in the script.
+#[cfg(unix)]
 #[test]
 fn host_api() {
     let dir = tempfile::tempdir().unwrap();
