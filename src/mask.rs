@@ -201,7 +201,8 @@ fn pattern_builder() -> regex_automata::dfa::regex::Builder {
 pub fn check_pattern(p: &str) -> Result<(), String> {
     let shown = crate::util::one_line(p, 80);
     let re = pattern_builder().build(p).map_err(|e| {
-        if e.is_size_limit_exceeded() || e.to_string().contains("exceeded") || cause(&e).contains("exceeded") {
+        // The DFA's own limits, or (as its cause) the NFA's.
+        if e.is_size_limit_exceeded() || cause(&e).contains("exceeded") {
             format!(
                 "pattern `{shown}` is too large to search for as a stream (over {} MiB of automaton): use smaller \
                  repetition counts or fewer alternatives",

@@ -237,28 +237,22 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let allow_missing = matches!(&args.command, Command::Register(r) if r.save.is_some());
     let loaded = config::load(args.config.as_deref(), allow_missing, args.strict)?;
     let verbose = args.verbose.max(loaded.file.verbose);
-    match &args.command {
-        // The log goes to a file for a background worker.
-        Command::Run(a) if a.logfile.is_some() => {
-            let path = a.logfile.as_deref().expect("checked");
-            let file =
-                crate::logging::RotatingFile::open(path, loaded.file.log_max_bytes(), loaded.file.log_keep())
-                    .map_err(|e| Error::io(path, e))?;
-            crate::logging::init_to_file(verbose, file);
-        }
-        // A service has no console: its log goes to --logfile, else the worker's default logfile.
+    // The log goes to a file for a background worker, and for a service (no console), by default the
+    // worker's logfile.
+    let logfile = match &args.command {
+        Command::Run(a) => a.logfile.clone(),
         #[cfg(windows)]
-        Command::Service(super::service::ServiceCommand::Run { run, .. }) => {
-            let path = match &run.logfile {
-                Some(p) => p.clone(),
-                None => {
-                    let id = config::resolve_id(&loaded, run.who.id.as_deref())?;
-                    crate::worker::daemon::paths(&id, None, loaded.file.logfile.clone()).logfile
-                }
-            };
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Command::Service(super::service::ServiceCommand::Run { run, .. }) => Some(match &run.logfile {
+            Some(p) => p.clone(),
+            None => {
+                let id = config::resolve_id(&loaded, run.who.id.as_deref())?;
+                crate::worker::daemon::paths(&id, None, loaded.file.logfile.clone()).logfile
             }
+        }),
+        _ => None,
+    };
+    match logfile {
+        Some(path) => {
             let file = crate::logging::RotatingFile::open(
                 &path,
                 loaded.file.log_max_bytes(),
@@ -267,7 +261,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .map_err(|e| Error::io(&path, e))?;
             crate::logging::init_to_file(verbose, file);
         }
-        _ => crate::logging::init(verbose),
+        None => crate::logging::init(verbose),
     }
     for w in &loaded.warnings {
         tracing::warn!("{w}");
