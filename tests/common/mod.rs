@@ -29,6 +29,8 @@ pub struct Proc {
     /// Its stderr lines, each with when the test read it.
     pub log: Arc<Mutex<Vec<String>>>,
     pub stamps: Arc<Mutex<Vec<Instant>>>,
+    /// The thread reading stderr: done once it has read the last line.
+    reader: std::thread::JoinHandle<()>,
 }
 
 impl Proc {
@@ -41,14 +43,19 @@ impl Proc {
         let stamps = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let (sink, times) = (log.clone(), stamps.clone());
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let mut log = sink.lock().unwrap();
                 log.push(line);
                 times.lock().unwrap().push(Instant::now());
             }
         });
-        Proc { child, log, stamps }
+        Proc {
+            child,
+            log,
+            stamps,
+            reader,
+        }
     }
 
     /// When each log line containing `needle` was read, in order.
@@ -97,6 +104,12 @@ impl Proc {
             status = self.child.try_wait().unwrap();
             status.is_some()
         });
+        // What the process wrote last may still be in the pipe: give the reader a moment to reach the
+        // end, so `log_text` has it (bounded: a child of the process may hold the pipe open).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !self.reader.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         status.unwrap()
     }
 
