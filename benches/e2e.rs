@@ -49,6 +49,9 @@ fn main() {
     // `--tls`: the same run with the hub serving TLS (workers and clients pinning its certificate).
     let tls = std::env::args().any(|a| a == "--tls");
     let (n_exec, n_eval) = if quick { (50, 20) } else { (500, 200) };
+    if std::env::var_os("CLA_BENCH_WORKER").is_some() {
+        println!("worker binary: {}", common::worker_bin().to_string_lossy());
+    }
     let dir = tempfile::tempdir().unwrap();
     let hub = Hub::start_with(dir.path(), if tls { &["--tls"] } else { &[] });
     let data_dir = hub.data_dir.clone();
@@ -111,6 +114,26 @@ fn main() {
                 .success()
         );
     });
+    // What the store's durability costs on this disk: a job is fsynced twice (stored before it is offered,
+    // its end stored before it is reported; DESIGN.md §5), so a round trip cannot beat a local fork plus
+    // two of these. Measured like the store syncs: a page written then `fdatasync`, in the hub's data dir.
+    let fsync = {
+        use std::io::{Seek, Write};
+        let path = data_dir.join("bench-fsync.tmp");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let page = [7u8; 4096];
+        f.write_all(&page).unwrap();
+        f.sync_all().unwrap();
+        // The same page rewritten: a sync without a size change, the cheaper kind (redb writes into
+        // space it has allocated), so the floor is not flattered.
+        let v = sample(n_exec, 10, || {
+            f.rewind().unwrap();
+            f.write_all(&page).unwrap();
+            f.sync_data().unwrap();
+        });
+        std::fs::remove_file(&path).unwrap();
+        v
+    };
     // The baseline of the claim "faster than ssh": `ssh 127.0.0.1 true`, when an sshd there lets this
     // user in without a password (BatchMode); otherwise skipped, and the report says why.
     let ssh = |args: &[&str]| {
@@ -253,6 +276,8 @@ fn main() {
         .filter(|w| w.connected_since.is_some())
         .count();
 
+    // The least a durable round trip can take here: the local fork plus the job's two fsyncs.
+    let floor_us = percentile(&fork, 0.5) + 2.0 * percentile(&fsync, 0.5);
     let mut results = serde_json::json!({
         "mode": if quick { "quick" } else { "full" },
         "tls": tls,
@@ -260,6 +285,9 @@ fn main() {
         "exec_p99_us": percentile(&exec, 0.99),
         "fork_p50_us": percentile(&fork, 0.5),
         "exec_vs_fork": percentile(&exec, 0.5) / percentile(&fork, 0.5),
+        "fsync_p50_us": percentile(&fsync, 0.5),
+        "exec_floor_us": floor_us,
+        "exec_vs_floor": percentile(&exec, 0.5) / floor_us,
         "eval_p50_us": percentile(&eval, 0.5),
         "eval_p99_us": percentile(&eval, 0.99),
         "idle_rss_kib": idle_rss_kib,

@@ -129,10 +129,16 @@ impl Hub {
     }
 }
 
+/// The worker binary the benches run: this build's, or the one `CLA_BENCH_WORKER` names (e.g. the
+/// static `dist` build that is installed on servers, to measure what they run).
+pub fn worker_bin() -> std::ffi::OsString {
+    std::env::var_os("CLA_BENCH_WORKER").unwrap_or_else(|| WORKER.into())
+}
+
 /// Starts `cla-worker run` with a saved config, plus `extra` arguments.
 pub fn run_worker(config: &Path, extra: &[&str]) -> Kill {
     Kill(
-        Command::new(WORKER)
+        Command::new(worker_bin())
             .arg("-c")
             .arg(config)
             .arg("run")

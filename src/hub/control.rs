@@ -90,7 +90,7 @@ impl Hub {
                 if let Some(s) = self.state().sessions.get_mut(id) {
                     s.draining = true;
                 }
-                let _ = tx.send(Outbound::Message(msg)).await;
+                let _ = tx.send(Outbound::message(msg)).await;
                 // The reasons of jobs waiting for it change.
                 self.dispatch().await;
                 done(true, message)
@@ -110,7 +110,7 @@ impl Hub {
                     let msg = HubMessage::Unregistered {
                         reason: "unregistered by an admin".into(),
                     };
-                    let _ = tx.send(Outbound::Message(msg)).await;
+                    let _ = tx.send(Outbound::message(msg)).await;
                     // The worker leaves by itself; an older one that does not is disconnected.
                     tokio::spawn(async move {
                         tokio::time::sleep(UNREGISTER_GRACE).await;

@@ -139,15 +139,29 @@ impl LiveJob {
     }
 }
 
-/// An offer on its way: the session's channel and id, the job, the request, and the write of the
-/// `offered` state that must be durable before the request goes.
-type Offer = (
-    mpsc::Sender<Outbound>,
-    String,
-    String,
-    HubMessage,
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::hub::store::StoreError>> + Send>>,
-);
+/// A pending durable job write.
+type Commit =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::hub::store::StoreError>> + Send>>;
+
+/// An offer on its way.
+struct Offer {
+    /// The session's channel and id.
+    tx: mpsc::Sender<Outbound>,
+    session: String,
+    job: String,
+    msg: HubMessage,
+    /// The write of the `offered` state, which must be durable before the request goes.
+    commit: Commit,
+    /// Told how that write went (for a new job whose first write this is: see [`Hub::enqueue`]).
+    stored: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// What a dispatch pass decided, to act on once the state lock is released.
+struct Dispatched {
+    offers: Vec<Offer>,
+    /// Subscribers of jobs still waiting, and the new reason why.
+    told: Vec<(Vec<mpsc::Sender<JobEvent>>, String)>,
+}
 
 /// What a reconnecting worker gets back ([`Hub::resume_jobs`]): the jobs for its `welcome`, and what is
 /// left to do once the welcome is sent.
@@ -190,14 +204,14 @@ impl Resumption {
                     job,
                     op: TransferOp::Resume { received },
                 });
-                let _ = tx.send(Outbound::Message(msg)).await;
+                let _ = tx.send(Outbound::message(msg)).await;
             }
             for job in cancels {
                 let msg = HubMessage::Cancel {
                     job,
                     reason: "cancelled while the worker was disconnected".into(),
                 };
-                let _ = tx.send(Outbound::Message(msg)).await;
+                let _ = tx.send(Outbound::message(msg)).await;
             }
             if let Some(hub) = hub.upgrade() {
                 hub.after_requeue(requeued, ended).await;
@@ -391,18 +405,16 @@ impl Hub {
         record.streamed = subscriber.is_some();
         // The rest runs as its own task: a caller dropped half-way (an HTTP client that left) must not
         // leave a stored job that nothing in memory backs.
-        let commit = self.store.put_job(&record);
         let hub = Arc::clone(self);
         tokio::spawn(async move {
-            // Queued in memory at once: its offer is written after it in the store's order and sent only
-            // when that write is durable, so no worker hears of a job before it is stored — and the two
-            // writes usually share one fsync.
-            let now = hub.enqueue(record.clone(), subscriber).await;
-            match commit.await {
+            let id = record.id.clone();
+            let (now, stored) = hub.enqueue(record, subscriber).await;
+            // The caller hears of the job only once it is stored.
+            match stored.await {
                 Ok(()) => Ok(now),
                 Err(e) => {
-                    hub.unstored(&record.id, &e.to_string()).await;
-                    Err(e.into())
+                    hub.unstored(&id, &e).await;
+                    Err(crate::hub::store::StoreError::Db(e).into())
                 }
             }
         })
@@ -410,20 +422,49 @@ impl Hub {
         .map_err(|e| ApiFail::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
     }
 
-    /// Puts a stored new job in the queue and dispatches.
+    /// Puts a new job in the queue and dispatches. Returns the job as it is then, and a future that
+    /// completes when its first write is durable.
+    ///
+    /// That first write is the `offered` state when a free worker takes the job in this same pass, and
+    /// the `queued` state otherwise — one fsync either way, where storing `queued` and then `offered`
+    /// took two for every job that found a worker at once (the store's writer thread had usually
+    /// committed the first before the second reached it). Both happen under the state lock, so the
+    /// store sees the job's states in order. No worker hears of a job before it is stored: an offer is
+    /// sent only once its write is durable.
     async fn enqueue(
         self: &Arc<Self>,
         record: JobRecord,
         subscriber: Option<mpsc::Sender<JobEvent>>,
-    ) -> JobRecord {
+    ) -> (
+        JobRecord,
+        impl std::future::Future<Output = Result<(), String>> + use<>,
+    ) {
         let live = LiveJob::new(record.clone(), subscriber);
         let queue_deadline = live.queue_deadline;
-        {
-            let mut st = self.state();
-            st.jobs.insert(record.id.clone(), live);
-            st.queue.push_back(record.id.clone());
-        }
+        let (dispatched, stored) = {
+            let mut guard = self.state();
+            guard.jobs.insert(record.id.clone(), live);
+            guard.queue.push_back(record.id.clone());
+            let mut dispatched = self.dispatch_locked(&mut guard);
+            let stored: Commit = match dispatched.offers.iter_mut().find(|o| o.job == record.id) {
+                Some(offer) => {
+                    let (tx, rx) = oneshot::channel();
+                    offer.stored = Some(tx);
+                    Box::pin(async move {
+                        rx.await
+                            .unwrap_or_else(|_| Err("the offer was dropped before it was stored".into()))
+                            .map_err(crate::hub::store::StoreError::Db)
+                    })
+                }
+                None => {
+                    let snapshot = guard.jobs.get(&record.id).map(LiveJob::snapshot);
+                    Box::pin(self.store.put_job(snapshot.as_ref().unwrap_or(&record)))
+                }
+            };
+            (dispatched, stored)
+        };
         tracing::info!(job = %record.id, target = %record.spec.target.describe(), task = %record.spec.task.display(), "job queued");
+        self.after_dispatch(dispatched);
         self.queue_timer(&record.id, queue_deadline);
         // A worker unregistered while the job was being stored: it fails now rather than wait for ever.
         if let Some(w) = &record.spec.target.worker
@@ -431,8 +472,8 @@ impl Hub {
         {
             self.worker_unregistered(w).await;
         }
-        self.dispatch().await;
-        self.job(&record.id).unwrap_or(record)
+        let now = self.job(&record.id).unwrap_or(record);
+        (now, async move { stored.await.map_err(|e| e.to_string()) })
     }
 
     /// Starts the timer of a queued job's queue timeout.
@@ -490,15 +531,20 @@ impl Hub {
 
     /// Offers queued jobs, oldest first, to matching workers with a free slot (least loaded first).
     pub(crate) async fn dispatch(&self) {
+        let dispatched = self.dispatch_locked(&mut self.state());
+        self.after_dispatch(dispatched);
+    }
+
+    /// The part of [`Hub::dispatch`] that needs the state: picks the offers and queues their writes.
+    fn dispatch_locked(&self, st: &mut State) -> Dispatched {
         let mut offers: Vec<Offer> = Vec::new();
         let mut told = Vec::new();
         {
-            let mut guard = self.state();
             let State {
                 sessions,
                 jobs,
                 queue,
-            } = &mut *guard;
+            } = st;
             let mut waiting = std::collections::VecDeque::new();
             while let Some(job_id) = queue.pop_front() {
                 let Some(job) = jobs.get_mut(&job_id) else {
@@ -537,16 +583,22 @@ impl Hub {
                 let record = job.snapshot();
                 // Written under the lock, so the store sees a job's states in order.
                 let commit = Box::pin(self.store.put_job(&record));
-                offers.push((
-                    session.tx.clone(),
-                    session.session.clone(),
-                    record.id,
-                    req,
+                offers.push(Offer {
+                    tx: session.tx.clone(),
+                    session: session.session.clone(),
+                    job: record.id,
+                    msg: req,
                     commit,
-                ));
+                    stored: None,
+                });
             }
             *queue = waiting;
         }
+        Dispatched { offers, told }
+    }
+
+    /// The part of [`Hub::dispatch`] after the state lock: sends the offers, tells the waiting.
+    fn after_dispatch(&self, Dispatched { offers, told }: Dispatched) {
         if !offers.is_empty() {
             self.send_offers(offers);
         }
@@ -563,14 +615,27 @@ impl Hub {
     fn send_offers(&self, offers: Vec<Offer>) {
         let (hub, lease) = (self.me.clone(), self.cfg.offer_lease);
         tokio::spawn(async move {
-            for (tx, session, job, msg, commit) in offers {
-                match commit.await {
+            for Offer {
+                tx,
+                session,
+                job,
+                msg,
+                commit,
+                stored,
+            } in offers
+            {
+                let result = commit.await;
+                if let Some(stored) = stored {
+                    let _ = stored.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                }
+                match result {
                     Ok(()) => {
                         tracing::info!(job = %job, "job offered");
                         // A closed channel means the session is ending; its cleanup sees to the job.
-                        let _ = tx.send(Outbound::Message(msg)).await;
+                        let _ = tx.send(Outbound::message(msg)).await;
                     }
-                    // Not sent: the lease below puts it back in the queue.
+                    // Not sent: the lease below puts it back in the queue (or, for a new job, it fails:
+                    // `unstored`).
                     Err(e) => tracing::error!(job = %job, "offer not sent: {e}"),
                 }
                 let hub = hub.clone();
@@ -639,7 +704,7 @@ impl Hub {
                 reason: "the offer expired before the worker accepted it".into(),
             };
             // Not from the read loop itself: it must never wait on the session's outbound queue.
-            tokio::spawn(async move { tx.send(Outbound::Message(msg)).await });
+            tokio::spawn(async move { tx.send(Outbound::message(msg)).await });
         }
     }
 
@@ -811,7 +876,7 @@ impl Hub {
         let tx = self.state().sessions.get(worker).map(|s| s.tx.clone());
         if let Some(tx) = tx {
             let msg = HubMessage::Ack { job: job.to_owned() };
-            tokio::spawn(async move { tx.send(Outbound::Message(msg)).await });
+            tokio::spawn(async move { tx.send(Outbound::message(msg)).await });
         }
     }
 
@@ -1374,7 +1439,7 @@ impl Hub {
                     job: id.to_owned(),
                     reason: "cancelled by an admin".into(),
                 };
-                let _ = tx.send(Outbound::Message(msg)).await;
+                let _ = tx.send(Outbound::message(msg)).await;
                 Ok(*record)
             }
             Some(Action::Later(record)) => {
@@ -1651,14 +1716,11 @@ fn queue_timeout(r: &mut JobRecord) {
 /// A transfer's piece as it goes to the worker (a chunk keeps the stream it came with: the job's).
 fn transfer_piece(job: &str, piece: Piece) -> Outbound {
     match piece {
-        Piece::Op(op) => Outbound::Message(HubMessage::Transfer(TransferFrame {
+        Piece::Op(op) => Outbound::message(HubMessage::Transfer(TransferFrame {
             job: job.to_owned(),
             op,
         })),
-        Piece::Data(chunk) => {
-            let stream = chunk.stream();
-            Outbound::Chunk(chunk, stream)
-        }
+        Piece::Data(chunk) => Outbound::Chunk(Box::new(chunk)),
     }
 }
 
@@ -1686,6 +1748,7 @@ fn end_job(st: &mut State, id: &str, finish: impl FnOnce(&mut JobRecord)) -> Opt
 mod tests {
     use super::*;
     use crate::protocol::api::EvalTask;
+    use tokio_util::sync::CancellationToken;
 
     fn eval_spec(stash: serde_json::Value) -> JobSpec {
         JobSpec {
@@ -1704,6 +1767,86 @@ mod tests {
             timeout_secs: None,
             on_disconnect: Default::default(),
         }
+    }
+
+    /// A hub with one connected simulated worker (capacity 1): the hub and the worker's channel.
+    fn hub_with_session(dir: &std::path::Path) -> (Arc<Hub>, mpsc::Receiver<Outbound>) {
+        let store = crate::hub::store::Store::open(dir).unwrap();
+        let cfg = crate::hub::HubConfig::new(dir.to_path_buf());
+        let hub = Hub::new(store, cfg, String::new(), CancellationToken::new(), None);
+        let (tx, rx) = mpsc::channel(8);
+        let hello = crate::protocol::Hello {
+            version: crate::protocol::PROTOCOL_VERSION,
+            agent: "test".into(),
+            tags: vec![],
+            envs: vec![],
+            capacity: 1,
+            host: "h".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            pid: 1,
+            resume: vec![],
+            features: vec![],
+        };
+        let session = Session {
+            id: "w".into(),
+            session: "s1".into(),
+            tx,
+            hello,
+            connected_since: now_rfc3339(),
+            running: Default::default(),
+            transfers: Default::default(),
+            draining: false,
+            disabled: false,
+            streams: Default::default(),
+            next_stream: 1,
+            close: CancellationToken::new(),
+            old_token: false,
+        };
+        hub.state().sessions.insert("w".into(), session);
+        (hub, rx)
+    }
+
+    fn exec_spec() -> JobSpec {
+        let mut spec = eval_spec(serde_json::Value::Null);
+        spec.target.worker = None;
+        spec.task = Task::Exec(crate::protocol::CommandLine::Argv {
+            argv: vec!["true".into()],
+        });
+        spec
+    }
+
+    /// A new job that a free worker takes at once is stored with one fsync (its `offered` state), not
+    /// two; one that has to wait is stored `queued` (one fsync) before the caller hears of it, and its
+    /// offer later costs one more. Either way the offer goes out only after the write.
+    #[tokio::test]
+    async fn a_new_job_costs_one_fsync_before_its_offer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, mut rx) = hub_with_session(dir.path());
+        let before = hub.store.durable_commits();
+        let first = hub.create_job(exec_spec(), None).await.unwrap();
+        assert_eq!(first.state, JobState::Offered, "{first:?}");
+        assert_eq!(hub.store.durable_commits() - before, 1);
+        let stored = hub.store.job(&first.id).unwrap().unwrap();
+        assert_eq!(stored.state, JobState::Offered);
+        let offer = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(offer, Outbound::Message(m) if matches!(&*m, HubMessage::Exec(r) if r.job == first.id))
+        );
+
+        // The worker is full: the next job waits, stored as queued.
+        let before = hub.store.durable_commits();
+        let second = hub.create_job(exec_spec(), None).await.unwrap();
+        assert_eq!(second.state, JobState::Queued, "{second:?}");
+        assert_eq!(hub.store.durable_commits() - before, 1);
+        assert_eq!(
+            hub.store.job(&second.id).unwrap().unwrap().state,
+            JobState::Queued
+        );
+        assert!(rx.try_recv().is_err(), "nothing is offered to a full worker");
     }
 
     #[test]

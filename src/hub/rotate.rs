@@ -113,7 +113,7 @@ impl Hub {
         })?;
         tracing::info!(worker = id, "new token sent to the worker");
         let _ = tx
-            .send(Outbound::Message(HubMessage::Rotate { token: fresh }))
+            .send(Outbound::message(HubMessage::Rotate { token: fresh }))
             .await;
         Ok(true)
     }

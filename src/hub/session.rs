@@ -233,7 +233,10 @@ async fn write_loop(
             _ = close.cancelled() => break,
             msg = rx.recv() => match msg {
                 Some(Outbound::Message(m)) => writer.send(&m).await,
-                Some(Outbound::Chunk(chunk, stream)) => writer.send_chunk(chunk, stream).await,
+                Some(Outbound::Chunk(chunk)) => {
+                    let stream = chunk.stream();
+                    writer.send_chunk(*chunk, stream).await
+                }
                 None => break,
             },
             _ = ping.tick() => writer.ping().await,
@@ -356,6 +359,6 @@ async fn handle(hub: &Arc<Hub>, id: &str, text: &str) -> bool {
 async fn send(hub: &Hub, id: &str, msg: HubMessage) {
     let tx = hub.state().sessions.get(id).map(|s| s.tx.clone());
     if let Some(tx) = tx {
-        let _ = tx.send(Outbound::Message(msg)).await;
+        let _ = tx.send(Outbound::message(msg)).await;
     }
 }

@@ -15,6 +15,11 @@ use tokio::sync::oneshot;
 
 use crate::protocol::api::{JobRecord, JobState, PasskeyView};
 
+/// Memory redb may use for cached pages (read cache plus the write buffer). Its default, 1 GiB, let the
+/// hub's RSS grow with the store (job records carry their kept output). The store's working set is
+/// the recent jobs and the small tables; older pages come from the page cache when asked for.
+const CACHE_BYTES: usize = 16 << 20;
+
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PASSKEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("passkeys");
 const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
@@ -114,6 +119,8 @@ pub struct Store {
     /// Job records queued but not committed yet, newest per job: reads see them, so a job is never
     /// read back older than it was last written.
     pending: Arc<Pending>,
+    /// Durable commits of job records so far (each one fsync).
+    durable_commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A job's newest queued write: its sequence number and its bytes.
@@ -142,7 +149,12 @@ const MAX_BATCH: usize = 4096;
 
 /// The writer thread: takes what has queued up, commits it (durably if any write asks for it: a durable
 /// commit also makes the earlier non-durable ones durable), and tells the waiting callers.
-fn write_jobs(db: Arc<Database>, rx: std_mpsc::Receiver<JobWrite>, pending: Arc<Pending>) {
+fn write_jobs(
+    db: Arc<Database>,
+    rx: std_mpsc::Receiver<JobWrite>,
+    pending: Arc<Pending>,
+    durable_commits: Arc<std::sync::atomic::AtomicU64>,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -169,6 +181,9 @@ fn write_jobs(db: Arc<Database>, rx: std_mpsc::Receiver<JobWrite>, pending: Arc<
             tx.commit().map_err(db_err)
         };
         let result = commit().map_err(|e| e.to_string());
+        if durable && result.is_ok() {
+            durable_commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Err(e) = &result {
             tracing::error!("storing {} job record(s) failed: {e}", batch.len());
         }
@@ -208,13 +223,16 @@ impl Store {
             reason: e.to_string(),
         })?;
         let path = data_dir.join("hub.redb");
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(data_dir.to_path_buf()),
-            other => StoreError::Open {
-                path: path.clone(),
-                reason: other.to_string(),
-            },
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(data_dir.to_path_buf()),
+                other => StoreError::Open {
+                    path: path.clone(),
+                    reason: other.to_string(),
+                },
+            })?;
         // Create the tables up front so readers never meet a missing one.
         let tx = db.begin_write().map_err(db_err)?;
         for t in [META, PASSKEYS, WORKERS, JOBS] {
@@ -224,10 +242,15 @@ impl Store {
         let db = Arc::new(db);
         let (jobs, rx) = std_mpsc::channel();
         let pending: Arc<Pending> = Default::default();
-        let (for_writer, pending_for_writer) = (Arc::clone(&db), Arc::clone(&pending));
+        let durable_commits: Arc<std::sync::atomic::AtomicU64> = Default::default();
+        let (for_writer, pending_for_writer, commits_for_writer) = (
+            Arc::clone(&db),
+            Arc::clone(&pending),
+            Arc::clone(&durable_commits),
+        );
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_jobs(for_writer, rx, pending_for_writer))
+            .spawn(move || write_jobs(for_writer, rx, pending_for_writer, commits_for_writer))
             .map_err(|e| StoreError::Open {
                 path: path.clone(),
                 reason: format!("cannot start the writer thread: {e}"),
@@ -237,6 +260,7 @@ impl Store {
             jobs: Some(jobs),
             writer: Some(writer),
             pending,
+            durable_commits,
         })
     }
 
@@ -391,6 +415,11 @@ impl Store {
     /// Every registered worker, by id.
     pub fn workers(&self) -> Result<Vec<WorkerRecord>, StoreError> {
         Ok(self.all(WORKERS)?.into_iter().map(|(_, w)| w).collect())
+    }
+
+    /// How many durable (fsynced) commits of job records the store has made.
+    pub fn durable_commits(&self) -> u64 {
+        self.durable_commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stores a job, in order with the job writes before it. A queued, offered or ended job is fsynced
