@@ -21,7 +21,7 @@ mod common;
 mod fleet;
 
 use common::transfer as xfer;
-use common::{Hub, proc_status, run_worker};
+use common::{Hub, children_cpu_secs_of, cpu_secs, proc_status, run_worker};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -171,6 +171,17 @@ fn main() {
     // Throughput: many small jobs through the queue to a worker running 8 at once, kept fed by a bounded
     // number of clients that each submit a job and wait for its end.
     let n_jobs = if quick { 500 } else { 5000 };
+    // Where the CPU goes meanwhile: the hub, the worker, the `true` processes it runs (its children),
+    // and the clients (this process).
+    let cpu = || {
+        [
+            cpu_secs(hub.pid()),
+            cpu_secs(worker_pid),
+            children_cpu_secs_of(worker_pid),
+            cpu_secs(std::process::id()),
+        ]
+    };
+    let cpu_before = cpu();
     let jobs_per_sec = rt.block_on(async {
         let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
         let mut set = tokio::task::JoinSet::new();
@@ -190,8 +201,14 @@ fn main() {
         }
         n_jobs as f64 / t.elapsed().as_secs_f64()
     });
+    // CPU µs per job, by process.
+    let [job_cpu_hub, job_cpu_worker, job_cpu_children, job_cpu_clients] = {
+        let after = cpu();
+        std::array::from_fn(|i| (after[i] - cpu_before[i]) * 1e6 / n_jobs as f64)
+    };
 
     // The ceiling for that: the same number of `true` processes spawned here, 8 at a time.
+    let self_before = cpu_secs(std::process::id()) + children_cpu_secs_of(std::process::id());
     let spawns_per_sec = {
         let next = std::sync::atomic::AtomicUsize::new(0);
         let t = Instant::now();
@@ -206,6 +223,10 @@ fn main() {
         });
         n_jobs as f64 / t.elapsed().as_secs_f64()
     };
+    // CPU µs per spawned `true` (this process spawning and waiting, plus the child itself).
+    let spawn_cpu_us =
+        (cpu_secs(std::process::id()) + children_cpu_secs_of(std::process::id()) - self_before) * 1e6
+            / n_jobs as f64;
 
     // Streaming: a command writing to stdout as fast as it can; every byte is counted here.
     let stream_bytes: u64 = if quick { 64 << 20 } else { 1 << 30 };
@@ -237,6 +258,19 @@ fn main() {
     // touched (file-backed: shared, clean, dropped by the kernel under pressure).
     let idle_anon_kib = proc_status(worker_pid, "RssAnon:").unwrap_or(0);
     let idle_file_kib = proc_status(worker_pid, "RssFile:").unwrap_or(0);
+    // What the idle worker actually touches (its working set): the kernel's referenced bits are cleared,
+    // and after two heartbeats' time the pages referenced again are counted (Linux).
+    let idle_touched_kib = {
+        let cleared = std::fs::write(format!("/proc/{worker_pid}/clear_refs"), "1").is_ok();
+        std::thread::sleep(Duration::from_secs(if quick { 1 } else { 11 }));
+        let rollup = std::fs::read_to_string(format!("/proc/{worker_pid}/smaps_rollup"));
+        let referenced = rollup.ok().and_then(|r| {
+            r.lines()
+                .find(|l| l.starts_with("Referenced:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        });
+        referenced.filter(|_| cleared).unwrap_or(0)
+    };
 
     // Ship and fetch of one file (verified), with `cp` of it as the baseline, on tmpfs when there is one
     // (`cargo bench --bench transfer` has rounds, SHA-256 baselines and peak memory).
@@ -251,8 +285,16 @@ fn main() {
     xfer::make_file(&scratch.path().join("warm.bin"), 3 * xfer_bytes);
     std::fs::remove_file(scratch.path().join("warm.bin")).unwrap();
     let want = xfer::sha256_file(&src);
-    let r = xfer::round(&hub, "bench", scratch.path(), &src, xfer_bytes, &want);
+    let r = xfer::round(
+        &hub,
+        ("bench", worker_pid),
+        scratch.path(),
+        &src,
+        xfer_bytes,
+        &want,
+    );
     let mb_s = |secs: f64| xfer_bytes as f64 / secs / 1e6;
+    let gib = (1u64 << 30) as f64 / xfer_bytes as f64;
     drop(scratch);
     drop(worker);
 
@@ -294,17 +336,28 @@ fn main() {
         "idle_threads": idle_threads,
         "idle_rss_anon_kib": idle_anon_kib,
         "idle_rss_file_kib": idle_file_kib,
+        "idle_touched_kib": idle_touched_kib,
         "connect_ms": connect_ms,
         "jobs": n_jobs,
         "jobs_per_sec": jobs_per_sec,
         "spawns_per_sec": spawns_per_sec,
         "jobs_vs_spawns": jobs_per_sec / spawns_per_sec,
+        "job_cpu_us": job_cpu_hub + job_cpu_worker + job_cpu_children + job_cpu_clients,
+        "job_cpu_hub_us": job_cpu_hub,
+        "job_cpu_worker_us": job_cpu_worker,
+        "job_cpu_process_us": job_cpu_children,
+        "job_cpu_clients_us": job_cpu_clients,
+        "spawn_cpu_us": spawn_cpu_us,
         "stream_mb_s": stream_mb_s,
         "ship_mb_s": mb_s(r.ship),
         "fetch_mb_s": mb_s(r.fetch),
         "cp_mb_s": mb_s(r.cp),
         "ship_vs_cp": r.cp / r.ship,
         "fetch_vs_cp": r.cp / r.fetch,
+        // CPU seconds per GiB moved, all three processes (client, hub, worker): on 2 cores, a transfer
+        // cannot beat 2 / this GiB/s.
+        "ship_cpu_s_per_gib": r.ship_cpu.total() * gib,
+        "fetch_cpu_s_per_gib": r.fetch_cpu.total() * gib,
         "hub_workers": connected,
         "hub_rss_mib": hub_rss_kib as f64 / 1024.0,
         "hub_rss_before_fleet_mib": hub_rss_before_kib as f64 / 1024.0,

@@ -60,6 +60,7 @@ fn main() {
 
     let want = sha256_file(&src);
     let (mut cp, mut sha, mut sha2x, mut ship, mut fetch) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut ship_cpu, mut fetch_cpu): (Vec<xfer::Cpu>, Vec<xfer::Cpu>) = (vec![], vec![]);
     for round in 0..rounds {
         sha.push(timed(|| assert_eq!(sha256_file(&src), want)));
         // A verified transfer hashes on both ends at once: two concurrent SHA-256 streams are its ceiling
@@ -72,10 +73,12 @@ fn main() {
             })
         }));
 
-        let r = xfer::round(&hub, "bench", d, &src, size, &want);
+        let r = xfer::round(&hub, ("bench", worker_pid), d, &src, size, &want);
         cp.push(r.cp);
         ship.push(r.ship);
         fetch.push(r.fetch);
+        ship_cpu.push(r.ship_cpu);
+        fetch_cpu.push(r.fetch_cpu);
         let last = |v: &Vec<f64>| size as f64 / v[v.len() - 1] / 1e6;
         eprintln!(
             "round {}/{rounds}: cp {:.0}, sha256 {:.0}, 2x {:.0}, ship {:.0}, fetch {:.0} MB/s",
@@ -89,6 +92,7 @@ fn main() {
     }
 
     let mb = |secs: f64| size as f64 / secs / 1e6;
+    let gib = (1u64 << 30) as f64 / size as f64;
     let (cp_s, sha_s, ship_s, fetch_s) = (median(cp), median(sha), median(ship), median(fetch));
     let sha2x_s = median(sha2x);
     let results = serde_json::json!({
@@ -106,6 +110,17 @@ fn main() {
         "fetch_vs_sha256": mb(fetch_s) / mb(sha_s),
         "ship_vs_sha256_2x": mb(ship_s) / mb(sha2x_s),
         "fetch_vs_sha256_2x": mb(fetch_s) / mb(sha2x_s),
+        // CPU seconds per GiB moved (median over the rounds), by process: what bounds a transfer on a
+        // machine with few cores; and one SHA-256 pass over a GiB, of which a verified transfer makes two.
+        "ship_cpu_s_per_gib": median(ship_cpu.iter().map(|c| c.total() * gib).collect()),
+        "ship_cpu_client_s_per_gib": median(ship_cpu.iter().map(|c| c.client * gib).collect()),
+        "ship_cpu_hub_s_per_gib": median(ship_cpu.iter().map(|c| c.hub * gib).collect()),
+        "ship_cpu_worker_s_per_gib": median(ship_cpu.iter().map(|c| c.worker * gib).collect()),
+        "fetch_cpu_s_per_gib": median(fetch_cpu.iter().map(|c| c.total() * gib).collect()),
+        "fetch_cpu_client_s_per_gib": median(fetch_cpu.iter().map(|c| c.client * gib).collect()),
+        "fetch_cpu_hub_s_per_gib": median(fetch_cpu.iter().map(|c| c.hub * gib).collect()),
+        "fetch_cpu_worker_s_per_gib": median(fetch_cpu.iter().map(|c| c.worker * gib).collect()),
+        "sha256_cpu_s_per_gib": (1u64 << 30) as f64 / (mb(sha_s) * 1e6),
         "hub_peak_rss_kib": proc_status(hub.pid(), "VmHWM:").unwrap_or(0),
         "worker_peak_rss_kib": proc_status(worker_pid, "VmHWM:").unwrap_or(0),
     });

@@ -33,6 +33,42 @@ pub fn proc_status(pid: u32, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds (user + system) process `pid` has used so far (Linux `/proc`; 0 elsewhere).
+pub fn cpu_secs(pid: u32) -> f64 {
+    stat_cpu(pid, 10)
+}
+
+/// CPU seconds of the children process `pid` has waited for (Linux `/proc`; 0 elsewhere).
+pub fn children_cpu_secs_of(pid: u32) -> f64 {
+    stat_cpu(pid, 12)
+}
+
+/// Two clock-tick fields of `/proc/PID/stat` added up, in seconds: `at` counts from the field after
+/// the state.
+fn stat_cpu(pid: u32, at: usize) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Counting from the field after the state (the command name before it, in parentheses, may hold
+    // spaces): utime, stime, cutime and cstime are at 10 to 13.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().skip(1).collect();
+    let num = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok());
+    match (num(at), num(at + 1)) {
+        (Some(u), Some(s)) => (u + s) / clock_ticks(),
+        _ => 0.0,
+    }
+}
+
+fn clock_ticks() -> f64 {
+    #[cfg(unix)]
+    // SAFETY: sysconf only reads a system constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    #[cfg(not(unix))]
+    let t = 100;
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
 /// A running hub with its data dir under `dir`.
 pub struct Hub {
     pub proc: Kill,

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use super::Hub;
+use super::{Hub, children_cpu_secs_of, cpu_secs};
 
 /// Where transfer files go: tmpfs (`/dev/shm`) when there is one, so the disk is not what is measured.
 pub fn scratch_base() -> PathBuf {
@@ -60,28 +60,63 @@ pub fn timed(f: impl FnOnce()) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// CPU seconds each process spent on one transfer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu {
+    /// The `cla-hub ship|fetch` command: reads or writes the local file and hashes it.
+    pub client: f64,
+    pub hub: f64,
+    pub worker: f64,
+}
+
+impl Cpu {
+    pub fn total(&self) -> f64 {
+        self.client + self.hub + self.worker
+    }
+}
+
 /// Seconds of one `cp`, one ship and one fetch of `src` (`size` bytes, SHA-256 `want`) through `hub` to
-/// worker `worker`, using `dir` for the copies (removed again).
+/// worker `worker` (process `worker_pid`), using `dir` for the copies (removed again); and the CPU each
+/// process spent on the ship and on the fetch.
 pub struct Round {
     pub cp: f64,
     pub ship: f64,
     pub fetch: f64,
+    pub ship_cpu: Cpu,
+    pub fetch_cpu: Cpu,
 }
 
-pub fn round(hub: &Hub, worker: &str, dir: &Path, src: &Path, size: u64, want: &str) -> Round {
+pub fn round(
+    hub: &Hub,
+    (worker, worker_pid): (&str, u32),
+    dir: &Path,
+    src: &Path,
+    size: u64,
+    want: &str,
+) -> Round {
     let copy = dir.join("cp.bin");
     let cp = timed(|| assert!(Command::new("cp").arg(src).arg(&copy).status().unwrap().success()));
     std::fs::remove_file(&copy).unwrap();
     let remote = dir.join("remote.bin");
-    let run = |args: &[&str]| -> f64 {
+    let run = |args: &[&str]| -> (f64, Cpu) {
         let mut out = None;
+        let before = Cpu {
+            client: children_cpu_secs_of(std::process::id()),
+            hub: cpu_secs(hub.pid()),
+            worker: cpu_secs(worker_pid),
+        };
         let t = timed(|| out = Some(hub.cmd(args)));
+        let cpu = Cpu {
+            client: children_cpu_secs_of(std::process::id()) - before.client,
+            hub: cpu_secs(hub.pid()) - before.hub,
+            worker: cpu_secs(worker_pid) - before.worker,
+        };
         let v: serde_json::Value = serde_json::from_str(&out.unwrap()).unwrap();
         assert_eq!(v["sha256"], want, "verified digest");
         assert_eq!(v["bytes"], size);
-        t
+        (t, cpu)
     };
-    let ship = run(&[
+    let (ship, ship_cpu) = run(&[
         "--json",
         "ship",
         "--worker",
@@ -90,7 +125,7 @@ pub fn round(hub: &Hub, worker: &str, dir: &Path, src: &Path, size: u64, want: &
         remote.to_str().unwrap(),
     ]);
     let back = dir.join("back.bin");
-    let fetch = run(&[
+    let (fetch, fetch_cpu) = run(&[
         "--json",
         "fetch",
         "--worker",
@@ -101,5 +136,11 @@ pub fn round(hub: &Hub, worker: &str, dir: &Path, src: &Path, size: u64, want: &
     assert_eq!(sha256_file(&back), want);
     std::fs::remove_file(&remote).unwrap();
     std::fs::remove_file(&back).unwrap();
-    Round { cp, ship, fetch }
+    Round {
+        cp,
+        ship,
+        fetch,
+        ship_cpu,
+        fetch_cpu,
+    }
 }
