@@ -61,10 +61,12 @@ fn stat_cpu(pid: u32, at: usize) -> f64 {
 }
 
 fn clock_ticks() -> f64 {
-    #[cfg(unix)]
+    // `libc` is a dependency on glibc Linux only; a musl Linux build assumes the usual USER_HZ of 100
+    // (the figures matter only where `/proc` exists).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: sysconf only reads a system constant.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    #[cfg(not(unix))]
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let t = 100;
     if t > 0 { t as f64 } else { 100.0 }
 }
