@@ -20,7 +20,7 @@ use crate::protocol::api::{
     AdminEvent, AdminRequest, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
     PasskeyView, WorkerAction, WorkerActionDone, WorkerActionRequest, WorkerState, WorkerView,
 };
-use crate::protocol::connection::Incoming;
+use crate::protocol::connection::{Incoming, ReadSize};
 use crate::protocol::{Connection, Frame, ProtocolError, decode_text};
 use crate::token;
 use crate::util::now_rfc3339;
@@ -258,7 +258,8 @@ pub(crate) async fn exec_stream(
     State(hub): State<Arc<Hub>>,
     req: Request,
 ) -> Result<Response, ApiFail> {
-    upgrade(req, move |conn| stream_job(hub, conn))
+    // Few, and they carry ship and fetch data.
+    upgrade(req, ReadSize::Bulk, move |conn| stream_job(hub, conn))
 }
 
 async fn stream_job(hub: Arc<Hub>, conn: Connection) {

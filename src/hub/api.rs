@@ -18,6 +18,7 @@ use super::session::{self, Auth};
 use super::store::WorkerRecord;
 use crate::protocol::WORKER_ID_HEADER;
 use crate::protocol::api::{RegisterRequest, RegisterResponse, UnregisterResponse};
+use crate::protocol::connection::ReadSize;
 use crate::token;
 use crate::util::now_rfc3339;
 
@@ -312,7 +313,8 @@ pub(crate) async fn worker_socket(
         Ok((rec, old)) => Auth::Ok(Box::new(rec), old),
         Err(why) => Auth::Denied(why),
     };
-    upgrade(req, move |conn| session::run(hub, conn, auth))
+    // One per connected worker, and the hub holds thousands: memory first.
+    upgrade(req, ReadSize::Small, move |conn| session::run(hub, conn, auth))
 }
 
 #[cfg(test)]

@@ -22,7 +22,8 @@ use super::listener::{HubListener, Peer};
 use super::store::Store;
 use super::{Hub, HubConfig, HubFile, admin, api};
 use crate::error::{Error, Result};
-use crate::protocol::{Connection, SUBPROTOCOL, WS_PATH, connection::accept_key};
+use crate::protocol::connection::{ReadSize, accept_key};
+use crate::protocol::{Connection, SUBPROTOCOL, WS_PATH};
 use crate::token;
 
 /// Serves the hub on `listener` until `shutdown` is cancelled.
@@ -182,8 +183,9 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
     })
 }
 
-/// Completes a WebSocket upgrade with the `cla.v1` subprotocol and runs `on_open` on the connection.
-pub(crate) fn upgrade<F, Fut>(mut req: Request, on_open: F) -> Result<Response, ApiFail>
+/// Completes a WebSocket upgrade with the `cla.v1` subprotocol and runs `on_open` on the connection,
+/// which reads `read` bytes at a time.
+pub(crate) fn upgrade<F, Fut>(mut req: Request, read: ReadSize, on_open: F) -> Result<Response, ApiFail>
 where
     F: FnOnce(Connection) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -209,7 +211,7 @@ where
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => on_open(Connection::from_upgraded(TokioIo::new(upgraded)).await).await,
+            Ok(upgraded) => on_open(Connection::from_upgraded(TokioIo::new(upgraded), read).await).await,
             Err(e) => tracing::debug!("WebSocket upgrade failed: {e}"),
         }
     });

@@ -35,16 +35,34 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// How long the client waits for TCP connect plus the upgrade.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The read buffer a connection starts with. tungstenite allocates it up front (128 KiB by default), so
-/// it is most of an idle connection's memory: a hub holding 10,000 workers would spend over a gigabyte
-/// on it. A frame larger than what is free grows it as needed (a transfer's 1 MiB chunks do, once).
-const READ_BUFFER_BYTES: usize = 8 << 10;
+/// How much a connection reads from its socket at a time, which is also the read buffer it starts with
+/// (tungstenite ties the two together and allocates the buffer up front; a frame larger than what is
+/// free grows the buffer as needed, as a transfer's 1 MiB chunks do once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadSize {
+    /// 8 KiB: for the hub's worker connections, of which it holds thousands. At tungstenite's default
+    /// (128 KiB) 10,000 workers would cost the hub over a gigabyte.
+    Small,
+    /// 64 KiB: for connections that carry bulk data and are few — a worker's one connection, an admin
+    /// client's. A 1 GiB transfer then takes 16,000 reads instead of 131,000 (each a system call, and
+    /// tungstenite zero-fills the window before it).
+    Bulk,
+}
 
-fn ws_config() -> WebSocketConfig {
+impl ReadSize {
+    fn bytes(self) -> usize {
+        match self {
+            ReadSize::Small => 8 << 10,
+            ReadSize::Bulk => 64 << 10,
+        }
+    }
+}
+
+fn ws_config(read: ReadSize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_MESSAGE_BYTES))
-        .read_buffer_size(READ_BUFFER_BYTES)
+        .read_buffer_size(read.bytes())
 }
 
 /// Malformed or unsupported frames a peer may send within [`BAD_FRAME_WINDOW`] before its connection
@@ -170,7 +188,7 @@ impl Connection {
                     Box::new(tls)
                 }
             };
-            tokio_tungstenite::client_async_with_config(request, io, Some(ws_config()))
+            tokio_tungstenite::client_async_with_config(request, io, Some(ws_config(ReadSize::Bulk)))
                 .await
                 .map_err(|e| match e {
                     WsError::Http(resp) => ProtocolError::Refused {
@@ -192,10 +210,10 @@ impl Connection {
     }
 
     /// Wraps the byte stream of an HTTP connection the server has just upgraded (it already answered 101).
-    pub async fn from_upgraded(io: impl Io) -> Connection {
+    pub async fn from_upgraded(io: impl Io, read: ReadSize) -> Connection {
         let io: Box<dyn Io> = Box::new(io);
         Connection {
-            inner: WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await,
+            inner: WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config(read))).await,
         }
     }
 
