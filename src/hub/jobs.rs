@@ -615,6 +615,10 @@ impl Hub {
     fn send_offers(&self, offers: Vec<Offer>) {
         let (hub, lease) = (self.me.clone(), self.cfg.offer_lease);
         tokio::spawn(async move {
+            // First every write (queued together, they are usually committed together), telling a new
+            // job's creator at once: a send below can wait for room on a busy session's channel, and
+            // that must not hold up an unrelated caller.
+            let mut written = Vec::with_capacity(offers.len());
             for Offer {
                 tx,
                 session,
@@ -628,6 +632,9 @@ impl Hub {
                 if let Some(stored) = stored {
                     let _ = stored.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 }
+                written.push((tx, session, job, msg, result));
+            }
+            for (tx, session, job, msg, result) in written {
                 match result {
                     Ok(()) => {
                         tracing::info!(job = %job, "job offered");
