@@ -120,7 +120,7 @@ fn main() {
         "fetch_cpu_client_s_per_gib": median(fetch_cpu.iter().map(|c| c.client * gib).collect()),
         "fetch_cpu_hub_s_per_gib": median(fetch_cpu.iter().map(|c| c.hub * gib).collect()),
         "fetch_cpu_worker_s_per_gib": median(fetch_cpu.iter().map(|c| c.worker * gib).collect()),
-        "sha256_cpu_s_per_gib": (1u64 << 30) as f64 / (mb(sha_s) * 1e6),
+        "sha256_cpu_s_per_gib": sha_s * gib,
         "hub_peak_rss_kib": proc_status(hub.pid(), "VmHWM:").unwrap_or(0),
         "worker_peak_rss_kib": proc_status(worker_pid, "VmHWM:").unwrap_or(0),
     });

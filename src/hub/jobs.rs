@@ -153,7 +153,7 @@ struct Offer {
     /// The write of the `offered` state, which must be durable before the request goes.
     commit: Commit,
     /// Told how that write went (for a new job whose first write this is: see [`Hub::enqueue`]).
-    stored: Option<oneshot::Sender<Result<(), String>>>,
+    stored: Option<oneshot::Sender<Result<(), crate::hub::store::StoreError>>>,
 }
 
 /// What a dispatch pass decided, to act on once the state lock is released.
@@ -413,8 +413,8 @@ impl Hub {
             match stored.await {
                 Ok(()) => Ok(now),
                 Err(e) => {
-                    hub.unstored(&id, &e).await;
-                    Err(crate::hub::store::StoreError::Db(e).into())
+                    hub.unstored(&id, &e.to_string()).await;
+                    Err(e.into())
                 }
             }
         })
@@ -435,10 +435,7 @@ impl Hub {
         self: &Arc<Self>,
         record: JobRecord,
         subscriber: Option<mpsc::Sender<JobEvent>>,
-    ) -> (
-        JobRecord,
-        impl std::future::Future<Output = Result<(), String>> + use<>,
-    ) {
+    ) -> (JobRecord, Commit) {
         let live = LiveJob::new(record.clone(), subscriber);
         let queue_deadline = live.queue_deadline;
         let (dispatched, stored) = {
@@ -451,9 +448,11 @@ impl Hub {
                     let (tx, rx) = oneshot::channel();
                     offer.stored = Some(tx);
                     Box::pin(async move {
-                        rx.await
-                            .unwrap_or_else(|_| Err("the offer was dropped before it was stored".into()))
-                            .map_err(crate::hub::store::StoreError::Db)
+                        rx.await.unwrap_or_else(|_| {
+                            Err(crate::hub::store::StoreError::Db(
+                                "the offer was dropped before it was stored".into(),
+                            ))
+                        })
                     })
                 }
                 None => {
@@ -472,8 +471,7 @@ impl Hub {
         {
             self.worker_unregistered(w).await;
         }
-        let now = self.job(&record.id).unwrap_or(record);
-        (now, async move { stored.await.map_err(|e| e.to_string()) })
+        (self.job(&record.id).unwrap_or(record), stored)
     }
 
     /// Starts the timer of a queued job's queue timeout.
@@ -630,7 +628,7 @@ impl Hub {
             {
                 let result = commit.await;
                 if let Some(stored) = stored {
-                    let _ = stored.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    let _ = stored.send(result.clone());
                 }
                 written.push((tx, session, job, msg, result));
             }

@@ -26,7 +26,7 @@ const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 
 /// Store failures.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("data dir {0} is in use by another cla-hub: stop it, or pick another --data-dir")]
     Locked(PathBuf),
