@@ -12,9 +12,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cla_worker::hub::client::AdminClient;
-use cla_worker::protocol::CommandLine;
-use cla_worker::protocol::api::{EvalTask, JobSpec, JobState, Target, Task};
+use cla_client::AdminClient;
+use cla_protocol::CommandLine;
+use cla_protocol::api::{EvalTask, JobSpec, JobState, Target, Task};
 use tokio_util::sync::CancellationToken;
 
 mod common;
@@ -238,7 +238,7 @@ fn main() {
         let t = Instant::now();
         let r = admin
             .exec(&stream_spec, CancellationToken::new(), |ev| {
-                if let cla_worker::hub::client::ExecEvent::Stdout(b) = ev {
+                if let cla_client::ExecEvent::Stdout(b) = ev {
                     got += b.len() as u64;
                 }
             })

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use cla_worker::mask::Masks;
+use cla_common::mask::Masks;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");

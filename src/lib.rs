@@ -1,49 +1,106 @@
-//! cla-worker: a pull agent (`cla-worker`) and the server it connects out to (`cla-hub`).
+//! What the integration tests (`tests/`) and the benchmarks (`benches/`) share: the real `cla-hub` and
+//! `cla-worker` binaries, built from this workspace and found on disk.
 //!
-//! Both binaries are thin shells over this library; everything they do lives here so that it can be tested
-//! in-process and so that the wire protocol is defined exactly once.
-//!
-//! # Layout
-//!
-//! | module | owns |
-//! |---|---|
-//! | [`protocol`] | wire types (worker ↔ hub, admin client ↔ hub), the frame codec and the WebSocket [`protocol::Connection`] |
-//! | [`config`] | the worker's layered YAML config: search order, validation, atomic `--save` |
-//! | [`worker`] | the agent runtime: registration, session with backoff, request handlers (exec, eval, ship/fetch) |
-//! | [`transfer`] | ship and fetch: one sender and one receiver (verified, atomic, flow-controlled) over any [`transfer::Link`] |
-//! | [`hub`] | the server runtime: HTTP + WebSocket listener, registry of connected workers, jobs, embedded store |
-//! | [`cli`] | clap argument types for both binaries and one `execute` per verb; nothing below it sees clap |
-//! | [`http`] | a small JSON-over-HTTP client used by `register`, `unregister` and the hub's admin commands |
-//! | [`tls`] | the hub's certificate (given or self-signed), how clients trust it (a pin or a CA), mTLS client certificates |
-//! | [`policy`], [`mask`] | the worker's local policy (verbs, path allow-lists) and secret masking of job output |
-//! | [`secret`], [`token`] | secrets with redacted `Debug`; token generation, hashing and comparison |
-//! | [`exit`], [`error`], [`shutdown`], [`logging`] | process-level plumbing shared by both binaries |
+//! Cargo sets `CARGO_BIN_EXE_<name>` only for binaries of the package under test, and the binaries live
+//! in packages of their own (`crates/cla-worker`, `crates/cla-hub`), so that the worker's dependency graph
+//! holds no hub code. The first use of [`HUB`] or [`WORKER`] therefore runs `cargo build` for both binary
+//! packages, in the profile and target directory of the running test or bench (a no-op when they are
+//! fresh), so `cargo test` never runs stale binaries. `CLA_TEST_BIN_DIR` points at prebuilt binaries
+//! instead, and skips the build.
 
-pub mod cli;
-pub mod config;
-pub mod error;
-pub mod eval;
-pub mod exit;
-pub mod http;
-pub mod hub;
-pub mod logging;
-pub mod mask;
-pub mod policy;
-#[cfg(test)]
-mod props;
-pub mod protocol;
-pub mod rulebook;
-pub mod secret;
-pub mod shutdown;
-pub mod tls;
-pub mod token;
-pub mod transfer;
-pub(crate) mod util;
-pub use util::tune_allocator;
-pub mod worker;
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
 
-pub use error::{Error, Result};
-pub use exit::ExitCode;
+/// One of the workspace's binaries, resolved (and built if need be) on first use; it can be passed
+/// wherever a program path goes (`Command::new(HUB)`).
+#[derive(Debug, Clone, Copy)]
+pub struct Bin(&'static str);
 
-/// This build's version, sent in `hello` and shown by `workers`.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The `cla-hub` binary.
+pub const HUB: Bin = Bin("cla-hub");
+/// The `cla-worker` binary.
+pub const WORKER: Bin = Bin("cla-worker");
+
+impl Bin {
+    /// The binary's path.
+    pub fn path(self) -> &'static Path {
+        static PATHS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+        let (hub, worker) = PATHS.get_or_init(|| {
+            let dir = bin_dir();
+            let exe = |name: &str| dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+            (exe("cla-hub"), exe("cla-worker"))
+        });
+        if self.0 == "cla-hub" { hub } else { worker }
+    }
+}
+
+impl AsRef<OsStr> for Bin {
+    fn as_ref(&self) -> &OsStr {
+        self.path().as_os_str()
+    }
+}
+
+impl AsRef<Path> for Bin {
+    fn as_ref(&self) -> &Path {
+        self.path()
+    }
+}
+
+impl From<Bin> for OsString {
+    fn from(b: Bin) -> OsString {
+        b.path().as_os_str().to_owned()
+    }
+}
+
+impl fmt::Display for Bin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.path().display().fmt(f)
+    }
+}
+
+/// The directory holding fresh binaries: `CLA_TEST_BIN_DIR`, or this profile's output directory after
+/// `cargo build -p cla-hub -p cla-worker` there.
+fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CLA_TEST_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // A test or bench runs as TARGET/PROFILE/deps/NAME-HASH.
+    let exe = std::env::current_exe().expect("the test binary's own path");
+    let deps = exe.parent().expect("test binaries live in a deps directory");
+    let profile_dir = deps.parent().expect("deps lives in a profile directory");
+    let target_dir = profile_dir
+        .parent()
+        .expect("a profile directory lives in a target directory");
+    let profile = match profile_dir.file_name().and_then(OsStr::to_str) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => panic!("cannot tell the build profile from {}", exe.display()),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "cla-hub",
+            "-p",
+            "cla-worker",
+            "--profile",
+            profile,
+        ])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&cargo).display()));
+    assert!(
+        out.status.success(),
+        "building the binaries under test failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    profile_dir.to_path_buf()
+}

@@ -20,7 +20,7 @@ struct Reap(std::path::PathBuf);
 
 impl Drop for Reap {
     fn drop(&mut self) {
-        if let Some(pid) = cla_worker::worker::daemon::running(&self.0) {
+        if let Some(pid) = cla_worker_core::daemon::running(&self.0) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
     }

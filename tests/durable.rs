@@ -336,8 +336,8 @@ fn workers_are_drained_disabled_shut_down_and_unregistered_from_the_hub() {
 
 #[test]
 fn a_reconnect_storm_of_200_workers_is_absorbed_and_spread_out() {
-    use cla_worker::secret::Secret;
-    use cla_worker::worker::registration::{RegisterParams, register as api_register};
+    use cla_common::secret::Secret;
+    use cla_worker_core::registration::{RegisterParams, register as api_register};
     const N: usize = 200;
     let dir = tempfile::tempdir().unwrap();
     let mut hub = Hub::start(dir.path());

@@ -1,9 +1,9 @@
 //! Golden JSON of every protocol message: field names and tags are the contract between versions.
 
-use cla_worker::protocol::api::{
+use cla_protocol::api::{
     AdminEvent, AdminRequest, EvalTask, FetchTask, JobSpec, RegisterRequest, ShipTask, Target, Task,
 };
-use cla_worker::protocol::*;
+use cla_protocol::*;
 use serde_json::json;
 
 fn golden<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
@@ -96,7 +96,7 @@ fn worker_to_hub() {
     );
     golden(
         HubMessage::Rotate {
-            token: cla_worker::secret::Secret::new("clatk_0123"),
+            token: cla_common::secret::Secret::new("clatk_0123"),
         },
         json!({"type":"rotate","token":"clatk_0123"}),
     );

@@ -59,8 +59,8 @@ fn running_job_of_a_vanished_worker_is_lost_not_hung() {
 
 #[test]
 fn malformed_and_unknown_frames_are_answered_not_fatal() {
-    use cla_worker::protocol::connection::Incoming;
-    use cla_worker::protocol::{ErrorCode, Frame, HubMessage, decode_text};
+    use cla_protocol::connection::Incoming;
+    use cla_protocol::{ErrorCode, Frame, HubMessage, decode_text};
     let dir = tempfile::tempdir().unwrap();
     let mut hub = Hub::start(dir.path());
     let setup = register(&hub, dir.path(), "raw", "t");
@@ -141,7 +141,7 @@ fn malformed_and_unknown_frames_are_answered_not_fatal() {
 /// healthy for everyone else.
 #[test]
 fn a_flood_of_bad_frames_or_an_oversized_frame_closes_the_connection() {
-    use cla_worker::protocol::connection::{Incoming, MAX_BAD_FRAMES, MAX_MESSAGE_BYTES};
+    use cla_protocol::connection::{Incoming, MAX_BAD_FRAMES, MAX_MESSAGE_BYTES};
     let dir = tempfile::tempdir().unwrap();
     let hub = Hub::start(dir.path());
     let setup = register(&hub, dir.path(), "flood", "t");
@@ -151,7 +151,7 @@ fn a_flood_of_bad_frames_or_an_oversized_frame_closes_the_connection() {
         .unwrap();
     let open = || raw_worker(&hub, "flood", &setup.token);
     // Reads until the hub closes the connection; returns how many frames came before.
-    let until_closed = |mut r: cla_worker::protocol::ConnectionReader| async move {
+    let until_closed = |mut r: cla_protocol::ConnectionReader| async move {
         let mut frames = 0;
         loop {
             match tokio::time::timeout(Duration::from_secs(20), r.read()).await {

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::common::*;
 
-/// One chunk on the wire (`cla_worker::transfer::CHUNK`).
+/// One chunk on the wire (`cla_transfer::CHUNK`).
 const CHUNK: usize = 1 << 20;
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -572,7 +572,8 @@ fn permission_errors_name_the_path_and_leave_nothing() {
         nix::unistd::chown(&locked, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
         nix::unistd::chown(&secret, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
         cmd = Command::new("setpriv");
-        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", WORKER])
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(WORKER)
             .arg("-c")
             .arg(&config);
     } else {

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 
 pub mod transfer;
 
-pub const HUB: &str = env!("CARGO_BIN_EXE_cla-hub");
-pub const WORKER: &str = env!("CARGO_BIN_EXE_cla-worker");
+pub use cla_tests::HUB;
+pub use cla_tests::WORKER;
 
 /// Kills (and reaps) a child process when dropped.
 pub struct Kill(pub Child);
@@ -114,12 +114,12 @@ impl Hub {
     }
 
     /// The pin of a TLS hub, from its `hub.json` (what admin commands on its machine use).
-    pub fn trust(&self) -> cla_worker::tls::Trust {
+    pub fn trust(&self) -> cla_common::tls::Trust {
         let file: serde_json::Value =
             serde_json::from_slice(&std::fs::read(self.data_dir.join("hub.json")).unwrap()).unwrap();
         match file["pin"].as_str() {
-            Some(pin) => cla_worker::tls::Trust::Pin(pin.parse().unwrap()),
-            None => cla_worker::tls::Trust::Unset,
+            Some(pin) => cla_common::tls::Trust::Pin(pin.parse().unwrap()),
+            None => cla_common::tls::Trust::Unset,
         }
     }
 

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cla_worker::hub::client::AdminClient;
-use cla_worker::protocol::connection::Incoming;
-use cla_worker::protocol::{Connection, Frame, HubMessage, PROTOCOL_VERSION, WorkerMessage, decode_text};
-use cla_worker::secret::Secret;
-use cla_worker::tls::Trust;
-use cla_worker::worker::registration::{RegisterParams, register};
+use cla_client::AdminClient;
+use cla_common::secret::Secret;
+use cla_common::tls::Trust;
+use cla_protocol::connection::Incoming;
+use cla_protocol::{Connection, Frame, HubMessage, PROTOCOL_VERSION, WorkerMessage, decode_text};
+use cla_worker_core::registration::{RegisterParams, register};
 use tokio::sync::Semaphore;
 
 /// Registers and connects `n` simulated workers; returns the seconds it took. They stay connected
@@ -58,7 +58,7 @@ pub async fn connect(url: &str, admin: &AdminClient, passkey: &str, n: usize, tr
             .unwrap();
             let (mut writer, mut reader) = conn.split();
             writer
-                .send(&WorkerMessage::Hello(cla_worker::protocol::Hello {
+                .send(&WorkerMessage::Hello(cla_protocol::Hello {
                     version: PROTOCOL_VERSION,
                     agent: "bench-sim".into(),
                     tags: vec!["sim".into()],

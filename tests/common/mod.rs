@@ -8,8 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const HUB: &str = env!("CARGO_BIN_EXE_cla-hub");
-pub const WORKER: &str = env!("CARGO_BIN_EXE_cla-worker");
+pub use cla_tests::HUB;
+pub use cla_tests::WORKER;
 
 /// Polls `check` every 25 ms until it is true, panicking with `what` after `secs` seconds.
 pub fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
@@ -442,11 +442,8 @@ pub async fn raw_worker(
     hub: &Hub,
     id: &str,
     token: &str,
-) -> (
-    cla_worker::protocol::ConnectionWriter,
-    cla_worker::protocol::ConnectionReader,
-) {
-    use cla_worker::protocol::{Connection, Hello, PROTOCOL_VERSION, WORKER_ID_HEADER, WorkerMessage};
+) -> (cla_protocol::ConnectionWriter, cla_protocol::ConnectionReader) {
+    use cla_protocol::{Connection, Hello, PROTOCOL_VERSION, WORKER_ID_HEADER, WorkerMessage};
     let auth = format!("Bearer {token}");
     let url = format!("{}/ws/v1", hub.url);
     let conn = Connection::connect(&url, &[("authorization", &auth), (WORKER_ID_HEADER, id)])

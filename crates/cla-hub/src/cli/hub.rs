@@ -1,0 +1,464 @@
+//! `cla-hub` command line (DESIGN.md §2): `serve`, the admin commands, and `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+
+use super::jobs;
+use super::table::{or_dash, render};
+use super::{print_json, print_out};
+use crate::error::{Error, Result};
+use cla_client::AdminClient;
+use cla_common::exit::ExitCode;
+use cla_common::secret::Secret;
+use cla_hub_core::{HubConfig, default_data_dir, server};
+use cla_protocol::api::{JobState, WorkerAction};
+
+/// cla-hub: the server cla-workers connect to, and its admin commands.
+#[derive(Debug, Parser)]
+#[command(name = "cla-hub", version, about, propagate_version = true)]
+pub struct Args {
+    /// Where the hub keeps its store and hub.json (default: the platform data dir, e.g. ~/.local/share/cla-hub).
+    #[arg(long, global = true, env = "CLA_HUB_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Talk to the hub at this URL (with the admin token in CLA_HUB_TOKEN) instead of reading DATA_DIR/hub.json.
+    #[arg(long, global = true, value_name = "URL")]
+    pub hub: Option<String>,
+    /// The admin token for --hub.
+    #[arg(
+        long,
+        global = true,
+        env = "CLA_HUB_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub token: Option<Secret>,
+    /// With --hub on https: the SHA-256 fingerprint of the hub's certificate to trust (as `serve` logs it).
+    #[arg(long, global = true, env = "CLA_HUB_PIN", value_name = "SHA256")]
+    pub pin: Option<String>,
+    /// With --hub on https: trust certificates issued by the CA(s) in this PEM file instead of a pin.
+    #[arg(long, global = true, env = "CLA_HUB_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Print data as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the hub.
+    Serve(ServeArgs),
+    /// Manage project passkeys (what workers register with).
+    #[command(subcommand)]
+    Passkey(PasskeyCommand),
+    /// List registered workers and their state.
+    Workers,
+    /// Control a worker from here: drain, disable, enable, shutdown, unregister it, or rotate its token.
+    Worker {
+        #[arg(value_enum)]
+        action: ActionArg,
+        /// The worker id (see `cla-hub workers`).
+        id: String,
+        /// rotate: how long the old token stays valid after the new one is sent, if the worker does not
+        /// confirm saving it (e.g. 90s, 1h; default 1h).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        overlap: Option<Duration>,
+    },
+    /// Run a command on a worker and stream its output; exits with the command's exit code.
+    Exec(ExecArgs),
+    /// Evaluate JavaScript on a worker; prints the result as JSON.
+    Eval(EvalArgs),
+    /// Send a file or directory to a worker: verified (SHA-256) and atomic on the worker.
+    Ship(ShipArgs),
+    /// Bring a file or directory back from a worker: verified (SHA-256) and atomic here.
+    Fetch(FetchArgs),
+    /// List jobs.
+    Jobs(JobsArgs),
+    /// Look at or cancel one job.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Run a rulebook (YAML steps: shell, ship, fetch, eval, ...) against the connected workers.
+    Run(super::rulebook::RunArgs),
+    /// Start an embedded hub and a local worker, run a few commands, clean up.
+    Demo,
+}
+
+/// What `cla-hub worker` does.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ActionArg {
+    /// Take no new jobs, let the running ones finish, then exit (code 0).
+    Drain,
+    /// Stay connected but get no jobs until `enable` (kept across restarts).
+    Disable,
+    /// Take jobs again after `disable`.
+    Enable,
+    /// Exit now with code 10; running jobs are cancelled.
+    Shutdown,
+    /// Delete the registration; a connected worker removes it from its config and exits.
+    Unregister,
+    /// Give the worker a new token, which it saves into its config file; the old one then stops working.
+    Rotate,
+}
+
+impl From<ActionArg> for WorkerAction {
+    fn from(a: ActionArg) -> Self {
+        match a {
+            ActionArg::Drain => WorkerAction::Drain,
+            ActionArg::Disable => WorkerAction::Disable,
+            ActionArg::Enable => WorkerAction::Enable,
+            ActionArg::Shutdown => WorkerAction::Shutdown,
+            ActionArg::Unregister => WorkerAction::Unregister,
+            ActionArg::Rotate => WorkerAction::Rotate,
+        }
+    }
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8780", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Seconds between pings; a worker silent for 3 of them is marked OFFLINE.
+    #[arg(long, default_value_t = 5, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat: u64,
+    /// Seconds the jobs of a disconnected worker wait for it to come back (and resume them) before they
+    /// are marked lost.
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=604800))]
+    pub lost_after: u64,
+    /// Seconds a worker has to accept or refuse an offered job before it is offered elsewhere.
+    #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub offer_lease: u64,
+    /// Worker handshakes handled at once; more are asked to come back in a few seconds (a restarted
+    /// hub with a large fleet sheds the reconnect storm).
+    #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100000))]
+    pub max_handshakes: u64,
+    /// Serve HTTPS/WSS. Without --cert/--key, a self-signed certificate is made once in DATA_DIR/tls/
+    /// and kept; workers pin its fingerprint when they register.
+    #[arg(long)]
+    pub tls: bool,
+    /// Failed registrations (wrong or revoked passkey, bad request) allowed per source address and
+    /// minute; past it the source gets HTTP 429 with a retry_after. 0 turns the limit off.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub register_limit: u32,
+    /// Require mutual TLS: workers must present the client certificate the hub issued when they
+    /// registered (over https); implies --tls.
+    #[arg(long)]
+    pub mtls: bool,
+    /// The certificate chain (PEM) to serve; implies --tls.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// An extra name (host name or IP address) for the self-signed certificate (repeatable); used only
+    /// when the certificate is made.
+    #[arg(long = "tls-name", value_name = "NAME")]
+    pub tls_names: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PasskeyCommand {
+    /// Create a passkey for a project; prints it alone on stdout (it is shown only this once).
+    Create {
+        /// The project the passkey registers workers into.
+        #[arg(long)]
+        project: String,
+    },
+    /// List passkeys (by prefix; the hub keeps only their hashes).
+    List,
+    /// Revoke a passkey, given whole or by a unique prefix of at least 8 characters.
+    Revoke { passkey: String },
+}
+
+/// Where a job runs (`exec`, `eval`, `ship`, `fetch`).
+#[derive(Debug, ClapArgs)]
+pub struct TargetArgs {
+    /// Run on this worker.
+    #[arg(long, conflicts_with = "tags", value_name = "ID")]
+    pub worker: Option<String>,
+    /// Run on a worker carrying all these tags (comma-separated).
+    #[arg(long, value_name = "A,B")]
+    pub tags: Vec<String>,
+    /// Only on a worker serving this environment.
+    #[arg(long, value_name = "ENV")]
+    pub env: Option<String>,
+    /// Give up when no matching worker has taken the job within this many seconds (exit 124). Without
+    /// it the job waits in the hub's queue until a matching worker is free or connects.
+    #[arg(long, value_name = "SECS")]
+    pub queue_timeout: Option<f64>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Kill the command's process tree after this many seconds (exit 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Directory on the worker to run in.
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Set an environment variable for the command (repeatable).
+    #[arg(long = "setenv", value_name = "KEY=VALUE")]
+    pub setenv: Vec<String>,
+    /// Queue the job and print its id instead of waiting.
+    #[arg(long)]
+    pub detach: bool,
+    /// Cancel the command when its worker has been disconnected from the hub this many seconds (by
+    /// default it keeps running and its output is delivered when the worker reconnects).
+    #[arg(long, value_name = "SECS")]
+    pub cancel_after_disconnect: Option<u64>,
+    /// The command: one string runs through the worker's shell, several words run as argv.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ShipArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Fail when the destination's parent directory does not exist, instead of creating it.
+    #[arg(long)]
+    pub no_mkdir: bool,
+    /// The local file or directory.
+    #[arg(value_name = "LOCAL")]
+    pub local: PathBuf,
+    /// The destination on the worker (relative to its workdir). A file goes into REMOTE when it is a
+    /// directory or ends with `/`; a directory's contents go to REMOTE (merged if it exists), or to
+    /// REMOTE/NAME when REMOTE ends with `/`.
+    #[arg(value_name = "REMOTE")]
+    pub remote: String,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Fail when the destination's parent directory does not exist, instead of creating it.
+    #[arg(long)]
+    pub no_mkdir: bool,
+    /// The file or directory on the worker (relative to its workdir).
+    #[arg(value_name = "REMOTE")]
+    pub remote: String,
+    /// Where it goes here (same rules as ship's REMOTE).
+    #[arg(value_name = "LOCAL")]
+    pub local: String,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// The `stash` global, as JSON (default `{}`); printed back, changed, with --json.
+    #[arg(long, value_name = "JSON")]
+    pub stash: Option<String>,
+    /// Stop the script after this many seconds (default 30; exit 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Read the code from this file.
+    #[arg(long, short, value_name = "FILE", conflicts_with = "code")]
+    pub file: Option<PathBuf>,
+    /// The code; `-` reads it from stdin.
+    pub code: Option<String>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct JobsArgs {
+    /// Only jobs in this state (queued, running, succeeded, failed, ...).
+    #[arg(long)]
+    pub state: Option<JobState>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Show a job, with its captured output.
+    Show {
+        id: String,
+        /// Block until the job has ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel a job (a running one has its process tree killed).
+    Cancel { id: String },
+}
+
+/// Runs the command line.
+pub fn run(args: Args) -> Result<ExitCode> {
+    // A transfer's disk work and hashing run on a blocking thread; one thread for its network side moves
+    // the data with fewer hand-offs than a pool (measured: docs/benchmarks.md).
+    let rt = if matches!(
+        args.command,
+        Command::Ship(_) | Command::Fetch(_) | Command::Run(_)
+    ) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()?
+    };
+    rt.block_on(execute(args))
+}
+
+async fn execute(args: Args) -> Result<ExitCode> {
+    if !matches!(args.command, Command::Demo) {
+        cla_common::logging::init(args.verbose);
+    }
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let trust = cla_common::tls::Trust::from_options(args.pin.as_deref(), args.ca.as_deref())?;
+    let client = || {
+        AdminClient::locate(args.hub.as_deref(), args.token.clone(), trust.clone(), &data_dir)
+            .map_err(Error::from)
+    };
+    let json = args.json;
+    match args.command {
+        Command::Serve(a) => serve(a, data_dir.clone()).await,
+        Command::Passkey(p) => passkey(&client()?, p, json).await,
+        Command::Workers => workers(&client()?, json).await,
+        Command::Worker { action, id, overlap } => {
+            if overlap.is_some() && !matches!(action, ActionArg::Rotate) {
+                return Err(Error::Usage("--overlap goes with `worker rotate` only".into()));
+            }
+            let req = cla_protocol::api::WorkerActionRequest {
+                overlap_secs: overlap.map(|d| d.as_secs().max(1)),
+            };
+            let done = client()?.worker_action(&id, action.into(), &req).await?;
+            if json {
+                print_json(&done)?;
+            } else {
+                println!("{}", done.message);
+            }
+            Ok(ExitCode::Success)
+        }
+        Command::Exec(a) => {
+            let spec = jobs::exec_spec(&a)?;
+            jobs::exec(&client()?, spec, a.detach, json).await
+        }
+        Command::Eval(a) => {
+            let spec = jobs::eval_spec(&a)?;
+            jobs::eval(&client()?, spec, json).await
+        }
+        Command::Ship(a) => super::transfer::ship_cmd(&client()?, a, json).await,
+        Command::Fetch(a) => super::transfer::fetch_cmd(&client()?, a, json).await,
+        Command::Jobs(a) => jobs::list(&client()?, a, json).await,
+        Command::Job(j) => jobs::job(&client()?, j, json).await,
+        Command::Run(a) => super::rulebook::run_cmd(client, a, json).await,
+        Command::Demo => super::demo::run(args.verbose).await,
+    }
+}
+
+async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", a.listen)))?;
+    let mut cfg = HubConfig::new(data_dir);
+    cfg.heartbeat = Duration::from_secs(a.heartbeat);
+    cfg.lost_after = Duration::from_secs(a.lost_after);
+    cfg.offer_lease = Duration::from_secs(a.offer_lease);
+    cfg.max_handshakes = a.max_handshakes as usize;
+    cfg.register_failures_per_minute = a.register_limit;
+    if a.tls || a.mtls || a.cert.is_some() {
+        cfg.tls = Some(cla_hub_core::TlsOptions {
+            cert: a.cert,
+            key: a.key,
+            names: a.tls_names,
+            mtls: a.mtls,
+        });
+    }
+    server::run(listener, cfg, cla_common::shutdown::on_signals()).await?;
+    Ok(ExitCode::Success)
+}
+
+async fn passkey(c: &AdminClient, cmd: PasskeyCommand, json: bool) -> Result<ExitCode> {
+    match cmd {
+        PasskeyCommand::Create { project } => {
+            let k = c.passkey_create(&project).await?;
+            if json {
+                print_json(&k)?;
+            } else {
+                println!("{}", k.passkey);
+            }
+        }
+        PasskeyCommand::List => {
+            let keys = c.passkeys().await?;
+            if json {
+                print_json(&keys)?;
+            } else {
+                let rows: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            format!("{}…", k.prefix),
+                            k.project.clone(),
+                            k.created.clone(),
+                            if k.revoked { "revoked" } else { "active" }.into(),
+                        ]
+                    })
+                    .collect();
+                print_out(&render(&["PASSKEY", "PROJECT", "CREATED", "STATUS"], &rows))?;
+            }
+        }
+        PasskeyCommand::Revoke { passkey } => {
+            let k = c.passkey_revoke(&passkey).await?;
+            if json {
+                print_json(&k)?;
+            } else {
+                println!("revoked passkey {}… of project {}", k.prefix, k.project);
+            }
+        }
+    }
+    Ok(ExitCode::Success)
+}
+
+/// Prints the workers table (also used by the demo).
+pub(crate) async fn workers(c: &AdminClient, json: bool) -> Result<ExitCode> {
+    let ws = c.workers().await?;
+    if json {
+        print_json(&ws)?;
+        return Ok(ExitCode::Success);
+    }
+    let rows: Vec<_> = ws
+        .iter()
+        .map(|w| {
+            vec![
+                w.id.clone(),
+                w.state.label().to_owned(),
+                match w.transfers {
+                    0 => format!("{}/{}", w.running, w.capacity),
+                    n => format!("{}/{} +{n} transfers", w.running, w.capacity),
+                },
+                or_dash(w.tags.join(",")),
+                or_dash(w.envs.join(",")),
+                or_dash(w.host.clone().unwrap_or_default()),
+                or_dash(w.version.clone().unwrap_or_default()),
+                or_dash(w.last_seen.clone().unwrap_or_default()),
+                w.projects.join(","),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render(
+            &[
+                "ID",
+                "STATE",
+                "RUNNING",
+                "TAGS",
+                "ENVS",
+                "HOST",
+                "VERSION",
+                "LAST SEEN",
+                "PROJECTS"
+            ],
+            &rows
+        )
+    );
+    Ok(ExitCode::Success)
+}

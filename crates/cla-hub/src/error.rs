@@ -1,0 +1,61 @@
+//! The hub binary's errors: whatever the crates it drives report, plus its own usage errors.
+
+use std::path::PathBuf;
+
+pub use cla_config::ConfigError;
+pub use cla_protocol::ProtocolError;
+pub use cla_protocol::http::HttpError;
+
+/// Any error a `cla-hub` command reports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `serve` could not start or run.
+    #[error(transparent)]
+    Hub(#[from] cla_hub_core::Error),
+    /// An admin request, job stream or transfer failed.
+    #[error(transparent)]
+    Client(#[from] cla_client::Error),
+    /// The demo's worker failed.
+    #[error(transparent)]
+    Worker(#[from] cla_worker_core::Error),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error(transparent)]
+    Tls(#[from] cla_common::tls::TlsError),
+    /// A command-line or input value that cannot be used.
+    #[error("{0}")]
+    Usage(String),
+    /// A failure with its own explanation.
+    #[error("{0}")]
+    Other(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    PlainIo(#[from] std::io::Error),
+}
+
+/// `Result` with the hub binary's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns, so the message names the file.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl From<cla_common::Error> for Error {
+    fn from(e: cla_common::Error) -> Self {
+        match e {
+            cla_common::Error::Io { path, source } => Error::Io { path, source },
+            cla_common::Error::Other(m) => Error::Other(m),
+        }
+    }
+}

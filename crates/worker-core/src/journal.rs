@@ -1,0 +1,752 @@
+//! A job's journal on the worker: its output, start and end, kept until the hub acknowledges the end,
+//! so that neither a dropped connection nor a restarted hub loses any of it (DESIGN.md §5).
+//!
+//! Everything a job produces is appended to its spool file and, while the worker is connected, sent on.
+//! After a reconnect the hub says how much of each stream it has ([`cla_protocol::Resumed`]); the
+//! journal replays the rest from the spool, then the job goes on live. The file goes when the hub's
+//! `ack` says the job's end is stored.
+//!
+//! Spool file `SPOOL_DIR/JOB.spool`: records `[kind u8][length u32 LE][payload]`: 1 stdout bytes,
+//! 2 stderr bytes, 3 started (pid as u32 LE, 0 for none), 4 the result (JSON [`JobResult`]). A record
+//! cut short by a crash is ignored. The file is created when the job is accepted, so a worker
+//! restarted after dying finds the jobs it had taken, and reports those without an end as lost.
+//! Writes are not fsynced: the spool outlives the worker process, not the machine.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::session::Out;
+use cla_protocol::{JobResult, Outcome, Resumed, WorkerMessage};
+
+const STDOUT: u8 = 1;
+const STDERR: u8 = 2;
+const STARTED: u8 = 3;
+const RESULT: u8 = 4;
+
+/// Largest replay read (and frame) at a time.
+const REPLAY_CHUNK: usize = 64 * 1024;
+
+/// Which output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stream {
+    Stdout = 0,
+    Stderr = 1,
+}
+
+/// The worker's spool directory: one file per job not yet acknowledged by the hub.
+pub(crate) struct Spool {
+    dir: PathBuf,
+    /// Bytes in all spool files; writes past `max` are not spooled.
+    used: AtomicU64,
+    max: u64,
+    #[cfg(unix)]
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    #[cfg(not(unix))]
+    _lock: std::fs::File,
+}
+
+impl Spool {
+    /// Opens (creating it) the spool directory, locked against a second worker process using it.
+    pub(crate) fn open(dir: &Path, max_bytes: u64) -> crate::error::Result<Spool> {
+        use crate::error::Error;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::Usage(format!(
+                "cannot create the spool directory {}: {e}; set `spool_dir` in the config to a writable directory",
+                dir.display()
+            ))
+        })?;
+        let busy = || {
+            Error::Usage(format!(
+                "the spool directory {} is in use by another cla-worker process; give each worker \
+                 its own `spool_dir` (or stop the other one)",
+                dir.display()
+            ))
+        };
+        let mut open = std::fs::OpenOptions::new();
+        open.create(true).append(true);
+        // Windows has no flock: the lock file is held open with no sharing at all, which a second open
+        // fails with a sharing violation (and a crash releases).
+        #[cfg(windows)]
+        std::os::windows::fs::OpenOptionsExt::share_mode(&mut open, 0);
+        let file = open.open(dir.join("lock")).map_err(|e| match e.raw_os_error() {
+            #[cfg(windows)]
+            Some(32) => busy(),
+            _ => Error::io(dir, e),
+        })?;
+        #[cfg(unix)]
+        let lock = {
+            use nix::fcntl::{Flock, FlockArg};
+            Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| busy())?
+        };
+        #[cfg(not(unix))]
+        let lock = {
+            let _ = &busy;
+            file
+        };
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+            used: AtomicU64::new(0),
+            max: max_bytes,
+            _lock: lock,
+        })
+    }
+
+    fn path(&self, job: &str) -> PathBuf {
+        self.dir.join(format!("{job}.spool"))
+    }
+
+    /// The journals a previous worker process left: jobs it accepted whose end the hub has not
+    /// acknowledged. Those without an end are given one: `lost` (the process running them is gone).
+    pub(crate) fn recover(self: &Arc<Self>) -> Vec<Arc<Journal>> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(job) = name.strip_suffix(".spool") else {
+                continue;
+            };
+            if job.is_empty() || job.starts_with('.') {
+                continue;
+            }
+            match self.reopen(job, &e.path()) {
+                Ok(j) => found.push(j),
+                Err(err) => {
+                    tracing::warn!(job, "unreadable spool file {} skipped: {err}", e.path().display())
+                }
+            }
+        }
+        found.sort_by(|a, b| a.job.cmp(&b.job));
+        found
+    }
+
+    fn reopen(self: &Arc<Self>, job: &str, path: &Path) -> std::io::Result<Arc<Journal>> {
+        let mut state = State::default();
+        let mut records = Records::open(path)?;
+        while let Some((kind, payload)) = records.next_record()? {
+            match kind {
+                STDOUT => state.written[0] += payload.len() as u64,
+                STDERR => state.written[1] += payload.len() as u64,
+                STARTED => {
+                    let pid = payload
+                        .get(..4)
+                        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+                    state.started = Some(pid.filter(|p| *p != 0));
+                }
+                RESULT => state.result = serde_json::from_slice(&payload).ok(),
+                _ => {}
+            }
+        }
+        let valid = records.end;
+        // Everything read was sent by the process that wrote it, as far as this one knows.
+        state.sent = state.written;
+        state.spooled_out = state.written;
+        let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+        // Drop a record a crash cut short, so new records follow whole ones.
+        file.set_len(valid)?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))?;
+        self.used.fetch_add(valid, Ordering::Relaxed);
+        state.file = Some(file);
+        state.spooled = valid;
+        let journal = Arc::new(Journal {
+            job: job.to_owned(),
+            path: path.to_path_buf(),
+            spool: self.clone(),
+            state: tokio::sync::Mutex::new(state),
+        });
+        Ok(journal)
+    }
+}
+
+/// Largest record a spool file may hold (output records are at most 64 KiB, a result at most a message);
+/// a longer length is a corrupt header, read as the end of the file.
+const MAX_RECORD: usize = 16 << 20;
+
+/// The whole records of a spool file, in order; a torn or corrupt tail ends them.
+struct Records {
+    r: std::io::BufReader<std::fs::File>,
+    /// File offset after the last record read.
+    end: u64,
+}
+
+impl Records {
+    fn open(path: &Path) -> std::io::Result<Records> {
+        Ok(Records {
+            r: std::io::BufReader::new(std::fs::File::open(path)?),
+            end: 0,
+        })
+    }
+
+    /// The next record's kind and payload.
+    fn next_record(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+        let mut head = [0u8; 5];
+        if read_full(&mut self.r, &mut head)? < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(head[1..5].try_into().expect("4 bytes")) as usize;
+        if len > MAX_RECORD {
+            return Ok(None);
+        }
+        let mut payload = vec![0u8; len];
+        if read_full(&mut self.r, &mut payload)? < len {
+            return Ok(None);
+        }
+        self.end += 5 + len as u64;
+        Ok(Some((head[0], payload)))
+    }
+}
+
+/// Reads until `buf` is full or the end of the file; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Where a journal sends what its job produces: the current connection's writer and stream ids.
+pub(crate) struct Link {
+    pub out: mpsc::Sender<Out>,
+    pub streams: [u64; 2],
+}
+
+#[derive(Default)]
+struct State {
+    /// The spool file, while it takes writes.
+    file: Option<std::fs::File>,
+    /// Bytes in the spool file.
+    spooled: u64,
+    /// True once output was not spooled (limit or error): output stops being spooled for good, so the
+    /// spool holds a prefix of each stream and a replay can tell what it is missing.
+    gap: bool,
+    /// Output bytes in the spool, per stream (a prefix of what was written).
+    spooled_out: [u64; 2],
+    /// Output bytes the job produced, per stream.
+    written: [u64; 2],
+    /// Output bytes handed to a connection, per stream (short of `written` when a send was interrupted).
+    sent: [u64; 2],
+    /// Output bytes a replay could not resend (they were past the spool limit).
+    lost: u64,
+    /// `Some(pid)` once the process runs.
+    started: Option<Option<u32>>,
+    result: Option<JobResult>,
+    link: Option<Link>,
+    /// The hub gave the job up: nothing more is kept or sent.
+    abandoned: bool,
+}
+
+/// One job's journal (see the module docs).
+pub(crate) struct Journal {
+    pub job: String,
+    path: PathBuf,
+    spool: Arc<Spool>,
+    state: tokio::sync::Mutex<State>,
+}
+
+impl Journal {
+    /// Starts the journal of a job being accepted (its spool file exists from now on).
+    pub(crate) fn create(spool: &Arc<Spool>, job: &str, link: Link) -> Arc<Journal> {
+        let path = spool.path(job);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| {
+                tracing::warn!(
+                    job,
+                    "cannot create spool file {}: {e}; output is not spooled",
+                    path.display()
+                )
+            })
+            .ok();
+        Arc::new(Journal {
+            job: job.to_owned(),
+            path,
+            spool: spool.clone(),
+            state: tokio::sync::Mutex::new(State {
+                gap: file.is_none(),
+                file,
+                link: Some(link),
+                ..State::default()
+            }),
+        })
+    }
+
+    /// Appends a record to the spool (if it still takes writes).
+    fn spool_write(&self, st: &mut State, kind: u8, payload: &[u8]) {
+        let output = kind == STDOUT || kind == STDERR;
+        if output && st.gap {
+            return;
+        }
+        let Some(file) = st.file.as_mut() else {
+            st.gap |= output;
+            return;
+        };
+        let size = 5 + payload.len() as u64;
+        // The limit applies to output; the start and the end are always kept.
+        if output && self.spool.used.load(Ordering::Relaxed) + size > self.spool.max {
+            if !st.gap {
+                tracing::warn!(
+                    job = %self.job,
+                    "spool limit of {} MiB reached: further output of this job is not spooled, and is lost if the connection drops",
+                    self.spool.max >> 20
+                );
+            }
+            st.gap = true;
+            return;
+        }
+        let mut head = [0u8; 5];
+        head[0] = kind;
+        head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let written = file.write_all(&head).and_then(|_| file.write_all(payload));
+        match written {
+            Ok(()) => {
+                st.spooled += size;
+                self.spool.used.fetch_add(size, Ordering::Relaxed);
+                if output {
+                    st.spooled_out[(kind - STDOUT) as usize] += payload.len() as u64;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job = %self.job, "spool write failed ({e}): output is no longer spooled");
+                // A half-written record would corrupt what follows: stop writing this file.
+                st.file = None;
+                st.gap = true;
+            }
+        }
+    }
+
+    /// Sends through the link; a failed send (the connection went) unlinks.
+    async fn send(st: &mut State, out: Out) {
+        if let Some(l) = &st.link
+            && l.out.send(out).await.is_err()
+        {
+            st.link = None;
+        }
+    }
+
+    /// Output of the job.
+    pub(crate) async fn output(&self, which: Stream, data: Bytes) {
+        let mut st = self.state.lock().await;
+        if st.abandoned {
+            return;
+        }
+        let kind = STDOUT + which as u8;
+        self.spool_write(&mut st, kind, &data);
+        let i = which as usize;
+        let n = data.len() as u64;
+        st.written[i] += n;
+        let Some(stream) = st.link.as_ref().map(|l| l.streams[i]) else {
+            return;
+        };
+        let behind = st.sent[i] + n < st.written[i];
+        if behind && !st.gap {
+            // A send was interrupted (a pump stopped mid-send): catch up from the spool, which holds this
+            // chunk too, so the order holds.
+            let from = st.sent;
+            if let Err(e) = self.replay(&mut st, from).await {
+                tracing::warn!(job = %self.job, "resending unsent output failed: {e}");
+            }
+            return;
+        }
+        if behind {
+            st.lost += st.written[i] - n - st.sent[i];
+        }
+        Self::send(&mut st, Out::Data(stream, data)).await;
+        if st.link.is_some() {
+            st.sent[i] = st.written[i];
+        }
+    }
+
+    /// The job's process runs.
+    pub(crate) async fn started(&self, pid: Option<u32>) {
+        let mut st = self.state.lock().await;
+        if st.abandoned {
+            return;
+        }
+        self.spool_write(&mut st, STARTED, &pid.unwrap_or(0).to_le_bytes());
+        st.started = Some(pid);
+        let msg = WorkerMessage::Started {
+            job: self.job.clone(),
+            pid,
+        };
+        Self::send(&mut st, Out::msg(msg)).await;
+    }
+
+    /// The job ended: kept until the hub acknowledges it.
+    pub(crate) async fn finish(&self, result: JobResult) {
+        let mut st = self.state.lock().await;
+        if st.abandoned {
+            return;
+        }
+        // Output whose send was interrupted (a pump stopped mid-send) goes before the end.
+        if st.link.is_some() && (st.sent[0] < st.written[0] || st.sent[1] < st.written[1]) {
+            let from = st.sent;
+            if let Err(e) = self.replay(&mut st, from).await {
+                tracing::warn!(job = %self.job, "resending unsent output failed: {e}");
+            }
+        }
+        let json = serde_json::to_vec(&result).expect("results serialize");
+        self.spool_write(&mut st, RESULT, &json);
+        if let Some(f) = st.file.as_mut() {
+            let _ = f.flush();
+        }
+        st.result = Some(result);
+        let end = self.end_message(&st);
+        Self::send(&mut st, end).await;
+    }
+
+    /// `finished`, saying how much output was lost if a replay could not resend all of it.
+    fn end_message(&self, st: &State) -> Out {
+        let mut result = st.result.clone().expect("called once the job has ended");
+        result.output_bytes = Some(st.written);
+        if st.lost > 0 {
+            let note = format!(
+                "{} bytes of output were lost in a disconnect (past the spool limit of {} MiB)",
+                st.lost,
+                self.spool.max >> 20
+            );
+            result.error = Some(match result.error.take() {
+                Some(e) => format!("{e}; {note}"),
+                None => note,
+            });
+        }
+        Out::msg(WorkerMessage::Finished(result))
+    }
+
+    /// True once the job has ended (its result is known).
+    pub(crate) async fn ended(&self) -> bool {
+        self.state.lock().await.result.is_some()
+    }
+
+    /// The connection went: keep everything for the next one.
+    pub(crate) async fn unlink(&self) {
+        self.state.lock().await.link = None;
+    }
+
+    /// A new connection takes the job back: sends what the hub is missing (output past its offsets, the
+    /// start, the end), then links the job to the connection. Holding the journal meanwhile makes the
+    /// job's new output wait, so it follows the replay in order.
+    pub(crate) async fn relink(&self, link: Link, from: &Resumed) {
+        let mut st = self.state.lock().await;
+        if st.abandoned {
+            return;
+        }
+        st.link = Some(link);
+        let offsets = [from.stdout_offset, from.stderr_offset];
+        // Until the replay is done, the hub has what it says it has.
+        st.sent = [offsets[0].min(st.written[0]), offsets[1].min(st.written[1])];
+        let missing = offsets[0] < st.written[0] || offsets[1] < st.written[1];
+        if missing && let Err(e) = self.replay(&mut st, offsets).await {
+            tracing::warn!(job = %self.job, "replaying the spool failed: {e}");
+        }
+        if let Some(pid) = st.started {
+            let msg = WorkerMessage::Started {
+                job: self.job.clone(),
+                pid,
+            };
+            Self::send(&mut st, Out::msg(msg)).await;
+        }
+        if st.result.is_some() {
+            let end = self.end_message(&st);
+            Self::send(&mut st, end).await;
+        }
+    }
+
+    /// Sends the spooled output past `offsets`, record by record; `sent` follows. Output past what the
+    /// spool holds (the spool limit) cannot be resent: it is counted in `lost`, and `sent` moves past it
+    /// so the live output that follows is not held back.
+    async fn replay(&self, st: &mut State, offsets: [u64; 2]) -> std::io::Result<()> {
+        let mut resent = 0u64;
+        if let Some(f) = st.file.as_mut() {
+            f.flush()?;
+        }
+        let mut records = Records::open(&self.path)?;
+        let mut seen = [0u64; 2];
+        while let Some((kind, payload)) = records.next_record()? {
+            let which = match kind {
+                STDOUT | STDERR => (kind - STDOUT) as usize,
+                _ => continue,
+            };
+            let start = seen[which];
+            seen[which] += payload.len() as u64;
+            if seen[which] <= offsets[which] {
+                continue;
+            }
+            let skip = offsets[which].saturating_sub(start) as usize;
+            let data = Bytes::from(payload).slice(skip..);
+            for c in (0..data.len()).step_by(REPLAY_CHUNK) {
+                let Some(stream) = st.link.as_ref().map(|l| l.streams[which]) else {
+                    return Ok(());
+                };
+                let piece = data.slice(c..data.len().min(c + REPLAY_CHUNK));
+                let n = piece.len() as u64;
+                Self::send(st, Out::Data(stream, piece)).await;
+                if st.link.is_none() {
+                    return Ok(());
+                }
+                st.sent[which] = start + skip as u64 + c as u64 + n;
+                resent += n;
+            }
+        }
+        for i in 0..2 {
+            // Past both what was sent and what the spool holds: gone.
+            let beyond = st.written[i].saturating_sub(st.sent[i].max(st.spooled_out[i]));
+            if beyond > 0 {
+                tracing::warn!(job = %self.job, bytes = beyond, "output past the spool limit could not be resent");
+                st.lost += beyond;
+                st.sent[i] = st.written[i];
+            }
+        }
+        tracing::info!(job = %self.job, bytes = resent, "resent the output the hub had not received");
+        Ok(())
+    }
+
+    /// The job is over for this worker (acknowledged by the hub, or given up by it): the spool file goes.
+    pub(crate) async fn remove(&self) {
+        let mut st = self.state.lock().await;
+        st.abandoned = true;
+        st.link = None;
+        st.file = None;
+        self.spool.used.fetch_sub(
+            st.spooled.min(self.spool.used.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        st.spooled = 0;
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// The result a recovered journal ends with when its process is gone.
+    pub(crate) async fn end_if_unfinished(&self, why: &str) {
+        if self.ended().await {
+            return;
+        }
+        let result = JobResult::not_run(self.job.clone(), Outcome::Lost, why);
+        self.finish(result).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cla_protocol::WorkerMessage;
+
+    fn link(streams: [u64; 2]) -> (Link, mpsc::Receiver<Out>) {
+        let (out, rx) = mpsc::channel(1024);
+        (Link { out, streams }, rx)
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Out>) -> Vec<Out> {
+        let mut v = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            v.push(o);
+        }
+        v
+    }
+
+    fn data(outs: &[Out], stream: u64) -> Vec<u8> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Out::Data(s, d) if *s == stream => Some(d.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn replays_past_the_offsets_then_goes_on_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        let (l, mut rx) = link([1, 2]);
+        let j = Journal::create(&spool, "j1", l);
+        j.started(Some(42)).await;
+        j.output(Stream::Stdout, Bytes::from_static(b"hello ")).await;
+        j.output(Stream::Stderr, Bytes::from_static(b"oops\n")).await;
+        j.output(Stream::Stdout, Bytes::from_static(b"world\n")).await;
+        assert_eq!(data(&drain(&mut rx), 1), b"hello world\n");
+        // The connection goes; more output comes meanwhile.
+        j.unlink().await;
+        j.output(Stream::Stdout, Bytes::from_static(b"more\n")).await;
+        // The hub had 3 bytes of stdout and all of stderr.
+        let (l, mut rx) = link([7, 8]);
+        let resumed = Resumed {
+            job: "j1".into(),
+            stdout_offset: 3,
+            stderr_offset: 5,
+            stdout: 7,
+            stderr: 8,
+        };
+        j.relink(l, &resumed).await;
+        let outs = drain(&mut rx);
+        assert_eq!(data(&outs, 7), b"lo world\nmore\n");
+        assert!(data(&outs, 8).is_empty());
+        assert!(outs.iter().any(
+            |o| matches!(o, Out::Message(m) if matches!(**m, WorkerMessage::Started { pid: Some(42), .. }))
+        ));
+        j.output(Stream::Stderr, Bytes::from_static(b"live\n")).await;
+        assert_eq!(data(&drain(&mut rx), 8), b"live\n");
+        j.finish(JobResult::not_run("j1".into(), Outcome::Succeeded, "x"))
+            .await;
+        assert!(j.ended().await);
+        j.remove().await;
+        assert!(!dir.path().join("j1.spool").exists());
+        assert_eq!(spool.used.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_worker_recovers_its_journals_and_ends_the_unfinished_as_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+            let (l, _rx) = link([1, 2]);
+            let done = Journal::create(&spool, "done", l);
+            done.output(Stream::Stdout, Bytes::from_static(b"out\n")).await;
+            done.finish(JobResult::not_run("done".into(), Outcome::Succeeded, "fine"))
+                .await;
+            let (l, _rx2) = link([3, 4]);
+            let cut = Journal::create(&spool, "cut", l);
+            cut.started(None).await;
+            cut.output(Stream::Stdout, Bytes::from_static(b"partial\n")).await;
+        }
+        // A crash mid-record leaves a torn tail.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("cut.spool"))
+            .unwrap();
+        f.write_all(&[STDOUT, 100, 0, 0, 0, b'x']).unwrap();
+        drop(f);
+
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        let found = spool.recover();
+        assert_eq!(
+            found.iter().map(|j| j.job.as_str()).collect::<Vec<_>>(),
+            ["cut", "done"]
+        );
+        for j in &found {
+            j.end_if_unfinished("the worker stopped").await;
+        }
+        let (l, mut rx) = link([5, 6]);
+        let cut = &found[0];
+        let from = Resumed {
+            job: "cut".into(),
+            stdout_offset: 0,
+            stderr_offset: 0,
+            stdout: 5,
+            stderr: 6,
+        };
+        cut.relink(l, &from).await;
+        let outs = drain(&mut rx);
+        assert_eq!(data(&outs, 5), b"partial\n", "the torn record is dropped");
+        let end = outs.iter().find_map(|o| match o {
+            Out::Message(m) => match &**m {
+                WorkerMessage::Finished(r) => Some(r.clone()),
+                _ => None,
+            },
+            _ => None,
+        });
+        let end = end.expect("the end is sent");
+        assert_eq!(end.outcome, Outcome::Lost);
+        // A second lock on the same directory is refused.
+        let again = Spool::open(dir.path(), 1 << 20);
+        assert!(again.is_err_and(|e| e.to_string().contains("in use by another cla-worker")));
+    }
+
+    #[tokio::test]
+    async fn a_spool_hole_is_reported_as_lost_output_not_filled_with_later_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 300).unwrap());
+        let (l, _rx) = link([1, 2]);
+        let j = Journal::create(&spool, "hole", l);
+        j.output(Stream::Stdout, Bytes::from(vec![b'A'; 100])).await;
+        j.output(Stream::Stdout, Bytes::from(vec![b'B'; 200])).await; // past the limit
+        j.output(Stream::Stdout, Bytes::from(vec![b'C'; 50])).await; // fits, but after a hole
+        j.unlink().await;
+        let (l, mut rx) = link([3, 4]);
+        let from = Resumed {
+            job: "hole".into(),
+            stdout_offset: 20,
+            stderr_offset: 0,
+            stdout: 3,
+            stderr: 4,
+        };
+        j.relink(l, &from).await;
+        assert_eq!(
+            data(&drain(&mut rx), 3),
+            vec![b'A'; 80],
+            "only the spooled prefix is resent"
+        );
+        j.finish(JobResult::not_run("hole".into(), Outcome::Succeeded, "done"))
+            .await;
+        let end = drain(&mut rx)
+            .into_iter()
+            .find_map(|o| match o {
+                Out::Message(m) => match *m {
+                    WorkerMessage::Finished(r) => Some(r),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .unwrap();
+        assert!(end.error.unwrap().contains("250 bytes of output were lost"));
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_send_is_made_good_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        let (out, mut rx) = mpsc::channel(1);
+        let j = Journal::create(&spool, "slow", Link { out, streams: [1, 2] });
+        j.output(Stream::Stdout, Bytes::from_static(b"one ")).await;
+        // The channel is full: this send blocks, and its task is stopped mid-send.
+        let stopped = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            j.output(Stream::Stdout, Bytes::from_static(b"two ")),
+        )
+        .await;
+        assert!(stopped.is_err());
+        let mut got = Vec::new();
+        let reader = tokio::spawn(async move {
+            while let Some(o) = rx.recv().await {
+                if let Out::Data(_, d) = o {
+                    got.extend_from_slice(&d);
+                }
+            }
+            got
+        });
+        j.output(Stream::Stdout, Bytes::from_static(b"three")).await;
+        j.finish(JobResult::not_run("slow".into(), Outcome::Succeeded, "x"))
+            .await;
+        j.remove().await;
+        drop(j);
+        assert_eq!(reader.await.unwrap(), b"one two three");
+    }
+
+    #[tokio::test]
+    async fn output_past_the_limit_is_not_spooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 64).unwrap());
+        let (l, mut rx) = link([1, 2]);
+        let j = Journal::create(&spool, "big", l);
+        j.output(Stream::Stdout, Bytes::from(vec![b'a'; 40])).await;
+        j.output(Stream::Stdout, Bytes::from(vec![b'b'; 40])).await;
+        // Both are sent live; only the first fits the spool.
+        assert_eq!(data(&drain(&mut rx), 1).len(), 80);
+        assert_eq!(std::fs::metadata(dir.path().join("big.spool")).unwrap().len(), 45);
+        // The end is kept regardless of the limit.
+        j.finish(JobResult::not_run("big".into(), Outcome::Succeeded, "x"))
+            .await;
+        assert!(std::fs::metadata(dir.path().join("big.spool")).unwrap().len() > 45);
+    }
+}
