@@ -20,7 +20,7 @@ if ! command -v musl-gcc >/dev/null 2>&1; then
     $sudo_ apt-get install -y -q musl-tools
 fi
 export CC_x86_64_unknown_linux_musl=musl-gcc
-cargo build --locked --profile "$profile" --target "$target" --bin cla-worker --bin cla-hub
+cargo build --locked --profile "$profile" --target "$target" -p cla-worker -p cla-hub
 
 for bin in cla-worker cla-hub; do
     f="target/$target/$profile/$bin"
@@ -38,7 +38,7 @@ if [[ "${1:-}" == "--deb" ]]; then
     if ! cargo deb --version >/dev/null 2>&1; then
         cargo install cargo-deb --locked --version '^3'
     fi
-    cargo deb --no-build --target "$target" --profile "$profile" --output target/debian/
+    cargo deb -p cla-worker --no-build --target "$target" --profile "$profile" --output target/debian/
     deb=$(ls -t target/debian/*.deb | head -1)
     echo "built $deb"
     dpkg-deb --info "$deb" | sed -n '/Package:/,/Description:/p'

@@ -42,8 +42,8 @@ mkdir -p dist
 for t in "${targets[@]}"; do
     start=$SECONDS
     case $t in
-        *-windows-gnu) cargo build --locked --profile "$profile" --target "$t" --bin cla-worker --bin cla-hub ;;
-        *) cargo zigbuild --locked --profile "$profile" --target "$t" --bin cla-worker --bin cla-hub ;;
+        *-windows-gnu) cargo build --locked --profile "$profile" --target "$t" -p cla-worker -p cla-hub ;;
+        *) cargo zigbuild --locked --profile "$profile" --target "$t" -p cla-worker -p cla-hub ;;
     esac
     ext=""
     [[ $t == *windows* ]] && ext=.exe

@@ -24,7 +24,7 @@ fi
 if ! command -v qemu-aarch64 >/dev/null 2>&1; then
     $sudo_ apt-get install -y -q qemu-user
 fi
-cargo zigbuild --locked --release --target "$target" --bin cla-worker --bin cla-hub
+cargo zigbuild --locked --release --target "$target" -p cla-worker -p cla-hub
 bin="target/$target/release"
 for b in cla-worker cla-hub; do
     file "$bin/$b" | grep -q 'ARM aarch64.*statically linked' || { file "$bin/$b"; echo "error: $b is not a static aarch64 binary" >&2; exit 1; }

@@ -28,12 +28,14 @@ wineserver=/usr/lib/wine/wineserver64
 if [[ ! -x $wine ]]; then
     $sudo_ apt-get install -y -q wine64
 fi
-cargo build --locked --release --target "$target" --bin cla-worker
-cargo build --locked --release --bin cla-hub
-# The library's unit tests, built for Windows, to run under Wine too.
-unit=$(cargo test --locked --target "$target" --lib --no-run --message-format=json |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
-[[ -n "$unit" && -f "$unit" ]] || { echo "error: no unit-test executable was built" >&2; exit 1; }
+cargo build --locked --release --target "$target" -p cla-worker
+cargo build --locked --release -p cla-hub
+# The unit tests of every crate the worker links, built for Windows in the release profile the worker
+# .exe was just built in (its dependencies are reused), to run under Wine too.
+crates=(cla-common cla-protocol cla-config cla-transfer cla-eval cla-worker-core)
+mapfile -t units < <(cargo test --locked --release --target "$target" --lib --no-run --message-format=json \
+    "${crates[@]/#/-p}" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+[[ ${#units[@]} -eq ${#crates[@]} ]] || { echo "error: expected ${#crates[@]} unit-test executables, got ${#units[@]}" >&2; exit 1; }
 exe="target/$target/release/cla-worker.exe"
 hubbin="$PWD/target/release/cla-hub"
 echo "cla-worker.exe: $(stat -c %s "$exe") bytes, $(file -b "$exe" | cut -d, -f1-2)"
@@ -65,10 +67,13 @@ cd "$tmp"
 # Wait for that first boot to finish: until then its service database is locked.
 timeout 120 $wine wineboot --init >/dev/null 2>&1 || true
 timeout 120 $wineserver -w || true
-cp "$unit" "$tmp/bin/unit-tests.exe"
-out=$(timeout 600 $wine "$tmp/bin/unit-tests.exe" 2>&1) || { printf '%s\n' "$out" | tail -40; fail "unit tests under Wine"; }
-grep -E '^test result: ok' <<<"$out" | tr -d '\r'
-echo "the library's unit tests pass under Wine"
+for unit in "${units[@]}"; do
+    name=$(basename "$unit" .exe)
+    cp "$unit" "$tmp/bin/$name.exe"
+    out=$(timeout 600 $wine "$tmp/bin/$name.exe" 2>&1) || { printf '%s\n' "$out" | tail -40; fail "unit tests of $name under Wine"; }
+    echo "$name: $(grep -E '^test result: ok' <<<"$out" | tr -d '\r')"
+done
+echo "the worker crates' unit tests pass under Wine"
 w() { timeout 120 $wine "$tmp/bin/cla-worker.exe" -c "$tmp/w.yml" "$@"; }
 hub() { timeout 120 "$hubbin" --data-dir "$tmp/hub" "$@"; }
 win() { sed 's#/#\\#g; s#^#Z:#' <<<"$1"; }

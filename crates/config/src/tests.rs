@@ -262,7 +262,7 @@ fn save_creates_a_new_file_and_refuses_to_clobber_a_broken_one() {
 
 #[test]
 fn example_config_parses_without_warnings() {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("cla-worker.example.yml");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cla-worker.example.yml");
     let l = load(Some(&p), false, false).unwrap();
     assert!(
         l.warnings.iter().all(|w| !w.contains("unknown key")),
