@@ -125,6 +125,25 @@ fn timeout_kills_the_whole_process_tree() {
 }
 
 #[test]
+fn jobs_table_keeps_one_row_per_job_and_the_exit_code_exec_gave() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");
+    let out = hub.run(&["exec", "--worker", "w1", "--timeout", "1", "--", "sleep 30"]);
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    hub.ok(&["exec", "--worker", "w1", "--", "echo one\necho two"]);
+    let table = hub.ok(&["jobs"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and one row per job:\n{table}");
+    let timed_out = lines
+        .iter()
+        .find(|l| l.contains("timed_out"))
+        .expect("the timed-out job's row");
+    assert!(timed_out.split_whitespace().any(|c| c == "124"), "{table}");
+    assert!(!timed_out.contains("143"), "{table}");
+    assert!(table.contains("echo one…"), "{table}");
+}
+
+#[test]
 fn output_streams_live() {
     let dir = tempfile::tempdir().unwrap();
     let (hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");

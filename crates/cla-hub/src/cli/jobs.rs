@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 
 use super::hub::{EvalArgs, ExecArgs, JobCommand, JobsArgs, TargetArgs};
 use super::print_json;
-use super::table::{or_dash, render};
+use super::table::{first_line, or_dash, render};
 use crate::error::{Error, Result};
 use cla_client::{AdminClient, ExecEvent};
 use cla_common::exit::ExitCode;
@@ -172,6 +172,15 @@ pub(crate) fn exit_code(r: &JobRecord) -> ExitCode {
     }
 }
 
+/// The RC column: the exit code `exec` and `job show --wait` give for the job (124 for a timeout, not the
+/// status of the killed process), `-` while it has not ended.
+fn rc_cell(r: &JobRecord) -> String {
+    match r.state.is_terminal() {
+        true => exit_code(r).code().to_string(),
+        false => "-".into(),
+    }
+}
+
 /// [`exit_code`], with a line on stderr when the job did not end with an exit status of its own.
 pub(crate) fn exit_of(r: &JobRecord) -> ExitCode {
     let why = r.error.as_deref().unwrap_or("");
@@ -199,9 +208,9 @@ pub(crate) async fn list(c: &AdminClient, a: JobsArgs, json: bool) -> Result<Exi
                 j.id.clone(),
                 j.state.as_str().to_owned(),
                 or_dash(j.worker.clone().unwrap_or_default()),
-                j.rc.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                rc_cell(j),
                 j.created.clone(),
-                j.spec.task.display(),
+                first_line(&j.spec.task.display()),
                 or_dash(j.waiting.clone().or_else(|| j.error.clone()).unwrap_or_default()),
             ]
         })

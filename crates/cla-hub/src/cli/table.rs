@@ -26,6 +26,15 @@ pub(crate) fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The first line of a multi-line value, with an ellipsis for the rest, so one record stays one row.
+pub(crate) fn first_line(s: &str) -> String {
+    let text = s.trim();
+    match text.split_once('\n') {
+        Some((first, _)) => format!("{}…", first.trim_end()),
+        None => text.to_owned(),
+    }
+}
+
 /// `-` for an empty value.
 pub(crate) fn or_dash(s: impl AsRef<str>) -> String {
     let s = s.as_ref();
@@ -48,5 +57,12 @@ mod tests {
             ],
         );
         assert_eq!(t, "ID       STATE\nw1       IDLE\nlong-id  BUSY\n");
+    }
+
+    #[test]
+    fn first_line_cuts_at_the_first_newline() {
+        assert_eq!(super::first_line("echo a\necho b"), "echo a…");
+        assert_eq!(super::first_line("  uname -a \n"), "uname -a");
+        assert_eq!(super::first_line("true"), "true");
     }
 }
