@@ -1,4 +1,4 @@
-//! Exit codes as values (DESIGN.md §2): commands return an [`ExitCode`], and only `main` turns it into a
+//! Exit codes as values: commands return an [`ExitCode`], and only `main` turns it into a
 //! process exit status.
 
 /// What a command ends with.

@@ -1,4 +1,4 @@
-//! The worker's YAML config (DESIGN.md §3, `docs/config.md`): where it is found, how it is parsed and
+//! The worker's YAML config (`docs/config.md`): where it is found, how it is parsed and
 //! checked, and how command-line values override it to give one resolved [`WorkerSettings`].
 //!
 //! Search order: `--config` (or `CLA_WORKER_CONFIG`), `./cla-worker.yml`, `$HOME/cla-worker.yml`,

@@ -1,7 +1,7 @@
 //! JavaScript eval (boa_engine): the engine setup, the host API offered to scripts, and the child-process
 //! entry the worker runs each eval in.
 //!
-//! Why a child process (a deviation from "a blocking thread" in DESIGN.md §6, see `docs/eval.md`): boa has
+//! Why a child process (a deviation from "a blocking thread", the obvious design; see `docs/eval.md`): boa has
 //! no way to interrupt a running script, so only a process can be stopped at a wall-clock deadline; a
 //! script that exhausts memory or the native stack then takes down only its own process; and a worker
 //! that never evals never pays for a JS context.

@@ -2,10 +2,15 @@
 //!
 //! - [`server`]: the HTTP + WebSocket listener (axum) and [`server::run`].
 //! - [`session`]: one task per connected worker (handshake, heartbeats, frames in and out).
-//! - [`jobs`]: the job lifecycle: create, dispatch to a matching worker, output, end, cancel, wait.
+//! - [`jobs`]: the job engine: lifecycle, scheduler, dispatch, live streams, the transfer relay, resumption.
 //! - [`api`]: registration endpoints; [`admin`]: the admin API and the live exec stream.
-//! - [`control`]: `cla-hub worker drain|disable|enable|shutdown|unregister`.
-//! - [`store`]: the embedded store; [`client`]: the admin client the CLI (and the demo) use.
+//! - `control`: `cla-hub worker drain|disable|enable|shutdown|unregister`.
+//! - [`listener`]: TCP and TLS, each connection tagged with its peer; [`guard`]: the registration rate
+//!   limit and audit log; `rotate`: token rotation.
+//! - [`store`]: the embedded store (redb).
+//!
+//! The hub talks to workers only through `cla-protocol`: it links no worker code. Its admin clients
+//! (`cla-client`) are a crate of their own.
 //!
 //! The hub never binds ports or installs signal handlers itself: `server::run` gets a listener and a
 //! shutdown token.

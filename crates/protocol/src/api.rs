@@ -99,7 +99,7 @@ pub struct PasskeyRevoke {
     pub passkey: Secret,
 }
 
-/// A worker as `cla-hub workers --json` shows it (DESIGN.md §2).
+/// A worker as `cla-hub workers --json` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerView {
     pub id: String,
@@ -406,7 +406,7 @@ pub struct JobSpec {
     pub on_disconnect: crate::OnDisconnect,
 }
 
-/// A job's lifecycle (DESIGN.md §5).
+/// A job's lifecycle (`docs/reliability.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {

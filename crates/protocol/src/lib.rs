@@ -1,4 +1,4 @@
-//! The wire protocol, defined once for both binaries (DESIGN.md §4, `docs/protocol.md`).
+//! The wire protocol, defined once for both binaries (`docs/protocol.md`).
 //!
 //! - [`message`]: the worker ↔ hub messages (serde-tagged JSON in text frames) and [`PROTOCOL_VERSION`].
 //! - [`api`]: the HTTP JSON API (registration, admin) and the admin exec stream (job specs, job records).

@@ -1,4 +1,4 @@
-//! Rulebooks (DESIGN.md §7): Clarive-style YAML pipelines that `cla-hub run` executes against connected
+//! Rulebooks (`docs/rulebooks.md`): Clarive-style YAML pipelines that `cla-hub run` executes against connected
 //! workers. This module parses them ([`Rulebook::parse`]), fills in templates ([`template`]) and runs them
 //! ([`run`]) through the hub's admin API; docs/rulebooks.md is the guide.
 //!

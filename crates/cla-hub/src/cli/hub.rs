@@ -1,4 +1,4 @@
-//! `cla-hub` command line (DESIGN.md §2): `serve`, the admin commands, and `demo`.
+//! `cla-hub` command line: `serve`, the admin commands, and `demo`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

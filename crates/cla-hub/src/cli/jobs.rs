@@ -160,7 +160,7 @@ pub(crate) async fn eval(c: &AdminClient, spec: JobSpec, json: bool) -> Result<E
     Ok(ExitCode::Success)
 }
 
-/// The exit code a job's record maps to (DESIGN.md §2): the remote status, 124 timed out, 130 cancelled,
+/// The exit code a job's record maps to: the remote status, 124 timed out, 130 cancelled,
 /// 255 could not run or lost.
 pub(crate) fn exit_code(r: &JobRecord) -> ExitCode {
     match (r.state, r.rc) {

@@ -1,4 +1,4 @@
-//! `cla-worker start | stop | status`: the worker as a background service (DESIGN.md §2).
+//! `cla-worker start | stop | status`: the worker as a background service.
 //!
 //! `start` re-executes this binary as `cla-worker run --pidfile P --logfile L …` in a new session with no
 //! terminal (the token travels in the environment, not in `ps`), waits until the child has written its

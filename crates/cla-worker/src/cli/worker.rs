@@ -1,4 +1,4 @@
-//! `cla-worker` command line (DESIGN.md §2).
+//! `cla-worker` command line.
 
 use std::path::PathBuf;
 use std::time::Duration;
