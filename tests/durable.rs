@@ -367,13 +367,7 @@ fn a_reconnect_storm_of_200_workers_is_absorbed_and_spread_out() {
     });
     let workers: Vec<Proc> = creds
         .iter()
-        .map(|(id, token)| {
-            let mut cmd = std::process::Command::new(WORKER);
-            cmd.args(["run", "--url", &hub.url, "--id", id, "--spool-dir"])
-                .arg(dir.path().join("spool"))
-                .env("CLA_WORKER_TOKEN", token);
-            Proc::spawn(cmd)
-        })
+        .map(|(id, token)| Proc::spawn(worker_from_flags(&hub, dir.path(), id, token, &[])))
         .collect();
     let connected = |hub: &Hub| {
         hub.workers_json()

@@ -307,11 +307,7 @@ fn jobs_do_not_inherit_the_workers_credentials() {
     let hub = Hub::start(dir.path());
     let setup = register(&hub, dir.path(), "envw", "t");
     // The token passed the recommended way, through the environment.
-    let mut cmd = std::process::Command::new(WORKER);
-    cmd.args(["run", "--url", &hub.url, "--id", "envw", "--spool-dir"])
-        .arg(dir.path().join("spool"))
-        .env("CLA_WORKER_TOKEN", &setup.token)
-        .env("CLA_HUB_TOKEN", "x");
+    let cmd = worker_from_flags(&hub, dir.path(), "envw", &setup.token, &[("CLA_HUB_TOKEN", "x")]);
     let _worker = Proc::spawn(cmd);
     hub.wait_worker_state("envw", "idle", 20);
     let out = hub.run(&[

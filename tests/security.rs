@@ -218,13 +218,10 @@ fn a_token_given_on_the_command_line_is_not_rotated_behind_the_users_back() {
     let hub = Hub::start(dir.path());
     let setup = register(&hub, dir.path(), "rot-2", "linux");
     // The same registration, run from flags only: no config file holds the token.
-    let mut cmd = Command::new(WORKER);
+    let mut cmd = worker_from_flags(&hub, dir.path(), "rot-2", &setup.token, &[]);
     cmd.env("HOME", dir.path())
         .current_dir(dir.path())
-        .env_remove("CLA_WORKER_CONFIG")
-        .args(["run", "--url", &hub.url, "--id", "rot-2", "--spool-dir"])
-        .arg(dir.path().join("spool"))
-        .env("CLA_WORKER_TOKEN", &setup.token);
+        .env_remove("CLA_WORKER_CONFIG");
     let _worker = Proc::spawn(cmd);
     hub.wait_worker_state("rot-2", "idle", 20);
     let out = hub.run(&["worker", "rotate", "rot-2"]);

@@ -270,12 +270,7 @@ fn corrupted_chunks_are_detected_and_nothing_is_kept() {
 
     // Fetch from a worker that corrupts what it sends: the CLI refuses it.
     let w2 = register(&hub, dir.path(), "w2", "corrupt");
-    let mut cmd = Command::new(WORKER);
-    cmd.env("CLA_TEST_CORRUPT_CHUNK", "1")
-        .arg("-c")
-        .arg(&w2.config)
-        .arg("run");
-    let _bad = Proc::spawn(cmd);
+    let _bad = run_worker_env(&w2, &[], &[("CLA_TEST_CORRUPT_CHUNK", "1")]);
     hub.wait_worker_state("w2", "idle", 20);
     let out = dir.path().join("fetched/data.bin");
     let o = hub.run(&[
@@ -415,13 +410,12 @@ fn a_full_disk_is_a_clear_error_and_leaves_nothing() {
     let fs = SmallFs::mount(&small);
     let hub = Hub::start(dir.path());
     let setup = register(&hub, dir.path(), "w1", "linux");
-    let mut cmd = Command::new(WORKER);
+    let mut env = vec![];
     if fs.is_none() {
         std::fs::create_dir_all(&small).unwrap();
-        cmd.env("CLA_TEST_FAIL_WRITE_AFTER", "1048576");
+        env.push(("CLA_TEST_FAIL_WRITE_AFTER", "1048576"));
     }
-    cmd.arg("-c").arg(&setup.config).arg("run");
-    let _worker = Proc::spawn(cmd);
+    let _worker = run_worker_env(&setup, &[], &env);
     hub.wait_worker_state("w1", "idle", 20);
 
     let o = hub.run(&[

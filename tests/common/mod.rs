@@ -307,6 +307,17 @@ pub fn run_worker_env(setup: &WorkerSetup, extra: &[&str], env: &[(&str, &str)])
     Proc::spawn(cmd)
 }
 
+/// `cla-worker run` from flags alone, the token in `CLA_WORKER_TOKEN` (the recommended way), spooling
+/// under `dir/spool`, with `env` added; returned unspawned, to adjust before [`Proc::spawn`].
+pub fn worker_from_flags(hub: &Hub, dir: &Path, id: &str, token: &str, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(WORKER);
+    cmd.args(["run", "--url", &hub.url, "--id", id, "--spool-dir"])
+        .arg(dir.join("spool"))
+        .env("CLA_WORKER_TOKEN", token)
+        .envs(env.iter().copied());
+    cmd
+}
+
 /// A hub with one connected, idle worker tagged `tags`.
 pub fn hub_with_worker(dir: &Path, id: &str, tags: &str) -> (Hub, WorkerSetup, Proc) {
     let hub = Hub::start(dir);
