@@ -155,7 +155,7 @@ pub(crate) struct State {
 
 /// The hub's shared state.
 pub struct Hub {
-    pub(crate) store: Store,
+    pub(crate) store: Box<dyn Store>,
     pub(crate) cfg: HubConfig,
     pub(crate) admin_hash: String,
     pub(crate) shutdown: CancellationToken,
@@ -178,7 +178,7 @@ pub struct Hub {
 
 impl Hub {
     pub(crate) fn new(
-        store: Store,
+        store: Box<dyn Store>,
         cfg: HubConfig,
         admin_hash: String,
         shutdown: CancellationToken,

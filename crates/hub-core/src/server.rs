@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::jobs::ApiFail;
 use super::listener::{HubListener, Peer};
-use super::store::Store;
+use super::store::{RedbStore, Store};
 use super::{Hub, HubConfig, HubFile, admin, api};
 use crate::error::{Error, Result};
 use cla_common::token;
@@ -28,7 +28,7 @@ use cla_protocol::{Connection, SUBPROTOCOL, WS_PATH};
 
 /// Serves the hub on `listener` until `shutdown` is cancelled.
 pub async fn run(listener: TcpListener, cfg: HubConfig, shutdown: CancellationToken) -> Result<()> {
-    let store = Store::open(&cfg.data_dir)?;
+    let store: Box<dyn Store> = Box::new(RedbStore::open(&cfg.data_dir)?);
     let addr = listener.local_addr()?;
     // Over TLS the hub issues client certificates at registration (its client CA), and asks for them.
     let client_ca = match &cfg.tls {
@@ -51,7 +51,7 @@ pub async fn run(listener: TcpListener, cfg: HubConfig, shutdown: CancellationTo
     };
     let url = local_url(addr, identity.is_some());
     let pin = identity.as_ref().map(|i| i.fingerprint.to_string());
-    let admin_hash = admin_token(&store, &cfg.data_dir, &url, pin.clone())?;
+    let admin_hash = admin_token(store.as_ref(), &cfg.data_dir, &url, pin.clone())?;
     let hub = Hub::new(store, cfg, admin_hash, shutdown.clone(), client_ca);
     hub.reload().await?;
     if let Some(id) = &identity {
@@ -112,7 +112,7 @@ fn local_url(addr: SocketAddr, tls: bool) -> String {
 
 /// Keeps the admin token across restarts: reuse the one in `hub.json` if it matches the stored hash,
 /// else make a new one. Rewrites `hub.json` (0600) with the current URL. Returns the hash.
-fn admin_token(store: &Store, data_dir: &Path, url: &str, pin: Option<String>) -> Result<String> {
+fn admin_token(store: &dyn Store, data_dir: &Path, url: &str, pin: Option<String>) -> Result<String> {
     let path = data_dir.join("hub.json");
     let stored = store.admin_token_hash()?;
     let existing = std::fs::read(&path)

@@ -373,7 +373,7 @@ impl Hub {
                 }
                 None => {
                     let snapshot = guard.jobs.get(&record.id).map(LiveJob::snapshot);
-                    Box::pin(self.store.put_job(snapshot.as_ref().unwrap_or(&record)))
+                    self.store.put_job(snapshot.as_ref().unwrap_or(&record))
                 }
             };
             (dispatched, stored)

@@ -158,7 +158,7 @@ impl Hub {
                 let req = offer(session, job);
                 let record = job.snapshot();
                 // Written under the lock, so the store sees a job's states in order.
-                let commit = Box::pin(self.store.put_job(&record));
+                let commit = self.store.put_job(&record);
                 offers.push(Offer {
                     tx: session.tx.clone(),
                     session: session.session.clone(),

@@ -23,7 +23,7 @@ fn eval_spec(stash: serde_json::Value) -> JobSpec {
 
 /// A hub with one connected simulated worker (capacity 1): the hub and the worker's channel.
 fn hub_with_session(dir: &std::path::Path) -> (Arc<Hub>, mpsc::Receiver<Outbound>) {
-    let store = crate::store::Store::open(dir).unwrap();
+    let store = Box::new(crate::store::RedbStore::open(dir).unwrap());
     let cfg = crate::HubConfig::new(dir.to_path_buf());
     let hub = Hub::new(store, cfg, String::new(), CancellationToken::new(), None);
     let (tx, rx) = mpsc::channel(8);

@@ -1,9 +1,10 @@
 use super::*;
+use cla_protocol::api::JobState;
 
 #[test]
 fn records_survive_reopen_and_the_lock_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
+    let s = RedbStore::open(dir.path()).unwrap();
     let rec = PasskeyRecord {
         prefix: "clapk_ab".into(),
         project: "p".into(),
@@ -11,9 +12,9 @@ fn records_survive_reopen_and_the_lock_is_reported() {
         revoked: false,
     };
     s.put_passkey("h1", &rec).unwrap();
-    assert!(matches!(Store::open(dir.path()), Err(StoreError::Locked(_))));
+    assert!(matches!(RedbStore::open(dir.path()), Err(StoreError::Locked(_))));
     drop(s);
-    let s = Store::open(dir.path()).unwrap();
+    let s = RedbStore::open(dir.path()).unwrap();
     assert_eq!(s.passkey("h1").unwrap().unwrap().project, "p");
     assert!(s.passkey("nope").unwrap().is_none());
 }
@@ -29,7 +30,7 @@ fn job(id: &str, state: JobState) -> JobRecord {
 #[tokio::test]
 async fn job_writes_are_read_back_at_once_in_order_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path()).unwrap();
+    let s = RedbStore::open(dir.path()).unwrap();
     // Many writes queued without waiting: every read sees the newest one, committed or not.
     for n in 0..200 {
         let id = format!("j{n:03}");
@@ -46,7 +47,7 @@ async fn job_writes_are_read_back_at_once_in_order_and_survive_reopen() {
     assert!(all.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
     // Dropping the store commits what was queued.
     drop(s);
-    let s = Store::open(dir.path()).unwrap();
+    let s = RedbStore::open(dir.path()).unwrap();
     assert_eq!(s.job("j199").unwrap().unwrap().state, JobState::Running);
     assert_eq!(s.job("j000").unwrap().unwrap().state, JobState::Succeeded);
     assert!(lock_pending(&s.pending).is_empty());

@@ -1,19 +1,16 @@
-//! The hub's embedded store (redb, one file `hub.redb` in the data dir): passkeys, registered workers
-//! and jobs, each a JSON value under its key. Secrets are stored only as SHA-256 hashes.
-//!
-//! Calls are synchronous and short (one small transaction each); the hub makes them from async code,
-//! which is fine at the skeleton's rates and is revisited with the durable-jobs work (batching commits).
+//! The embedded store: one redb file, `hub.redb`, in the data dir. Each record is a JSON value under its
+//! key; secrets are stored only as SHA-256 hashes. This is the zero-setup default behind [`Store`].
 
-use std::path::{Path, PathBuf};
-
+use std::path::Path;
 use std::sync::{Arc, mpsc as std_mpsc};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use cla_protocol::api::{JobRecord, JobState, PasskeyView};
+use super::{JobCommit, PasskeyRecord, Store, StoreError, WorkerRecord};
+use cla_protocol::api::{JobRecord, JobState};
 
 /// Memory redb may use for cached pages (read cache plus the write buffer). Its default, 1 GiB, let the
 /// hub's RSS grow with the store (job records carry their kept output). The store's working set is
@@ -25,86 +22,8 @@ const PASSKEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("passkeys");
 const WORKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("workers");
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 
-/// Store failures.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    #[error("data dir {0} is in use by another cla-hub: stop it, or pick another --data-dir")]
-    Locked(PathBuf),
-    #[error("cannot open the store {path}: {reason}")]
-    Open { path: PathBuf, reason: String },
-    #[error("store error: {0}")]
-    Db(String),
-    #[error("corrupt record `{key}` in the store: {reason}")]
-    Corrupt { key: String, reason: String },
-}
-
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
-}
-
-/// A passkey as stored: its hash is the key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PasskeyRecord {
-    pub prefix: String,
-    pub project: String,
-    pub created: String,
-    pub revoked: bool,
-}
-
-impl PasskeyRecord {
-    pub fn view(&self) -> PasskeyView {
-        PasskeyView {
-            prefix: self.prefix.clone(),
-            project: self.project.clone(),
-            created: self.created.clone(),
-            revoked: self.revoked,
-        }
-    }
-}
-
-/// A registered worker as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerRecord {
-    pub id: String,
-    pub token_hash: String,
-    pub projects: Vec<String>,
-    pub tags: Vec<String>,
-    pub envs: Vec<String>,
-    pub host: Option<String>,
-    pub version: Option<String>,
-    pub capacity: u32,
-    pub registered: String,
-    pub last_seen: Option<String>,
-    /// `cla-hub worker disable`: the hub offers this worker nothing until `enable`.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub disabled: bool,
-    /// The token before a rotation, still accepted until `old_token_until` (unix seconds).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub old_token_hash: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub old_token_until: Option<u64>,
-    /// A rotation asked for and not yet confirmed by the worker: its overlap in seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotation: Option<u64>,
-    /// The fingerprint of the client certificate issued at the last registration (mTLS).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cert_sha256: Option<String>,
-}
-
-impl WorkerRecord {
-    /// Which of this worker's tokens `presented` is: `Some(false)` the current one, `Some(true)` the
-    /// one before a rotation, still inside its overlap window; `None` neither.
-    pub fn check_token(&self, presented: &str, now_unix: u64) -> Option<bool> {
-        if cla_common::token::verify(presented, &self.token_hash) {
-            return Some(false);
-        }
-        match (&self.old_token_hash, self.old_token_until) {
-            (Some(old), Some(until)) if now_unix < until && cla_common::token::verify(presented, old) => {
-                Some(true)
-            }
-            _ => None,
-        }
-    }
 }
 
 /// The store handle (cheap to share behind an `Arc`).
@@ -112,7 +31,7 @@ impl WorkerRecord {
 /// Job records, written at every state change, go through one writer thread that commits whatever has
 /// queued up in one transaction (group commit): under load, many jobs share one fsync, and a caller that
 /// needs its write durable waits for that commit only. Other records are written directly.
-pub struct Store {
+pub struct RedbStore {
     db: Arc<Database>,
     jobs: Option<std_mpsc::Sender<JobWrite>>,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -204,9 +123,9 @@ fn write_jobs(
     }
 }
 
-impl Drop for Store {
+impl Drop for RedbStore {
     /// Lets the writer thread commit what is queued, and waits for it (so the file is closed when this
-    /// returns, and a new `Store` may open it).
+    /// returns, and a new `RedbStore` may open it).
     fn drop(&mut self) {
         self.jobs.take();
         if let Some(w) = self.writer.take() {
@@ -215,9 +134,9 @@ impl Drop for Store {
     }
 }
 
-impl Store {
+impl RedbStore {
     /// Opens (or creates) `DATA_DIR/hub.redb`.
-    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+    pub fn open(data_dir: &Path) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open {
             path: data_dir.to_path_buf(),
             reason: e.to_string(),
@@ -255,7 +174,7 @@ impl Store {
                 path: path.clone(),
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
-        Ok(Store {
+        Ok(RedbStore {
             db,
             jobs: Some(jobs),
             writer: Some(writer),
@@ -349,39 +268,47 @@ impl Store {
         Ok(out)
     }
 
-    /// The admin token's hash, if one was set.
-    pub fn admin_token_hash(&self) -> Result<Option<String>, StoreError> {
+    /// The job writes not committed yet, and a read snapshot of the database, taken together: a write
+    /// leaves `pending` only after its commit, so whatever is in neither was committed before the snapshot.
+    fn snapshot(&self) -> Result<(Queued, redb::ReadTransaction), StoreError> {
+        let p = lock_pending(&self.pending);
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let queued = p.iter().map(|(k, (_, b))| (k.clone(), Arc::clone(b))).collect();
+        Ok((queued, tx))
+    }
+}
+
+impl Store for RedbStore {
+    fn admin_token_hash(&self) -> Result<Option<String>, StoreError> {
         self.get(META, "admin_token_hash")
     }
 
-    pub fn set_admin_token_hash(&self, hash: &str) -> Result<(), StoreError> {
+    fn set_admin_token_hash(&self, hash: &str) -> Result<(), StoreError> {
         self.put(META, "admin_token_hash", &hash)
     }
 
-    pub fn put_passkey(&self, hash: &str, rec: &PasskeyRecord) -> Result<(), StoreError> {
+    fn put_passkey(&self, hash: &str, rec: &PasskeyRecord) -> Result<(), StoreError> {
         self.put(PASSKEYS, hash, rec)
     }
 
-    pub fn passkey(&self, hash: &str) -> Result<Option<PasskeyRecord>, StoreError> {
+    fn passkey(&self, hash: &str) -> Result<Option<PasskeyRecord>, StoreError> {
         self.get(PASSKEYS, hash)
     }
 
-    /// Every passkey with its hash, oldest first.
-    pub fn passkeys(&self) -> Result<Vec<(String, PasskeyRecord)>, StoreError> {
+    fn passkeys(&self) -> Result<Vec<(String, PasskeyRecord)>, StoreError> {
         let mut v = self.all::<PasskeyRecord>(PASSKEYS)?;
         v.sort_by(|a, b| a.1.created.cmp(&b.1.created));
         Ok(v)
     }
 
-    pub fn put_worker(&self, rec: &WorkerRecord) -> Result<(), StoreError> {
+    fn put_worker(&self, rec: &WorkerRecord) -> Result<(), StoreError> {
         self.put(WORKERS, &rec.id, rec)
     }
 
-    /// Changes a worker record in one transaction (read and write together). False if there is none.
-    pub fn update_worker(
+    fn update_worker_with(
         &self,
         id: &str,
-        change: impl FnOnce(&mut WorkerRecord),
+        change: &mut dyn FnMut(&mut WorkerRecord),
     ) -> Result<bool, StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         let found = {
@@ -404,33 +331,23 @@ impl Store {
         Ok(found)
     }
 
-    pub fn worker(&self, id: &str) -> Result<Option<WorkerRecord>, StoreError> {
+    fn worker(&self, id: &str) -> Result<Option<WorkerRecord>, StoreError> {
         self.get(WORKERS, id)
     }
 
-    pub fn remove_worker(&self, id: &str) -> Result<bool, StoreError> {
+    fn remove_worker(&self, id: &str) -> Result<bool, StoreError> {
         self.remove(WORKERS, id)
     }
 
-    /// Every registered worker, by id.
-    pub fn workers(&self) -> Result<Vec<WorkerRecord>, StoreError> {
+    fn workers(&self) -> Result<Vec<WorkerRecord>, StoreError> {
         Ok(self.all(WORKERS)?.into_iter().map(|(_, w)| w).collect())
     }
 
-    /// How many durable (fsynced) commits of job records the store has made.
-    pub fn durable_commits(&self) -> u64 {
+    fn durable_commits(&self) -> u64 {
         self.durable_commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stores a job, in order with the job writes before it. A queued, offered or ended job is fsynced
-    /// before the returned future completes (an offer is sent only then, so a restarted hub knows every
-    /// offer it made); `accepted` and `running` are not, to spare a round trip two fsyncs: after a crash
-    /// such a job falls back to `offered` to the same worker, which resumes it when it reconnects.
-    /// Dropping the future does not cancel the write.
-    pub fn put_job(
-        &self,
-        rec: &JobRecord,
-    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + use<> {
+    fn put_job(&self, rec: &JobRecord) -> JobCommit {
         let durable = matches!(rec.state, JobState::Queued | JobState::Offered) || rec.state.is_terminal();
         let (tx, rx) = oneshot::channel();
         let bytes = Arc::new(serde_json::to_vec(rec).expect("records serialize"));
@@ -452,7 +369,7 @@ impl Store {
             }
             queued
         });
-        async move {
+        Box::pin(async move {
             if !sent {
                 return Err(StoreError::Db("the store is closed".into()));
             }
@@ -460,25 +377,14 @@ impl Store {
                 Ok(r) => r.map_err(StoreError::Db),
                 Err(_) => Err(StoreError::Db("the store writer stopped".into())),
             }
-        }
+        })
     }
 
-    /// Stores a job now, bypassing the writer thread (start-up, before anything else writes).
-    pub fn put_job_now(&self, rec: &JobRecord) -> Result<(), StoreError> {
+    fn put_job_now(&self, rec: &JobRecord) -> Result<(), StoreError> {
         self.put_with(JOBS, &rec.id, rec, Durability::Immediate)
     }
 
-    /// The job writes not committed yet, and a read snapshot of the database, taken together: a write
-    /// leaves `pending` only after its commit, so whatever is in neither was committed before the snapshot.
-    fn snapshot(&self) -> Result<(Queued, redb::ReadTransaction), StoreError> {
-        let p = lock_pending(&self.pending);
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let queued = p.iter().map(|(k, (_, b))| (k.clone(), Arc::clone(b))).collect();
-        Ok((queued, tx))
-    }
-
-    /// A job as last written (committed or still queued for the writer).
-    pub fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+    fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         // As in `snapshot`: the read transaction begins while `pending` is held.
         let tx = {
             let p = lock_pending(&self.pending);
@@ -490,8 +396,7 @@ impl Store {
         Self::get_in(&tx, JOBS, id)
     }
 
-    /// Every job as last written, oldest first (job ids sort by creation time).
-    pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+    fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         let (queued, tx) = self.snapshot()?;
         let mut all: std::collections::BTreeMap<String, JobRecord> =
             Self::all_in(&tx, JOBS)?.into_iter().collect();
