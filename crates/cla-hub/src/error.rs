@@ -32,8 +32,9 @@ pub enum Error {
     /// A failure with its own explanation.
     #[error("{0}")]
     Other(String),
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// A file that cannot be read or written, with its path.
+    #[error(transparent)]
+    File(#[from] cla_common::Error),
     #[error(transparent)]
     PlainIo(#[from] std::io::Error),
 }
@@ -44,18 +45,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Wraps an I/O error with the path it concerns, so the message names the file.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
-    }
-}
-
-impl From<cla_common::Error> for Error {
-    fn from(e: cla_common::Error) -> Self {
-        match e {
-            cla_common::Error::Io { path, source } => Error::Io { path, source },
-            cla_common::Error::Other(m) => Error::Other(m),
-        }
+        Error::File(cla_common::Error::io(path, source))
     }
 }
