@@ -80,7 +80,17 @@ fn bin_dir() -> PathBuf {
         None => panic!("cannot tell the build profile from {}", exe.display()),
     };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(&cargo)
+    let mut build = Command::new(&cargo);
+    // Cargo gives a running test or bench variables about itself (CARGO_PKG_*, CARGO_MANIFEST_DIR,
+    // CARGO_PRIMARY_PACKAGE, OUT_DIR, ...). Passed on, they reach the crates this build compiles, and
+    // those that read such a variable would be rebuilt here and again by the next `cargo test`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if is_cargo_given(&name) {
+            build.env_remove(&*name);
+        }
+    }
+    let out = build
         .args([
             "build",
             "--quiet",
@@ -103,4 +113,19 @@ fn bin_dir() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     profile_dir.to_path_buf()
+}
+
+/// A variable Cargo sets for the test or bench it runs, as opposed to one that configures Cargo.
+fn is_cargo_given(name: &str) -> bool {
+    const GIVEN: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    GIVEN.contains(&name) || name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_BIN_EXE_")
 }
