@@ -4,7 +4,7 @@
 # (pinning the hub), start in the background, status, exec through `cmd /C`, a timeout that must kill a
 # tree of cmd.exe processes (Job Object), eval, ship and fetch back, stop (the stop event), and the Windows
 # service: install, start, a job through it, stop, uninstall.
-# Installs what a fresh machine lacks (the rust target, mingw-w64, wine64). Output: target/x86_64-pc-windows-gnu/release/.
+# Installs what a fresh machine lacks (the rust target, mingw-w64, wine64). Output: target/x86_64-pc-windows-gnu/release/ (debug/ with PROFILE=dev).
 #
 #   packaging/smoke-windows.sh
 #
@@ -28,16 +28,20 @@ wineserver=/usr/lib/wine/wineserver64
 if [[ ! -x $wine ]]; then
     $sudo_ apt-get install -y -q wine64
 fi
-cargo build --locked --release --target "$target" -p cla-worker
-cargo build --locked --release -p cla-hub
-# The unit tests of every crate the worker links, built for Windows in the release profile the worker
-# .exe was just built in (its dependencies are reused), to run under Wine too.
+# PROFILE=dev (what CI uses: it compiles in about half the time, and the unit tests and the native hub
+# share the build) or release (the default).
+profile=${PROFILE:-release}
+case $profile in dev) dir=debug ;; *) dir=$profile ;; esac
+cargo build --locked --profile "$profile" --target "$target" -p cla-worker
+cargo build --locked --profile "$profile" -p cla-hub
+# The unit tests of every crate the worker links, built for Windows in the profile the worker .exe was
+# just built in (its dependencies are reused), to run under Wine too.
 crates=(cla-common cla-protocol cla-config cla-transfer cla-eval cla-worker-core)
-mapfile -t units < <(cargo test --locked --release --target "$target" --lib --no-run --message-format=json \
+mapfile -t units < <(cargo test --locked --profile "$profile" --target "$target" --lib --no-run --message-format=json \
     "${crates[@]/#/-p}" | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
 [[ ${#units[@]} -eq ${#crates[@]} ]] || { echo "error: expected ${#crates[@]} unit-test executables, got ${#units[@]}" >&2; exit 1; }
-exe="target/$target/release/cla-worker.exe"
-hubbin="$PWD/target/release/cla-hub"
+exe="target/$target/$dir/cla-worker.exe"
+hubbin="$PWD/target/$dir/cla-hub"
 echo "cla-worker.exe: $(stat -c %s "$exe") bytes, $(file -b "$exe" | cut -d, -f1-2)"
 
 tmp=$(mktemp -d)

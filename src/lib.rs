@@ -4,8 +4,8 @@
 //! Cargo sets `CARGO_BIN_EXE_<name>` only for binaries of the package under test, and the binaries live
 //! in packages of their own (`crates/cla-worker`, `crates/cla-hub`), so that the worker's dependency graph
 //! holds no hub code. The first use of [`HUB`] or [`WORKER`] therefore runs `cargo build` for both binary
-//! packages, in the profile and target directory of the running test or bench (a no-op when they are
-//! fresh), so `cargo test` never runs stale binaries. `CLA_TEST_BIN_DIR` points at prebuilt binaries
+//! packages, in the profile, target directory and (with `--target`) target of the running test or
+//! bench (a no-op when they are fresh), so `cargo test` never runs stale binaries. `CLA_TEST_BIN_DIR` points at prebuilt binaries
 //! instead, and skips the build.
 
 use std::ffi::{OsStr, OsString};
@@ -67,13 +67,23 @@ fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CLA_TEST_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // A test or bench runs as TARGET/PROFILE/deps/NAME-HASH.
+    // A test or bench runs as TARGET/PROFILE/deps/NAME-HASH (or TARGET/TRIPLE/PROFILE/deps/NAME-HASH).
     let exe = std::env::current_exe().expect("the test binary's own path");
     let deps = exe.parent().expect("test binaries live in a deps directory");
     let profile_dir = deps.parent().expect("deps lives in a profile directory");
-    let target_dir = profile_dir
+    let mut target_dir = profile_dir
         .parent()
         .expect("a profile directory lives in a target directory");
+    // Built with `--target TRIPLE`, the profile directory is TARGET/TRIPLE/PROFILE. Cargo marks the
+    // target directory itself with CACHEDIR.TAG.
+    let mut triple = None;
+    if !target_dir.join("CACHEDIR.TAG").exists()
+        && let Some(up) = target_dir.parent()
+        && up.join("CACHEDIR.TAG").exists()
+    {
+        triple = target_dir.file_name().map(OsStr::to_owned);
+        target_dir = up;
+    }
     let profile = match profile_dir.file_name().and_then(OsStr::to_str) {
         Some("debug") => "dev",
         Some(other) => other,
@@ -103,6 +113,11 @@ fn bin_dir() -> PathBuf {
         ])
         .arg("--target-dir")
         .arg(target_dir)
+        .args(
+            triple
+                .iter()
+                .flat_map(|t| [OsStr::new("--target"), t.as_os_str()]),
+        )
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&cargo).display()));
