@@ -9,6 +9,9 @@
 //! - [`engine`]: runs one script in a fresh context with limits, converts results to JSON.
 //! - [`host`]: `console.*` and the `cla` object (files, env, worker info, commands).
 //! - [`child`]: the child's `main` (stdin: [`EvalInput`], stdout: JSON lines) and its line format.
+//!
+//! Its error type is the protocol's `EvalError` (message and stack): a script's failure is a result the
+//! worker sends to the hub, not an error of the worker, so it is defined once, on the wire.
 
 pub mod child;
 pub mod engine;
