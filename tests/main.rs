@@ -15,6 +15,7 @@ mod daemon;
 mod durable;
 mod end_to_end;
 mod eval;
+mod hostile;
 mod masking;
 mod policy;
 mod protocol_golden;

@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
 
@@ -123,8 +124,72 @@ impl Write for RotatingFile {
     }
 }
 
+/// Lets a log line through at most once per interval and counts the ones it held back, for lines a peer
+/// can trigger at will (refused connections, failed accepts, bad frames): a flood then costs one line per
+/// interval, and that line says how many it stands for.
+pub struct Throttle {
+    every: Duration,
+    state: Mutex<ThrottleState>,
+}
+
+struct ThrottleState {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    /// At most one line per `every`.
+    pub const fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            state: Mutex::new(ThrottleState { last: None, held: 0 }),
+        }
+    }
+
+    /// `Some(n)` when a line may be logged now, `n` being the lines held back since the last one;
+    /// `None` when this one is held back (and counted).
+    pub fn allow(&self, now: Instant) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match st.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                st.held += 1;
+                None
+            }
+            _ => {
+                st.last = Some(now);
+                Some(std::mem::take(&mut st.held))
+            }
+        }
+    }
+
+    /// `" (and N more like it in the last S s)"`, or nothing when `held` is 0: to append to the line.
+    pub fn suffix(&self, held: u64) -> String {
+        if held == 0 {
+            String::new()
+        } else {
+            format!(
+                " (and {held} more like it in the last {} s)",
+                self.every.as_secs().max(1)
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn throttle_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let t = super::Throttle::new(std::time::Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        assert_eq!(t.allow(t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(t.allow(t0 + std::time::Duration::from_secs(i)), None);
+        }
+        assert_eq!(t.allow(t0 + std::time::Duration::from_secs(10)), Some(5));
+        assert_eq!(t.suffix(5), " (and 5 more like it in the last 10 s)");
+        assert_eq!(t.suffix(0), "");
+    }
+
     use super::*;
 
     #[test]

@@ -263,6 +263,27 @@ pub fn release_free_memory() {
     }
 }
 
+/// Raises the soft limit of open files to the hard limit (each connection is one); returns the limit in
+/// force, or `None` where there is no such limit (Windows) or it cannot be read.
+pub fn raise_open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+        // macOS refuses a soft limit above OPEN_MAX even when the hard limit is "unlimited".
+        #[cfg(target_os = "macos")]
+        let hard = hard.min(10_240);
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            return Some(hard);
+        }
+        Some(soft)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::Hub;
+use super::gate::ConnTicket;
 use super::guard::AuditEvent;
 use super::jobs::ApiFail;
 use super::listener::Peer;
@@ -309,12 +310,26 @@ pub(crate) async fn worker_socket(
 ) -> Result<Response, ApiFail> {
     let checked = authenticate_which(&hub, req.headers())
         .and_then(|(rec, old)| check_client_cert(&hub, &rec, &peer).map(|()| (rec, old)));
+    let ticket = req.extensions().get::<ConnTicket>().cloned();
     let auth = match checked {
-        Ok((rec, old)) => Auth::Ok(Box::new(rec), old),
+        Ok((rec, old)) => {
+            ConnTicket::authenticate(req.extensions());
+            Auth::Ok(Box::new(rec), old)
+        }
         Err(why) => Auth::Denied(why),
     };
     // One per connected worker, and the hub holds thousands: memory first.
-    upgrade(req, ReadSize::Small, move |conn| session::run(hub, conn, auth))
+    upgrade(req, ReadSize::Small, move |conn| async move {
+        // A refused connection still counts against the gate until it has read its `reject`.
+        // (An authenticated one has left the gate: it is never evicted.)
+        match ticket {
+            Some(t) => tokio::select! {
+                () = session::run(hub, conn, auth) => {}
+                () = t.0.evicted() => {}
+            },
+            None => session::run(hub, conn, auth).await,
+        }
+    })
 }
 
 #[cfg(test)]

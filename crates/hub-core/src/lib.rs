@@ -5,8 +5,9 @@
 //! - [`jobs`]: the job engine: lifecycle, scheduler, dispatch, live streams, the transfer relay, resumption.
 //! - [`api`]: registration endpoints; [`admin`]: the admin API and the live exec stream.
 //! - `control`: `cla-hub worker drain|disable|enable|shutdown|unregister`.
-//! - [`listener`]: TCP and TLS, each connection tagged with its peer; [`guard`]: the registration rate
-//!   limit and audit log; `rotate`: token rotation.
+//! - [`listener`]: TCP and TLS, each connection tagged with its peer, and HTTP/1 on each; [`gate`]: the
+//!   caps on connections that have not authenticated; [`guard`]: the registration rate limit and audit
+//!   log; `rotate`: token rotation.
 //! - [`store`]: the embedded store (redb).
 //!
 //! The hub talks to workers only through `cla-protocol`: it links no worker code. Its admin clients
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod api;
 mod control;
 pub mod error;
+pub mod gate;
 pub mod guard;
 pub mod jobs;
 pub mod listener;
@@ -57,6 +59,11 @@ pub struct HubConfig {
     pub tls: Option<TlsOptions>,
     /// Failed registrations allowed per source address and minute before it gets `429` (0: no limit).
     pub register_failures_per_minute: u32,
+    /// Caps on connections that have not authenticated; `None`: from the open file limit
+    /// ([`gate::GateLimits::for_file_limit`]).
+    pub pending_connections: Option<gate::GateLimits>,
+    /// How long a client has to send a request's head ([`listener::DEFAULT_HEADER_TIMEOUT`]).
+    pub header_timeout: Duration,
 }
 
 /// Where the hub's certificate comes from.
@@ -83,6 +90,8 @@ impl HubConfig {
             max_handshakes: 128,
             tls: None,
             register_failures_per_minute: 10,
+            pending_connections: None,
+            header_timeout: listener::DEFAULT_HEADER_TIMEOUT,
         }
     }
 }

@@ -17,8 +17,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::gate::{ConnTicket, Gate, GateLimits};
 use super::jobs::ApiFail;
-use super::listener::{HubListener, Peer};
+use super::listener::{HubListener, serve};
 use super::store::{RedbStore, Store};
 use super::{Hub, HubConfig, HubFile, admin, api};
 use crate::error::{Error, Result};
@@ -65,14 +66,22 @@ pub async fn run(listener: TcpListener, cfg: HubConfig, shutdown: CancellationTo
     if hub.cfg.tls.as_ref().is_some_and(|t| t.mtls) {
         tracing::info!("mTLS: workers must present the client certificate issued at their registration");
     }
+    let nofile = cla_common::util::raise_open_file_limit();
+    if let Some(n) = nofile {
+        tracing::info!("open file limit: {n} (each worker session and client connection uses one)");
+    }
+    let limits =
+        (hub.cfg.pending_connections).unwrap_or_else(|| GateLimits::for_file_limit(nofile.unwrap_or(16_384)));
+    tracing::info!(
+        "unauthenticated connections: at most {} in all, {} per source address; request heads within {} s",
+        limits.total,
+        limits.per_source,
+        hub.cfg.header_timeout.as_secs()
+    );
     tracing::info!(data_dir = %hub.cfg.data_dir.display(), "listening on {addr}");
-    let listener = HubListener::new(listener, identity.map(|i| i.config))?;
-    axum::serve(
-        listener,
-        router(hub).into_make_service_with_connect_info::<Peer>(),
-    )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await?;
+    let listener = HubListener::new(listener, identity.map(|i| i.config), Gate::new(limits));
+    let header_timeout = hub.cfg.header_timeout;
+    serve(listener, router(hub), header_timeout, shutdown).await;
     tracing::info!("hub stopped");
     Ok(())
 }
@@ -161,7 +170,10 @@ impl FromRequestParts<Arc<Hub>> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, hub: &Arc<Hub>) -> Result<Self, ApiFail> {
         match bearer(&parts.headers) {
-            Some(t) if token::verify(t, &hub.admin_hash) => Ok(Admin),
+            Some(t) if token::verify(t, &hub.admin_hash) => {
+                ConnTicket::authenticate(&parts.extensions);
+                Ok(Admin)
+            }
             _ => Err(ApiFail::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

@@ -32,7 +32,7 @@ pub async fn run(verbose: u8) -> Result<ExitCode> {
         "starting an embedded hub (data in {})",
         data_dir.display()
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener = cla_hub_core::listener::bind(([127, 0, 0, 1], 0).into())?;
     let addr = listener.local_addr()?;
     let hub_task = tokio::spawn(server::run(
         listener,

@@ -140,6 +140,18 @@ pub struct ServeArgs {
     /// hub with a large fleet sheds the reconnect storm).
     #[arg(long, default_value_t = 128, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100000))]
     pub max_handshakes: u64,
+    /// Seconds a client has to send a request's head (request line and headers), on a new connection
+    /// and between requests on a kept-alive one; slower ones are closed.
+    #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub header_timeout: u64,
+    /// Connections that have not authenticated yet, held at once from all sources; at the cap the
+    /// oldest is closed. Default: a quarter of the open file limit, at most 8192.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000000))]
+    pub max_pending: Option<u64>,
+    /// Connections that have not authenticated yet, held at once from one source address; at the cap
+    /// that source's oldest is closed. Default: a quarter of --max-pending, at most 1024.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000000))]
+    pub max_pending_per_source: Option<u64>,
     /// Serve HTTPS/WSS. Without --cert/--key, a self-signed certificate is made once in DATA_DIR/tls/
     /// and kept; workers pin its fingerprint when they register.
     #[arg(long)]
@@ -355,8 +367,7 @@ async fn execute(args: Args) -> Result<ExitCode> {
 }
 
 async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
-    let listener = tokio::net::TcpListener::bind(a.listen)
-        .await
+    let listener = cla_hub_core::listener::bind(a.listen)
         .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", a.listen)))?;
     let mut cfg = HubConfig::new(data_dir);
     cfg.heartbeat = Duration::from_secs(a.heartbeat);
@@ -364,6 +375,18 @@ async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     cfg.offer_lease = Duration::from_secs(a.offer_lease);
     cfg.max_handshakes = a.max_handshakes as usize;
     cfg.register_failures_per_minute = a.register_limit;
+    cfg.header_timeout = Duration::from_secs(a.header_timeout);
+    cfg.pending_connections = match (a.max_pending, a.max_pending_per_source) {
+        (None, None) => None,
+        (total, per_source) => {
+            let limits = cla_hub_core::gate::GateLimits::for_file_limit(
+                cla_common::util::raise_open_file_limit().unwrap_or(16_384),
+            );
+            let total = total.map_or(limits.total, |n| n as usize);
+            let per_source = per_source.map_or((total / 4).clamp(1, 1024), |n| n as usize);
+            Some(cla_hub_core::gate::GateLimits { total, per_source })
+        }
+    };
     if a.tls || a.mtls || a.cert.is_some() {
         cfg.tls = Some(cla_hub_core::TlsOptions {
             cert: a.cert,
