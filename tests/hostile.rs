@@ -181,3 +181,332 @@ fn the_hub_states_its_connection_limits_at_start() {
         "{log}"
     );
 }
+
+/// One HTTP/1.1 request on a fresh connection; the status and the body.
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // A body the hub refuses part-way may meet a closed socket: the answer is still there to read.
+    let _ = s.write_all(body);
+    let mut text = Vec::new();
+    let _ = s.read_to_end(&mut text);
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn json_of(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// Defect: a tag, env or host over 65,535 characters was stored, and from then on `cla-hub workers`
+/// panicked; a host with a newline forged a row; ids `.` and `..` were accepted.
+#[test]
+fn worker_strings_past_the_bounds_are_refused_at_every_door() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let key = hub.passkey("proj");
+    let register = |body: serde_json::Value| {
+        let body = serde_json::to_vec(&body).unwrap();
+        http(
+            &hub.addr,
+            "POST",
+            "/api/v1/register",
+            &[("Content-Type", "application/json")],
+            &body,
+        )
+    };
+    let huge = "t".repeat(70_000);
+    for (body, says) in [
+        (
+            serde_json::json!({"passkey": key, "id": "w-huge", "tags": [huge]}),
+            "must be 1 to 64 characters",
+        ),
+        (
+            serde_json::json!({"passkey": key, "id": "w-host", "host": "h\nprod-db  IDLE  0/1"}),
+            "U+000A",
+        ),
+        (
+            serde_json::json!({"passkey": key, "id": ".."}),
+            "names a directory",
+        ),
+        (
+            serde_json::json!({"passkey": key, "id": "."}),
+            "names a directory",
+        ),
+    ] {
+        let (status, text) = register(body);
+        assert_eq!(status, 400, "{text}");
+        let err = json_of(&text)["error"].as_str().unwrap().to_owned();
+        assert!(err.contains(says), "{err}");
+        assert!(err.len() < 300, "the error quotes a cut value: {err}");
+    }
+
+    // A registered worker's hello and updates are held to the same bounds.
+    let setup = register_worker(&hub, dir.path(), "w1");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use cla_protocol::{HubMessage, RejectCode, WorkerMessage};
+        let (mut w, mut r) = raw_worker_with(&hub, "w1", &setup.token, |h| h.host = "x".repeat(70_000)).await;
+        match next_message(&mut r).await {
+            HubMessage::Reject(rej) => {
+                assert_eq!(rej.code, RejectCode::Invalid);
+                assert!(
+                    rej.message.contains("host is 70000 characters long: at most 253"),
+                    "{}",
+                    rej.message
+                );
+            }
+            other => panic!("expected a reject, got {other:?}"),
+        }
+        let _ = w.close().await;
+
+        let (mut w, mut r) = raw_worker_with(&hub, "w1", &setup.token, |_| {}).await;
+        assert!(matches!(next_message(&mut r).await, HubMessage::Welcome(_)));
+        let update = |tags: Vec<String>| WorkerMessage::Update { tags, envs: vec![] };
+        w.send(&update(vec!["a\u{1b}[2Jb".into()])).await.unwrap();
+        match next_message(&mut r).await {
+            HubMessage::Error { code, message } => {
+                assert_eq!(code, cla_protocol::ErrorCode::Invalid);
+                assert!(message.contains("U+001B"), "{message}");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+        // Valid updates are rate-limited: the 11th within a minute is refused.
+        for i in 0..10 {
+            w.send(&update(vec![format!("t{i}")])).await.unwrap();
+        }
+        let refused = loop {
+            match next_message(&mut r).await {
+                HubMessage::Error { code, .. } => break code,
+                _ => continue,
+            }
+        };
+        assert_eq!(refused, cla_protocol::ErrorCode::RateLimited);
+        let _ = w.close().await;
+    });
+
+    // The fleet view stands, one row per worker.
+    let out = hub.ok(&["workers"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+}
+
+/// A worker registered with the real binary and saved to `dir/<id>.yml`.
+fn register_worker(hub: &Hub, dir: &std::path::Path, id: &str) -> WorkerSetup {
+    register(hub, dir, id, "linux")
+}
+
+/// [`raw_worker`] with its hello changed by `edit`.
+async fn raw_worker_with(
+    hub: &Hub,
+    id: &str,
+    token: &str,
+    edit: impl FnOnce(&mut cla_protocol::Hello),
+) -> (cla_protocol::ConnectionWriter, cla_protocol::ConnectionReader) {
+    use cla_protocol::{Connection, Hello, PROTOCOL_VERSION, WORKER_ID_HEADER, WorkerMessage};
+    let auth = format!("Bearer {token}");
+    let url = format!("{}/ws/v1", hub.url);
+    let conn = Connection::connect(&url, &[("authorization", &auth), (WORKER_ID_HEADER, id)])
+        .await
+        .unwrap();
+    let (mut w, r) = conn.split();
+    let mut hello = Hello {
+        version: PROTOCOL_VERSION,
+        agent: "test".into(),
+        tags: vec!["t".into()],
+        envs: vec![],
+        capacity: 1,
+        host: "h".into(),
+        os: "linux".into(),
+        arch: "x".into(),
+        pid: 1,
+        resume: vec![],
+        features: vec![],
+    };
+    edit(&mut hello);
+    w.send(&WorkerMessage::Hello(hello)).await.unwrap();
+    (w, r)
+}
+
+/// The next message from the hub, within 10 s.
+async fn next_message(r: &mut cla_protocol::ConnectionReader) -> cla_protocol::HubMessage {
+    use cla_protocol::connection::Incoming;
+    let read = async {
+        loop {
+            match r.read().await.unwrap() {
+                Some(Incoming::Frame(cla_protocol::Frame::Text(t))) => {
+                    return cla_protocol::decode_text::<cla_protocol::HubMessage>(&t).unwrap();
+                }
+                Some(_) => continue,
+                None => panic!("the hub closed the connection"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a message from the hub within 10 s")
+}
+
+/// Defects: unknown fields in a job request were dropped (a misspelt `timeout` gave a job with no
+/// timeout); a 413 was plain text; `Authorization: bearer ...` was refused.
+#[test]
+fn the_admin_api_is_strict_and_answers_every_error_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let auth = format!("Bearer {}", hub.admin_token());
+    let json = ("Content-Type", "application/json");
+    let (status, text) = http(
+        &hub.addr,
+        "POST",
+        "/api/v1/admin/jobs",
+        &[("Authorization", &auth), json],
+        br#"{"cmd":"sleep 60","timeout":1}"#,
+    );
+    assert_eq!(status, 400, "{text}");
+    let err = json_of(&text)["error"].as_str().unwrap().to_owned();
+    assert!(
+        err.contains("unknown field `timeout`") && err.contains("timeout_secs"),
+        "{err}"
+    );
+
+    let (status, text) = http(
+        &hub.addr,
+        "POST",
+        "/api/v1/admin/passkeys",
+        &[("Authorization", &auth), json],
+        br#"{"project":"p","projekt":"q"}"#,
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        json_of(&text)["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `projekt`"),
+        "{text}"
+    );
+
+    // Too large: JSON, not plain text.
+    let big = vec![b' '; 3 << 20];
+    let (status, text) = http(&hub.addr, "POST", "/api/v1/register", &[json], &big);
+    assert_eq!(status, 413, "{text}");
+    assert_eq!(json_of(&text)["code"], "too_large");
+
+    // Wrong method: JSON too.
+    let (status, text) = http(&hub.addr, "DELETE", "/api/v1/register", &[], b"");
+    assert_eq!(status, 405, "{text}");
+    assert_eq!(json_of(&text)["code"], "method_not_allowed");
+
+    // The scheme is case-insensitive.
+    let lower = format!("bearer {}", hub.admin_token());
+    let (status, text) = http(
+        &hub.addr,
+        "GET",
+        "/api/v1/admin/workers",
+        &[("Authorization", &lower)],
+        b"",
+    );
+    assert_eq!(status, 200, "{text}");
+}
+
+/// Defect: every refused registration appended an audit line, even while its source was rate-limited:
+/// 5,000 attempts added 520 KB in a second.
+#[test]
+fn a_rate_limited_registration_flood_costs_a_few_audit_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let body = br#"{"passkey":"clapk_00000000000000000000000000000000000000000000000000000000deadbeef"}"#;
+    let mut limited = 0;
+    for _ in 0..2000 {
+        let (status, _) = http(
+            &hub.addr,
+            "POST",
+            "/api/v1/register",
+            &[("Content-Type", "application/json")],
+            body,
+        );
+        limited += usize::from(status == 429);
+    }
+    assert!(limited > 1900, "{limited} of 2000 were rate-limited");
+    let audit = std::fs::read_to_string(hub.data_dir.join("audit.log")).unwrap();
+    let lines = audit.lines().count();
+    assert!(lines <= 20, "{lines} audit lines for 2000 attempts:\n{audit}");
+    let log = hub.proc.log_text();
+    let refused = log.matches("registration refused").count();
+    assert!(refused <= 5, "{refused} log lines of refused registrations");
+}
+
+/// Defects: the spool directory was 0755 and each job's spool file 0644 (job output readable by every
+/// local user); `-c /dev/zero` read without a cap.
+#[test]
+fn private_files_are_private_and_input_files_are_capped() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, setup, _worker) = hub_with_worker(dir.path(), "w1", "linux");
+    hub.ok(&["exec", "--worker", "w1", "--", "echo secret-output"]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let spool = dir.path().join("spool").join("w1");
+    assert_eq!(mode(&spool), 0o700, "{}", spool.display());
+    for entry in std::fs::read_dir(&spool).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+    }
+    assert_eq!(mode(&hub.data_dir), 0o700);
+    for f in ["hub.redb", "hub.json", "audit.log"] {
+        let p = hub.data_dir.join(f);
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+    }
+    assert_eq!(mode(&setup.config), 0o600);
+
+    let out = Command::new(WORKER)
+        .args(["-c", "/dev/zero", "run"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("config file /dev/zero is larger than 1 MiB"),
+        "{err}"
+    );
+    let out = hub.run(&["run", "/dev/zero"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("/dev/zero is larger than"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A tag past the bounds is an error on the worker's side too, before it ever reaches the hub.
+    let long = "t".repeat(65);
+    let out = Command::new(WORKER)
+        .arg("-c")
+        .arg(&setup.config)
+        .args(["run", "--tags", &long])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("must be 1 to 64 characters"),
+        "{}",
+        stderr(&out)
+    );
+}

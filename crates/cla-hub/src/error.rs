@@ -1,7 +1,5 @@
 //! The hub binary's errors: whatever the crates it drives report, plus its own usage errors.
 
-use std::path::PathBuf;
-
 pub use cla_config::ConfigError;
 pub use cla_protocol::ProtocolError;
 pub use cla_protocol::http::HttpError;
@@ -41,10 +39,3 @@ pub enum Error {
 
 /// `Result` with the hub binary's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl Error {
-    /// Wraps an I/O error with the path it concerns, so the message names the file.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::File(cla_common::Error::io(path, source))
-    }
-}

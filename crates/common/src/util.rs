@@ -41,6 +41,81 @@ pub fn username() -> String {
         .unwrap_or_else(|| "worker".to_owned())
 }
 
+/// Creates `dir` (and its parents) and makes it private: mode 0700 on Unix, also when it existed with
+/// a looser mode. For directories that hold tokens, job output or the store.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7700 | 0o700))?;
+        }
+    }
+    Ok(())
+}
+
+/// Takes group and other access away from `file` (Unix), for files a library creates with its own
+/// mode (the store).
+pub fn make_private(file: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(file)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode & 0o7700))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = file;
+    Ok(())
+}
+
+/// Open options for a new private file: mode 0600 on Unix from the moment it exists.
+pub fn private_open_options() -> std::fs::OpenOptions {
+    let mut open = std::fs::OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+    open
+}
+
+/// Reads a text file a user named, refusing one over `max` bytes (a config, a rulebook, a stash...): a
+/// wrong path such as `/dev/zero` or a multi-gigabyte log then fails at once with the file and the
+/// limit named, instead of filling memory. `what` names the file's role in the error ("config file").
+pub fn read_capped(path: &Path, max: u64, what: &str) -> Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(Error::Other(format!(
+            "{what} {} is larger than {}: is it the right file?",
+            path.display(),
+            human_bytes(max)
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Error::Other(format!(
+            "{what} {} is not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+/// `1 MiB`, `64 KiB`, `512 B`.
+pub fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
 /// Writes `contents` to `path` atomically: a temp file in the same directory, fsynced, then renamed over
 /// the target. With `private`, a new file is created with mode 0600 (Unix) before any byte is written,
 /// and a replaced one keeps its owner and mode less any access for others, so a token is never readable
@@ -215,7 +290,11 @@ pub fn one_line(text: &str, max: usize) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() {
+        // Control characters, and the invisible ones that reorder or hide text (bidi overrides,
+        // zero-width spaces), are shown as escapes.
+        if c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+        {
             out.extend(c.escape_debug());
         } else {
             out.push(c);
@@ -226,11 +305,14 @@ pub fn one_line(text: &str, max: usize) -> String {
 
 /// Splits comma-separated values, trims them and drops empty ones (`"a, b,,c"` → `[a, b, c]`).
 pub fn split_list<'a>(values: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    // A set beside the list keeps this linear: a config with 100,000 tags must fail fast on the bound,
+    // not spend minutes deduplicating first.
+    let mut seen = std::collections::HashSet::new();
     let mut out: Vec<String> = Vec::new();
     for v in values {
         for part in v.split(',') {
             let part = part.trim();
-            if !part.is_empty() && !out.iter().any(|o| o == part) {
+            if !part.is_empty() && seen.insert(part.to_owned()) {
                 out.push(part.to_owned());
             }
         }
@@ -286,6 +368,31 @@ pub fn raise_open_file_limit() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn read_capped_refuses_big_and_endless_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.yml");
+        std::fs::write(&ok, "id: w1\n").unwrap();
+        assert_eq!(read_capped(&ok, 16, "config file").unwrap(), "id: w1\n");
+        let big = dir.path().join("big.yml");
+        std::fs::write(&big, vec![b'x'; 17]).unwrap();
+        let e = read_capped(&big, 16, "config file").unwrap_err().to_string();
+        assert!(
+            e.starts_with("config file ") && e.ends_with("is larger than 16 B: is it the right file?"),
+            "{e}"
+        );
+        #[cfg(unix)]
+        {
+            let e = read_capped(Path::new("/dev/zero"), 1 << 20, "rulebook")
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                e,
+                "rulebook /dev/zero is larger than 1 MiB: is it the right file?"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

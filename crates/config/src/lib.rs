@@ -9,6 +9,7 @@ pub mod file;
 pub mod policy;
 pub mod save;
 
+use cla_protocol::bounds;
 use std::path::{Path, PathBuf};
 
 pub use file::{ConfigFile, MaskConfig, Policy, PolicyPaths, Registration, TlsConfig};
@@ -86,6 +87,9 @@ pub fn locate(explicit: Option<&Path>, allow_missing: bool) -> Result<Option<Pat
     Ok(search_paths().into_iter().find(|p| p.is_file()))
 }
 
+/// Largest config file read (a real one is a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// Locates and loads the config. `strict` turns the loose-permissions warning into an error.
 /// With `allow_missing`, an explicit path that does not exist yet loads as empty (for `register --save`).
 pub fn load(explicit: Option<&Path>, allow_missing: bool, strict: bool) -> Result<LoadedConfig, ConfigError> {
@@ -98,10 +102,17 @@ pub fn load(explicit: Option<&Path>, allow_missing: bool, strict: bool) -> Resul
             ..Default::default()
         });
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let text =
+        cla_common::util::read_capped(&path, MAX_CONFIG_BYTES, "config file").map_err(|e| match e {
+            cla_common::Error::Io { source, .. } => ConfigError::Read {
+                path: path.clone(),
+                source,
+            },
+            other => ConfigError::Invalid {
+                path: path.clone(),
+                message: other.to_string(),
+            },
+        })?;
     let (file, mut warnings) = file::parse(&path, &text)?;
     if let Some(mode) = loose_mode(&path)
         && file.holds_token()
@@ -341,6 +352,15 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
             "no hub url for worker {id}: pass --url or set `url` in the config file"
         ))
     })?;
+    let tags = tags.unwrap_or_else(|| f.tags.clone());
+    let envs = envs.unwrap_or_else(|| f.envs.clone());
+    // The hub refuses what is past the protocol's bounds; say so here, where it can be fixed.
+    let bounds = bounds::check_worker_id(&id)
+        .and_then(|()| bounds::check_labels("tag", &tags))
+        .and_then(|()| bounds::check_labels("env", &envs));
+    if let Err(why) = bounds {
+        return Err(ConfigError::Missing(format!("{why} ({})", where_())));
+    }
     let capacity = cli.capacity.or(f.capacity).unwrap_or(1);
     if capacity == 0 {
         return Err(ConfigError::Missing("capacity must be at least 1".into()));
@@ -348,8 +368,8 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
     Ok(WorkerSettings {
         url: url.trim_end_matches('/').to_owned(),
         token,
-        tags: tags.unwrap_or_else(|| f.tags.clone()),
-        envs: envs.unwrap_or_else(|| f.envs.clone()),
+        tags,
+        envs,
         capacity,
         workdir: cli.workdir.clone().or_else(|| f.workdir.clone()),
         policy: f.policy.clone().unwrap_or_default(),

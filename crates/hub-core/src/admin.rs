@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::Hub;
 use super::jobs::{ApiFail, JobEvent, Wait};
-use super::server::{Admin, parse_body, upgrade};
+use super::server::{Admin, parse_body, parse_job_spec, upgrade};
 use super::store::PasskeyRecord;
 use cla_common::token;
 use cla_common::util::now_rfc3339;
@@ -214,7 +214,7 @@ pub(crate) async fn job_create(
     State(hub): State<Arc<Hub>>,
     body: Bytes,
 ) -> Result<Json<JobRecord>, ApiFail> {
-    let spec: JobSpec = parse_body(&body)?;
+    let spec: JobSpec = parse_job_spec(&body)?;
     Ok(Json(hub.create_job(spec, None).await?))
 }
 

@@ -23,24 +23,9 @@ use cla_protocol::WORKER_ID_HEADER;
 use cla_protocol::api::{RegisterRequest, RegisterResponse, UnregisterResponse};
 use cla_protocol::connection::ReadSize;
 
-/// Longest worker id accepted.
-const MAX_ID_LEN: usize = 128;
-
-/// Checks a worker id: letters, digits and `- _ . @`, 1 to 128 characters (safe in headers, paths, logs).
-pub fn check_worker_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > MAX_ID_LEN {
-        return Err(format!("worker id must be 1 to {MAX_ID_LEN} characters"));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "-_.@".contains(*c)))
-    {
-        return Err(format!(
-            "worker id `{id}` contains `{c}`: use letters, digits and - _ . @"
-        ));
-    }
-    Ok(())
-}
+/// Refused registrations are logged at most this often (the audit log has each, or their count).
+static REFUSED_LOG: cla_common::logging::Throttle =
+    cla_common::logging::Throttle::new(std::time::Duration::from_secs(10));
 
 /// `POST /api/v1/register`. Every attempt is audited; failed ones count against the source's limit, and
 /// a source past it is refused with `429` before its request is read.
@@ -59,10 +44,7 @@ pub(crate) async fn register(
             format!("too many failed registrations from {source}: try again in {secs}s"),
         );
         fail.1.retry_after = Some(secs);
-        let mut e = AuditEvent::new("register_refused");
-        e.source = Some(source);
-        e.reason = Some("rate limited");
-        hub.audit.record(&e);
+        hub.audit.rate_limited(source, now);
         return Err(fail);
     }
     let result = register_checked(&hub, &headers, &body).await;
@@ -81,7 +63,9 @@ pub(crate) async fn register(
             if fail.0 != StatusCode::CONFLICT {
                 hub.register_limit.failed(source, now);
             }
-            tracing::warn!(%source, "registration refused: {}", fail.1.error);
+            if let Some(held) = REFUSED_LOG.allow(now) {
+                tracing::warn!(%source, "registration refused: {}{}", fail.1.error, REFUSED_LOG.suffix(held));
+            }
             let mut e = AuditEvent::new("register_refused");
             e.source = Some(source);
             e.reason = Some(&fail.1.error);
@@ -99,6 +83,8 @@ async fn register_checked(
     body: &Bytes,
 ) -> Result<(RegisterResponse, String, String, Option<String>), ApiFail> {
     let req: RegisterRequest = parse_body(body)?;
+    req.check()
+        .map_err(|m| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m))?;
     let unauthorized = |m: &str| ApiFail::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
     let passkey_hash = token::hash(req.passkey.expose().trim());
     let passkey = hub
@@ -113,10 +99,7 @@ async fn register_checked(
     let prefix = passkey.prefix;
     let project = passkey.project;
     let id = match &req.id {
-        Some(id) => {
-            check_worker_id(id).map_err(|m| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m))?;
-            id.clone()
-        }
+        Some(id) => id.clone(),
         None => generate_id(hub, &req, &project)?,
     };
     let (record, token) = match hub.store.worker(&id)? {
@@ -215,7 +198,10 @@ fn generate_id(hub: &Hub, req: &RegisterRequest, project: &str) -> Result<String
         .map(clean)
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "host".into());
-    let base: String = format!("{user}@{host}").chars().take(MAX_ID_LEN - 6).collect();
+    let base: String = format!("{user}@{host}")
+        .chars()
+        .take(cla_protocol::bounds::MAX_ID_LEN - 6)
+        .collect();
     for n in 1..1000 {
         let id = if n == 1 {
             base.clone()
@@ -330,19 +316,4 @@ pub(crate) async fn worker_socket(
             None => session::run(hub, conn, auth).await,
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::check_worker_id;
-
-    #[test]
-    fn worker_ids() {
-        for ok in ["w1", "builder@ci-node-3", "a.b_c-d"] {
-            assert!(check_worker_id(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "a b", "a/b", "a?b", "é", &"x".repeat(129)] {
-            assert!(check_worker_id(bad).is_err(), "{bad}");
-        }
-    }
 }

@@ -12,6 +12,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use cla_common::logging::RotatingFile;
+
 /// Sources tracked at most; past it, sources whose allowance has refilled are forgotten.
 const MAX_SOURCES: usize = 10_000;
 
@@ -115,6 +117,11 @@ pub struct AuditEvent<'a> {
     pub host: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'a str>,
+    /// For a coalesced line: how many refusals it stands for, and when the first of them was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<&'a str>,
 }
 
 impl<'a> AuditEvent<'a> {
@@ -128,25 +135,102 @@ impl<'a> AuditEvent<'a> {
             passkey: None,
             host: None,
             reason: None,
+            count: None,
+            since: None,
         }
     }
 }
 
-/// The append-only audit log.
+/// The append-only audit log, rotated by size like the logfile ([`AUDIT_MAX_BYTES`], [`AUDIT_KEEP`]
+/// files kept).
+///
+/// Refusals of a source that is already rate-limited are not written one by one: the first of each
+/// [`COALESCE_WINDOW`] is, and the next line for that source (or the hub's exit) carries the count of
+/// the others, so a flood costs one line per source and minute.
 pub struct Audit {
     path: PathBuf,
-    file: Mutex<Option<std::fs::File>>,
+    file: Mutex<Option<RotatingFile>>,
+    held: Mutex<HashMap<IpAddr, Held>>,
+}
+
+/// Rate-limited refusals of one source held back in the current window.
+struct Held {
+    since: Instant,
+    first: String,
+    count: u64,
 }
 
 /// The audit log's file name in the data dir.
 pub const AUDIT_FILE: &str = "audit.log";
+/// Size at which the audit log rotates, and rotated files kept (`audit.log.1` ...).
+pub const AUDIT_MAX_BYTES: u64 = 16 << 20;
+pub const AUDIT_KEEP: u32 = 5;
+/// Window over which a rate-limited source's refusals are counted into one line.
+pub const COALESCE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Audit {
     pub fn new(data_dir: &Path) -> Audit {
         Audit {
             path: data_dir.join(AUDIT_FILE),
             file: Mutex::new(None),
+            held: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records a refusal of `source` while it is rate-limited: written if it is the first in its window,
+    /// else counted.
+    pub fn rate_limited(&self, source: IpAddr, now: Instant) {
+        let source = key(source);
+        let flush = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if held.len() >= MAX_SOURCES {
+                let stale: Vec<IpAddr> = held
+                    .iter()
+                    .filter(|(_, h)| now.saturating_duration_since(h.since) >= COALESCE_WINDOW)
+                    .map(|(ip, _)| *ip)
+                    .collect();
+                for ip in stale {
+                    if let Some(h) = held.remove(&ip) {
+                        self.write_held(ip, &h);
+                    }
+                }
+            }
+            match held.get_mut(&source) {
+                Some(h) if now.saturating_duration_since(h.since) < COALESCE_WINDOW => {
+                    h.count += 1;
+                    return;
+                }
+                _ => {
+                    let fresh = Held {
+                        since: now,
+                        first: cla_common::util::now_rfc3339(),
+                        count: 0,
+                    };
+                    held.insert(source, fresh)
+                }
+            }
+        };
+        if let Some(h) = flush {
+            self.write_held(source, &h);
+        }
+        let mut e = AuditEvent::new("register_refused");
+        e.source = Some(source);
+        e.reason =
+            Some("rate limited (further refusals of this source in the next 60 s are counted in one line)");
+        self.record(&e);
+    }
+
+    /// Writes the count of a window's held-back refusals, if any.
+    fn write_held(&self, source: IpAddr, h: &Held) {
+        if h.count == 0 {
+            return;
+        }
+        let mut e = AuditEvent::new("register_refused");
+        e.source = Some(source);
+        e.reason = Some("rate limited");
+        e.count = Some(h.count);
+        e.since = Some(&h.first);
+        self.record(&e);
     }
 
     /// Appends `event` as one line (one `write`, so lines never interleave). A failure to write is logged
@@ -154,13 +238,9 @@ impl Audit {
     pub fn record(&self, event: &AuditEvent<'_>) {
         let mut line = serde_json::to_vec(event).expect("audit events serialize");
         line.push(b'\n');
-        let mut file = self.file.lock().expect("not poisoned");
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if file.is_none() {
-            let mut open = std::fs::OpenOptions::new();
-            open.create(true).append(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
-            match open.open(&self.path) {
+            match RotatingFile::open(&self.path, AUDIT_MAX_BYTES, AUDIT_KEEP) {
                 Ok(f) => *file = Some(f),
                 Err(e) => {
                     tracing::error!("cannot open the audit log {}: {e}", self.path.display());
@@ -173,6 +253,16 @@ impl Audit {
         {
             tracing::error!("cannot write the audit log {}: {e}", self.path.display());
             *file = None;
+        }
+    }
+}
+
+impl Drop for Audit {
+    /// Counts held back when the hub stops are written, not lost.
+    fn drop(&mut self) {
+        let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
+        for (ip, h) in held {
+            self.write_held(ip, &h);
         }
     }
 }
@@ -208,6 +298,27 @@ mod tests {
         assert!(limit.check(v2, t0).is_err());
         assert!(limit.check(v3, t0).is_ok());
         assert!(FailureLimit::new(0).check(a, t0).is_ok(), "0 is off");
+    }
+
+    #[test]
+    fn a_rate_limited_flood_costs_one_audit_line_per_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::new(dir.path());
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        for i in 0..5000 {
+            audit.rate_limited(a, t0 + Duration::from_millis(i));
+        }
+        audit.rate_limited(b, t0);
+        // The next window of `a` writes the count of the last one.
+        audit.rate_limited(a, t0 + COALESCE_WINDOW + Duration::from_secs(1));
+        audit.rate_limited(a, t0 + COALESCE_WINDOW + Duration::from_secs(2));
+        drop(audit);
+        let text = std::fs::read_to_string(dir.path().join(AUDIT_FILE)).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        let counts: Vec<u64> = lines.iter().filter_map(|l| l["count"].as_u64()).collect();
+        assert_eq!(counts, [4999, 1], "{text}");
     }
 
     #[test]

@@ -105,6 +105,7 @@ fn router(hub: Arc<Hub>) -> Router {
         .route("/api/v1/admin/jobs/{id}/cancel", post(admin::job_cancel))
         .route("/api/v1/admin/exec", get(admin::exec_stream))
         .fallback(|| async { ApiFail::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(hub)
 }
 
@@ -152,14 +153,58 @@ impl IntoResponse for ApiFail {
     }
 }
 
-/// The bearer token of a request, if any.
+/// The bearer token of a request, if any. The scheme is matched without regard to case (RFC 9110).
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim_start();
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Parses a job request: [`parse_body`], refusing fields a job does not have.
+pub(crate) fn parse_job_spec(body: &[u8]) -> Result<cla_protocol::api::JobSpec, ApiFail> {
+    let bad = |m: String| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m);
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("bad request body: {e}")))?;
+    cla_protocol::api::check_fields(&value, "job request", cla_protocol::api::JOB_SPEC_FIELDS)
+        .map_err(bad)?;
+    serde_json::from_value(value).map_err(|e| bad(format!("bad request body: {e}")))
+}
+
+/// Gives every error answer the documented JSON body (`{"code", "error"}`): axum's own rejections (a
+/// body over the limit, a missing header, a wrong method) are plain text.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_owned();
+    let (code, default) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ("too_large", "request body too large"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed on this endpoint"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("bad_request", "expected a JSON body"),
+        s if s.is_server_error() => ("internal", "internal error"),
+        _ => ("bad_request", "bad request"),
+    };
+    let message = if text.is_empty() {
+        default.to_owned()
+    } else {
+        cla_common::util::one_line(&text, 300)
+    };
+    let mut fail = ApiFail::new(status, code, message).into_response();
+    for (k, v) in parts
+        .headers
+        .iter()
+        .filter(|(k, _)| *k == header::RETRY_AFTER || *k == header::ALLOW)
+    {
+        fail.headers_mut().insert(k.clone(), v.clone());
+    }
+    fail
 }
 
 /// Extractor that admits only requests carrying the hub's admin token.

@@ -10,12 +10,18 @@ use tokio_util::sync::CancellationToken;
 
 use super::store::WorkerRecord;
 use super::{Hub, Outbound, Session};
+use cla_common::logging::Throttle;
 use cla_common::util::now_rfc3339;
+use cla_protocol::bounds;
 use cla_protocol::connection::Incoming;
 use cla_protocol::{
     Connection, ConnectionReader, ConnectionWriter, ErrorCode, Frame, Hello, HubMessage, Limits,
     PROTOCOL_VERSION, ProtocolError, Reject, RejectCode, Welcome, WorkerMessage, decode_text,
 };
+
+/// Lines about bad frames and refused updates, at most once per interval for all workers together.
+static BAD_FRAME_LOG: Throttle = Throttle::new(Duration::from_secs(10));
+static UPDATE_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 
 /// How long a new connection may take to send `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,6 +74,10 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
         Auth::Ok(r, old) => (r.id, r.disabled, old),
         Auth::Denied(why) => return reject(&mut writer, RejectCode::Unauthorized, why, None).await,
     };
+    if let Err(why) = hello.check() {
+        let msg = format!("worker {id}: {why}; fix it in the worker's config");
+        return reject(&mut writer, RejectCode::Invalid, msg, None).await;
+    }
     if hello.version != PROTOCOL_VERSION {
         let msg = format!(
             "this hub speaks protocol v{PROTOCOL_VERSION}, the worker v{}: upgrade the older side",
@@ -259,6 +269,7 @@ async fn read_loop(
 ) {
     let deadline = hb * MISSED_HEARTBEATS;
     let mut bad = cla_protocol::connection::BadFrames::default();
+    let mut updates = UpdateLimit::default();
     loop {
         let next = tokio::select! {
             _ = close.cancelled() => return,
@@ -283,7 +294,7 @@ async fn read_loop(
             Incoming::Alive => {}
             Incoming::Frame(Frame::Binary(chunk)) => hub.job_output(id, chunk).await,
             Incoming::Frame(Frame::Text(text)) => {
-                if !handle(hub, id, &text).await && bad.record() {
+                if !handle(hub, id, &text, &mut updates).await && bad.record() {
                     tracing::warn!(
                         worker = id,
                         "more than {} malformed or unsupported frames within {:?}: closing the connection",
@@ -297,8 +308,42 @@ async fn read_loop(
     }
 }
 
-/// Handles one text frame; false when it could not be decoded (answered with an `error`).
-async fn handle(hub: &Arc<Hub>, id: &str, text: &str) -> bool {
+/// `update` messages a worker may send per [`UPDATE_WINDOW`]; more are refused (and count as bad frames).
+/// Each costs a store commit and a log line, and a worker sends one when its config changes.
+const MAX_UPDATES: u32 = 10;
+const UPDATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Counts a session's `update` messages.
+struct UpdateLimit {
+    since: std::time::Instant,
+    count: u32,
+}
+
+impl Default for UpdateLimit {
+    fn default() -> Self {
+        UpdateLimit {
+            since: std::time::Instant::now(),
+            count: 0,
+        }
+    }
+}
+
+impl UpdateLimit {
+    /// Counts one; false when it is over the limit.
+    fn allow(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if now.duration_since(self.since) > UPDATE_WINDOW {
+            self.since = now;
+            self.count = 0;
+        }
+        self.count += 1;
+        self.count <= MAX_UPDATES
+    }
+}
+
+/// Handles one text frame; false when it could not be decoded, was past the bounds or over a rate limit
+/// (answered with an `error`).
+async fn handle(hub: &Arc<Hub>, id: &str, text: &str, updates: &mut UpdateLimit) -> bool {
     let msg = match decode_text::<WorkerMessage>(text) {
         Ok(m) => m,
         Err(e) => {
@@ -306,7 +351,9 @@ async fn handle(hub: &Arc<Hub>, id: &str, text: &str) -> bool {
                 ProtocolError::UnknownType(_) => ErrorCode::Unsupported,
                 _ => ErrorCode::Malformed,
             };
-            tracing::warn!(worker = id, "{e}");
+            if let Some(held) = BAD_FRAME_LOG.allow(std::time::Instant::now()) {
+                tracing::warn!(worker = id, "{e}{}", BAD_FRAME_LOG.suffix(held));
+            }
             send(
                 hub,
                 id,
@@ -335,6 +382,28 @@ async fn handle(hub: &Arc<Hub>, id: &str, text: &str) -> bool {
             hub.dispatch().await;
         }
         WorkerMessage::Update { tags, envs } => {
+            let refused = if !updates.allow() {
+                Some((
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {MAX_UPDATES} updates in {} s: ignored",
+                        UPDATE_WINDOW.as_secs()
+                    ),
+                ))
+            } else {
+                let checked =
+                    bounds::check_labels("tag", &tags).and_then(|()| bounds::check_labels("env", &envs));
+                checked
+                    .err()
+                    .map(|why| (ErrorCode::Invalid, format!("update ignored: {why}")))
+            };
+            if let Some((code, message)) = refused {
+                if let Some(held) = UPDATE_REFUSED_LOG.allow(std::time::Instant::now()) {
+                    tracing::warn!(worker = id, "{message}{}", UPDATE_REFUSED_LOG.suffix(held));
+                }
+                send(hub, id, HubMessage::Error { code, message }).await;
+                return false;
+            }
             if let Some(s) = hub.state().sessions.get_mut(id) {
                 s.hello.tags = tags.clone();
                 s.hello.envs = envs.clone();

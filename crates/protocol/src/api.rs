@@ -72,6 +72,7 @@ pub struct ApiError {
 
 /// `POST /api/v1/admin/passkeys` body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PasskeyCreate {
     pub project: String,
 }
@@ -95,6 +96,7 @@ pub struct PasskeyView {
 
 /// `POST /api/v1/admin/passkeys/revoke` body: a whole passkey or a unique prefix of one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PasskeyRevoke {
     pub passkey: Secret,
 }
@@ -141,6 +143,7 @@ pub enum WorkerAction {
 
 /// The body of `POST /api/v1/admin/workers/{id}/{action}` (all optional).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkerActionRequest {
     /// `rotate`: how long the old token stays valid once the new one is sent (default 3600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -388,6 +391,41 @@ impl Task {
     }
 }
 
+/// The top-level fields a [`JobSpec`] accepts (its flattened target and task included): the admin API
+/// refuses a request with any other, so a misspelt `timeout_secs` is an error, not a job without a
+/// timeout. A unit test keeps the list in step with the type.
+pub const JOB_SPEC_FIELDS: &[&str] = &[
+    "worker",
+    "tags",
+    "env",
+    "queue_timeout_secs",
+    "cmd",
+    "argv",
+    "code",
+    "stash",
+    "ship",
+    "fetch",
+    "workdir",
+    "env_vars",
+    "timeout_secs",
+    "on_disconnect",
+];
+
+/// Refuses a JSON object with a field not in `accepted`, naming it and listing the accepted ones.
+pub fn check_fields(value: &serde_json::Value, what: &str, accepted: &[&str]) -> Result<(), String> {
+    let Some(obj) = value.as_object() else {
+        return Ok(());
+    };
+    match obj.keys().find(|k| !accepted.contains(&k.as_str())) {
+        Some(k) => Err(format!(
+            "unknown field `{}` in the {what}: accepted fields are {}",
+            crate::bounds::shown(k),
+            accepted.join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
 /// What to run and where: the body of `POST /api/v1/admin/jobs` and of an exec stream's first message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -586,4 +624,50 @@ pub struct HubFile {
     /// The fingerprint of the hub's TLS certificate, when it serves TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field in [`JOB_SPEC_FIELDS`] is one a job really has: a spec using all of them (one per kind
+    /// of task) keeps each through a round trip, and the union of their keys is the whole list.
+    #[test]
+    fn job_spec_fields_are_the_fields_of_a_job_spec() {
+        let specs = [
+            r#"{"worker":"w1","tags":["a"],"env":"prod","queue_timeout_secs":5.0,"cmd":"true","workdir":"/tmp",
+                "env_vars":{"A":"1"},"timeout_secs":3.0,"on_disconnect":{"cancel_after":5}}"#,
+            r#"{"argv":["uname","-a"]}"#,
+            r#"{"code":"1+1","stash":{"a":1}}"#,
+            r#"{"ship":{"dest":"/srv/app","mkdir":false,"source":"app.tar"}}"#,
+            r#"{"fetch":{"path":"/etc/hosts"}}"#,
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for text in specs {
+            let given: serde_json::Value = serde_json::from_str(text).unwrap();
+            check_fields(&given, "job request", JOB_SPEC_FIELDS).unwrap();
+            let spec: JobSpec = serde_json::from_value(given.clone()).unwrap();
+            let back = serde_json::to_value(&spec).unwrap();
+            for k in given.as_object().unwrap().keys() {
+                assert!(
+                    back.get(k).is_some(),
+                    "`{k}` did not survive a round trip: {back}"
+                );
+                seen.insert(k.clone());
+            }
+        }
+        let listed: std::collections::BTreeSet<String> =
+            JOB_SPEC_FIELDS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(seen, listed);
+    }
+
+    #[test]
+    fn an_unknown_field_is_named_with_the_accepted_ones() {
+        let v: serde_json::Value = serde_json::from_str(r#"{"cmd":"sleep 9","timeout":1}"#).unwrap();
+        let e = check_fields(&v, "job request", JOB_SPEC_FIELDS).unwrap_err();
+        assert!(
+            e.starts_with("unknown field `timeout` in the job request: accepted fields are worker, tags"),
+            "{e}"
+        );
+    }
 }

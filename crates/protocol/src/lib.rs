@@ -6,6 +6,7 @@
 //! - [`connection`]: the WebSocket [`Connection`]; nothing outside this module touches tungstenite.
 
 pub mod api;
+pub mod bounds;
 pub mod codec;
 pub mod connection;
 pub mod http;

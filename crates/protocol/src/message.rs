@@ -195,6 +195,9 @@ pub enum RejectCode {
     Duplicate,
     /// The hub is shedding load. The worker retries after `retry_after`.
     Busy,
+    /// The `hello` carries a value past the protocol's bounds (`bounds`), such as a tag over 64
+    /// characters. The worker stops: its config must change.
+    Invalid,
 }
 
 impl RejectCode {
@@ -214,6 +217,10 @@ pub enum ErrorCode {
     Malformed,
     /// A job id the receiver does not know.
     UnknownJob,
+    /// A message past the protocol's bounds (`bounds`); it was ignored.
+    Invalid,
+    /// More messages of this kind than the receiver takes in a while; it was ignored.
+    RateLimited,
 }
 
 /// The command of an exec request: one string for the shell, or an argv run directly. On the wire it is

@@ -54,7 +54,8 @@ impl Spool {
     /// Opens (creating it) the spool directory, locked against a second worker process using it.
     pub(crate) fn open(dir: &Path, max_bytes: u64) -> crate::error::Result<Spool> {
         use crate::error::Error;
-        std::fs::create_dir_all(dir).map_err(|e| {
+        // Job output is private to the worker's user: the directory 0700, each file in it 0600.
+        cla_common::util::create_private_dir(dir).map_err(|e| {
             Error::Usage(format!(
                 "cannot create the spool directory {}: {e}; set `spool_dir` in the config to a writable directory",
                 dir.display()
@@ -67,7 +68,7 @@ impl Spool {
                 dir.display()
             ))
         };
-        let mut open = std::fs::OpenOptions::new();
+        let mut open = cla_common::util::private_open_options();
         open.create(true).append(true);
         // Windows has no flock: the lock file is held open with no sharing at all, which a second open
         // fails with a sharing violation (and a crash releases).
@@ -257,7 +258,7 @@ impl Journal {
     /// Starts the journal of a job being accepted (its spool file exists from now on).
     pub(crate) fn create(spool: &Arc<Spool>, job: &str, link: Link) -> Arc<Journal> {
         let path = spool.path(job);
-        let file = std::fs::OpenOptions::new()
+        let file = cla_common::util::private_open_options()
             .create(true)
             .truncate(true)
             .write(true)

@@ -48,14 +48,25 @@ pub(crate) fn exec_spec(a: &ExecArgs) -> Result<JobSpec> {
     })
 }
 
+/// Largest eval script read from a file or stdin (a protocol message holds at most 16 MiB).
+const MAX_CODE_BYTES: u64 = 4 << 20;
+
 /// Builds the job spec of `eval` arguments: code from the argument, `--file` or stdin (`-`).
 pub(crate) fn eval_spec(a: &EvalArgs) -> Result<JobSpec> {
     let target = target(&a.target)?;
     let code = match (&a.file, a.code.as_deref()) {
-        (Some(path), _) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?,
+        (Some(path), _) => cla_common::util::read_capped(path, MAX_CODE_BYTES, "script")?,
         (None, Some("-")) => {
             let mut code = String::new();
-            std::io::stdin().read_to_string(&mut code)?;
+            std::io::stdin()
+                .take(MAX_CODE_BYTES + 1)
+                .read_to_string(&mut code)?;
+            if code.len() as u64 > MAX_CODE_BYTES {
+                return Err(Error::Usage(format!(
+                    "the script on stdin is larger than {}: pass a smaller one",
+                    cla_common::util::human_bytes(MAX_CODE_BYTES)
+                )));
+            }
             code
         }
         (None, Some(code)) => code.to_owned(),

@@ -31,9 +31,12 @@ pub struct RunArgs {
     pub check: bool,
 }
 
+/// Largest rulebook read (a real one is a few KiB).
+pub(crate) const MAX_RULEBOOK_BYTES: u64 = 4 << 20;
+
 /// Reads and parses a rulebook file; errors name the file and line.
 pub(crate) fn load(path: &std::path::Path) -> Result<Rulebook> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = cla_common::util::read_capped(path, MAX_RULEBOOK_BYTES, "rulebook")?;
     Rulebook::parse(&path.display().to_string(), &text).map_err(|e| Error::Other(e.to_string()))
 }
 

@@ -137,7 +137,7 @@ impl Drop for RedbStore {
 impl RedbStore {
     /// Opens (or creates) `DATA_DIR/hub.redb`.
     pub fn open(data_dir: &Path) -> Result<RedbStore, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Open {
+        cla_common::util::create_private_dir(data_dir).map_err(|e| StoreError::Open {
             path: data_dir.to_path_buf(),
             reason: e.to_string(),
         })?;
@@ -152,6 +152,11 @@ impl RedbStore {
                     reason: other.to_string(),
                 },
             })?;
+        // redb creates the file with the process's umask; the store holds token hashes and job output.
+        cla_common::util::make_private(&path).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         // Create the tables up front so readers never meet a missing one.
         let tx = db.begin_write().map_err(db_err)?;
         for t in [META, PASSKEYS, WORKERS, JOBS] {

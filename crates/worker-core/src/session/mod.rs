@@ -274,7 +274,7 @@ async fn connect_once(
         Ok(Ok(HubMessage::Reject(r))) => {
             return match r.code {
                 RejectCode::Unauthorized => Err(Error::Revoked(r.message)),
-                RejectCode::Version => Err(Error::Other(format!(
+                RejectCode::Version | RejectCode::Invalid => Err(Error::Other(format!(
                     "the hub refused this worker: {}",
                     r.message
                 ))),
