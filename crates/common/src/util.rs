@@ -74,10 +74,14 @@ pub fn make_private(file: &Path) -> std::io::Result<()> {
 
 /// Open options for a new private file: mode 0600 on Unix from the moment it exists.
 pub fn private_open_options() -> std::fs::OpenOptions {
-    let mut open = std::fs::OpenOptions::new();
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
-    open
+    {
+        let mut open = std::fs::OpenOptions::new();
+        std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+        open
+    }
+    #[cfg(not(unix))]
+    std::fs::OpenOptions::new()
 }
 
 /// Reads a text file a user named, refusing one over `max` bytes (a config, a rulebook, a stash...): a
