@@ -510,3 +510,95 @@ fn private_files_are_private_and_input_files_are_capped() {
         stderr(&out)
     );
 }
+
+/// Defect: during a `fetch` of a directory, a file swapped for a FIFO after planning blocked the
+/// worker's transfer thread in `open()` for ever: the fetch hung, and SIGTERM logged `shutdown
+/// completed` but the process never exited, holding its spool lock.
+#[test]
+fn a_fifo_swapped_into_a_fetch_fails_it_and_the_worker_still_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let setup = register(&hub, dir.path(), "w1", "linux");
+    // A slow sender (debug hook: 100 ms per chunk), so the swap lands after planning.
+    let mut worker = run_worker_env(&setup, &[], &[("CLA_TEST_CHUNK_DELAY_MS", "100")]);
+    hub.wait_worker_state("w1", "idle", 20);
+    let src = dir.path().join("tree");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.bin"), vec![5u8; 6 << 20]).unwrap();
+    std::fs::write(src.join("z.txt"), b"planned").unwrap();
+    let dest = dir.path().join("fetched");
+    let mut fetch = hub
+        .cmd()
+        .args([
+            "fetch",
+            "--worker",
+            "w1",
+            src.to_str().unwrap(),
+            dest.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(src.join("z.txt")).unwrap();
+    nix::unistd::mkfifo(&src.join("z.txt"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = fetch.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the fetch hangs on the FIFO"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    fetch.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    assert!(!dest.exists(), "nothing half-written");
+
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = worker.wait_exit(20);
+    assert!(status.success(), "{status:?}");
+}
+
+/// Defect: `{{ js }}` templates had no time or memory limit, unlike `eval` on a worker: a backtracking
+/// regex spun for ever and `new Array(1e8).join('x')` grew the process to 6.3 GB.
+#[test]
+fn templates_are_held_to_a_time_and_a_memory_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    for (name, expr, says) in [
+        (
+            "spin.yml",
+            "/(a+)+$/.test('a'.repeat(32) + 'b')",
+            "took longer than 5 s (the template time limit)",
+        ),
+        (
+            "grow.yml",
+            "new Array(1e8).join('xy').length",
+            "ran out of memory (the template limit is 512 MiB)",
+        ),
+    ] {
+        let book = dir.path().join(name);
+        std::fs::write(
+            &book,
+            format!("do:\n  - echo: start\n  - echo: \"{{{{ {expr} }}}}\"\n"),
+        )
+        .unwrap();
+        let start = Instant::now();
+        let (out, took) = run_within(&hub, &["run", book.to_str().unwrap()], 30.0)
+            .unwrap_or_else(|| panic!("{name}: the rulebook still runs after 30 s"));
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{name}: {err}");
+        assert!(err.contains(says), "{name}: {err}");
+        assert!(
+            err.contains(&format!("{name}:3")),
+            "{name}: the error names the file and line: {err}"
+        );
+        eprintln!("{name}: stopped after {took:?} ({:?} in all)", start.elapsed());
+    }
+}

@@ -12,6 +12,10 @@ fn main() -> std::process::ExitCode {
     if let Some(code) = cla_eval::child::main() {
         return code.into();
     }
+    // `{{ js }}` templates run in a child of this executable, under a time and memory limit.
+    if let Ok(exe) = std::env::current_exe() {
+        cla_eval::template::use_child_process(exe);
+    }
     cla_common::util::tune_allocator();
     let args = Args::parse();
     match cli::hub::run(args) {

@@ -24,6 +24,7 @@ pub mod shutdown;
 pub mod tls;
 pub mod token;
 pub mod util;
+pub mod yaml;
 
 pub use error::{Error, Result};
 pub use exit::ExitCode;

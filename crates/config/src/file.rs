@@ -159,7 +159,7 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<(ConfigFile, Vec<String>)
             path: path.to_path_buf(),
             line,
             column,
-            message: first_line(&e.to_string()),
+            message: cla_common::yaml::message(&e.to_string(), text, line),
         }
     };
     // An empty file (or one holding only comments) is an empty config.
@@ -275,17 +275,6 @@ fn unknown_keys(path: &Path, node: &serde_json::Value, prefix: &str, known: &[&s
                 path.display()
             ));
         }
-    }
-}
-
-/// The first line of a YAML error, without the "error: line N column M: " that we already print as
-/// `file:line:col:`.
-pub(super) fn first_line(s: &str) -> String {
-    let line = s.lines().next().unwrap_or(s).trim();
-    let line = line.strip_prefix("error: ").unwrap_or(line);
-    match line.strip_prefix("line ").and_then(|rest| rest.split_once(": ")) {
-        Some((location, message)) if location.contains(" column ") => message.to_owned(),
-        _ => line.to_owned(),
     }
 }
 

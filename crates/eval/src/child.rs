@@ -23,6 +23,9 @@ pub enum ChildLine {
 
 /// If this process is an eval child, runs the eval and returns the exit code; otherwise `None`.
 pub fn main() -> Option<ExitCode> {
+    if crate::template::child_main() {
+        return Some(ExitCode::Success);
+    }
     std::env::var_os(CHILD_ENV)?;
     // Not inherited by what the script runs with `cla.run`.
     // SAFETY: single-threaded at this point (called first thing in main, before any thread starts).
@@ -57,7 +60,7 @@ fn emit(line: &ChildLine) {
 }
 
 /// Caps the address space so a runaway allocation kills this child, not the machine.
-fn cap_memory(mib: u64) {
+pub(crate) fn cap_memory(mib: u64) {
     #[cfg(all(unix, not(target_os = "macos")))]
     {
         use nix::sys::resource::{Resource, setrlimit};

@@ -9,6 +9,8 @@
 //! - [`engine`]: runs one script in a fresh context with limits, converts results to JSON.
 //! - [`host`]: `console.*` and the `cla` object (files, env, worker info, commands).
 //! - [`child`]: the child's `main` (stdin: [`EvalInput`], stdout: JSON lines) and its line format.
+//! - [`template`]: rulebook `{{ js }}` expressions, with no host API, under the same kinds of limits (a
+//!   child process for the wall clock and the memory cap).
 //!
 //! Its error type is the protocol's `EvalError` (message and stack): a script's failure is a result the
 //! worker sends to the hub, not an error of the worker, so it is defined once, on the wire.
@@ -16,6 +18,7 @@
 pub mod child;
 pub mod engine;
 mod host;
+pub mod template;
 
 use serde::{Deserialize, Serialize};
 

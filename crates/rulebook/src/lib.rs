@@ -146,7 +146,13 @@ impl Rulebook {
         let p = P { file };
         let root: Node = serde_saphyr::from_str(text).map_err(|e| {
             let line = e.location().map(|l| l.line() as usize).unwrap_or(0);
-            p.err(line, format!("not valid YAML: {}", yaml_message(&e.to_string())))
+            p.err(
+                line,
+                format!(
+                    "not valid YAML: {}",
+                    cla_common::yaml::message(&e.to_string(), text, line as u64)
+                ),
+            )
         })?;
         let Some(top) = root.as_map() else {
             return Err(p.err(
@@ -527,19 +533,6 @@ impl P<'_> {
             _ => Err(self.err(v.line, format!("`{what}:` is true or false, not {}", v.kind()))),
         }
     }
-}
-
-/// The parser's message without its decorations: `error: line 2 column 1: duplicate mapping key: a, set
-/// DuplicateKeyPolicy in Options if acceptable` → `duplicate mapping key: a`.
-fn yaml_message(text: &str) -> String {
-    let first = text.lines().next().unwrap_or("");
-    let mut m = first.strip_prefix("error: ").unwrap_or(first);
-    if m.starts_with("line ")
-        && let Some((_, rest)) = m.split_once(": ")
-    {
-        m = rest;
-    }
-    m.split(", set DuplicateKeyPolicy").next().unwrap_or(m).to_owned()
 }
 
 /// "unknown op `shel`: did you mean `shell`? (ops: ...)".

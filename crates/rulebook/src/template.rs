@@ -5,17 +5,10 @@
 //! `true` stays a boolean); inside longer text values are written out (strings as they are, other values
 //! as JSON, null as nothing).
 
-use boa_engine::property::Attribute;
-use boa_engine::{Context, JsString, JsValue, Source};
 use serde_json::{Map, Value as Json};
 
 /// The variables of a run: `--var`s, `vars:`, captures, loop variables.
 pub type Vars = Map<String, Json>;
-
-/// Loop iterations a template expression may run (a runaway loop is an error, not a hang).
-const JS_LOOP_LIMIT: u64 = 1_000_000;
-/// Call depth a template expression may reach.
-const JS_RECURSION_LIMIT: usize = 256;
 
 enum Part<'a> {
     Text(std::borrow::Cow<'a, str>),
@@ -145,12 +138,7 @@ pub fn truthy(v: &Json) -> bool {
     }
 }
 
-/// True for a name usable as a variable (and as a JS global): `[A-Za-z_][A-Za-z0-9_]*`.
-pub fn is_name(s: &str) -> bool {
-    let mut c = s.chars();
-    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-        && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
+pub use cla_eval::template::is_name;
 
 /// `name`, `name.member`, `name.list[0].member`.
 fn lookup(path: &str, vars: &Vars) -> Result<Json, String> {
@@ -222,44 +210,11 @@ fn kind(v: &Json) -> &'static str {
     }
 }
 
-/// Helpers every expression can use: `quote(x)` makes `x` one word for a POSIX shell.
-const JS_HELPERS: &str = "if (!Object.prototype.hasOwnProperty.call(globalThis, 'quote')) \
-    globalThis.quote = function (s) { return \"'\" + String(s).replace(/'/g, \"'\\\\''\") + \"'\"; };";
-
-/// Evaluates a `{{ … }}` expression in a fresh context whose globals are the variables (except names
-/// JavaScript already has, like `JSON` or `undefined`, which keep their meaning).
+/// Evaluates a `{{ … }}` expression (`cla_eval::template`: a fresh context whose globals are the
+/// variables, under time, memory, loop, call-depth and size limits).
 fn js(code: &str, vars: &Vars) -> Result<Json, String> {
-    let fail = |e: String| format!("`{{{{ {code} }}}}`: {}", e.lines().next().unwrap_or("error"));
-    let mut ctx = Context::default();
-    let limits = ctx.runtime_limits_mut();
-    limits.set_loop_iteration_limit(JS_LOOP_LIMIT);
-    limits.set_recursion_limit(JS_RECURSION_LIMIT);
-    for (name, value) in vars {
-        if !is_name(name) {
-            continue;
-        }
-        let key = JsString::from(name.as_str());
-        let global = ctx.global_object();
-        if global.has_own_property(key.clone(), &mut ctx).unwrap_or(true) {
-            continue;
-        }
-        let v = JsValue::from_json(value, &mut ctx).map_err(|e| fail(e.to_string()))?;
-        ctx.register_global_property(key, v, Attribute::all())
-            .map_err(|e| fail(e.to_string()))?;
-    }
-    ctx.eval(Source::from_bytes(JS_HELPERS))
-        .map_err(|e| fail(e.to_string()))?;
-    let v = ctx
-        .eval(Source::from_bytes(code.as_bytes()))
-        .map_err(|e| fail(e.to_string()))?;
-    if v.is_callable() {
-        return Err(fail(
-            "the expression is a function, which has no value to use".into(),
-        ));
-    }
-    Ok(v.to_json(&mut ctx)
-        .map_err(|e| fail(e.to_string()))?
-        .unwrap_or(Json::Null))
+    cla_eval::template::evaluate(code, vars, &cla_eval::template::TemplateLimits::default())
+        .map_err(|e| format!("`{{{{ {code} }}}}`: {e}"))
 }
 
 #[cfg(test)]

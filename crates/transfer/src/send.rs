@@ -154,9 +154,12 @@ fn plan(root: &Path) -> Result<(Vec<Item>, u64), String> {
     let mut items = Vec::new();
     let mut skipped = 0;
     if meta.is_file() {
+        // The root may be a link to the file (that is followed, as the user named it): read the file it
+        // points to, so the no-follow open of `read_file` opens the file itself.
+        let path = std::fs::canonicalize(root).map_err(|e| io_error(root, e))?;
         items.push(Item {
             wire: name,
-            path: root.to_path_buf(),
+            path,
             kind: Kind::File {
                 size: meta.len(),
                 mode: mode(&meta),
@@ -296,6 +299,35 @@ fn read_all(
     put(Piece::Op(TransferOp::End { files, bytes, sha256 }));
 }
 
+/// Opens a planned file without following a final symbolic link and without blocking (a FIFO swapped in
+/// would otherwise block `open` until a writer came); regular files ignore the non-blocking flag.
+fn open_planned(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW);
+    // Windows: open a reparse point (a symbolic link) itself rather than its target.
+    #[cfg(windows)]
+    std::os::windows::fs::OpenOptionsExt::custom_flags(
+        &mut open,
+        windows_sys::Win32::Storage::FileSystem::FILE_FLAG_OPEN_REPARSE_POINT,
+    );
+    open.open(path)
+}
+
+/// Whether an OS error code is what opening a symbolic link with "no follow" gives.
+fn is_link_error(code: i32) -> bool {
+    #[cfg(unix)]
+    {
+        code == nix::libc::ELOOP || code == nix::libc::EMLINK
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = code;
+        false
+    }
+}
+
 /// Sends one file's bytes in chunks; its SHA-256, or `None` when the receiving end went away.
 fn read_file(
     path: &Path,
@@ -304,11 +336,25 @@ fn read_file(
     put: &impl Fn(Piece) -> bool,
     corrupt: &mut bool,
 ) -> Result<Option<String>, String> {
-    let mut f = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
-    // The file opened must be the one planned: a path swapped for a link (or another file) since then
-    // would otherwise send something else — anything the worker's user can read.
+    let mut f = open_planned(path).map_err(|e| match e.raw_os_error() {
+        Some(code) if is_link_error(code) => format!(
+            "{}: the file was replaced by a symbolic link while the transfer ran; send it again",
+            path.display()
+        ),
+        _ => io_error(path, e),
+    })?;
+    // The file opened must be the one planned: a path swapped for a link, a FIFO, a device (or another
+    // file) since then would otherwise send something else — anything the worker's user can read — or
+    // block this thread. The type is checked on the opened handle, which nothing can swap.
     let now = f.metadata().map_err(|e| io_error(path, e))?;
-    if file_id(&now) != id || !now.is_file() {
+    if !now.is_file() {
+        return Err(format!(
+            "{}: the file was replaced by something that is not a regular file (a FIFO, socket or \
+             device) while the transfer ran; it is not sent",
+            path.display()
+        ));
+    }
+    if file_id(&now) != id {
         return Err(format!(
             "{}: the file was replaced while the transfer ran; send it again",
             path.display()
@@ -346,6 +392,15 @@ fn read_file(
         if filled < CHUNK {
             break;
         }
+    }
+    if size == 0 && total > 0 {
+        return Err(format!(
+            "{}: the file reports a size of 0 bytes but has content: a pseudo file (as in /proc or /sys) \
+             whose size is not known in advance; copy it to a regular file first (`cat {} > copy`) and \
+             send the copy",
+            path.display(),
+            path.display()
+        ));
     }
     if total != size {
         return Err(format!(

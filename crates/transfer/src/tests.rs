@@ -309,3 +309,72 @@ async fn a_merge_goes_through_a_linked_destination_and_keeps_its_mode() {
         .collect();
     assert_eq!(names.len(), 2, "no staging left inside: {names:?}");
 }
+
+/// Sends `src` (a directory holding a large `a.bin` and a small `z.txt`), swapping `z.txt` with `swap`
+/// after planning (the reader is held up on `a.bin` meanwhile); the sender's error. Bounded: a blocked
+/// reader fails the test instead of hanging it.
+#[cfg(unix)]
+async fn send_with_swapped_entry(swap: impl FnOnce(&Path)) -> String {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.bin"), vec![3u8; 8 * CHUNK]).unwrap();
+    std::fs::write(src.join("z.txt"), b"planned").unwrap();
+    let source = Source::open(src.clone()).await.unwrap();
+    std::fs::remove_file(src.join("z.txt")).unwrap();
+    swap(&src.join("z.txt"));
+    let (mut s, mut r) = pair();
+    let cancel = CancellationToken::new();
+    let dest = d.path().join("out");
+    let both = async {
+        tokio::join!(
+            send(source, &mut s, &cancel, |_| {}),
+            receive(to(&dest), &mut r, &cancel, |_| {})
+        )
+    };
+    let (sent, _) = tokio::time::timeout(Duration::from_secs(20), both)
+        .await
+        .expect("the transfer ends instead of blocking on the swapped entry");
+    sent.unwrap_err().to_string()
+}
+
+/// Defect: a file swapped for a FIFO after planning made the reader thread block forever in `open()`.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_swapped_in_after_planning_is_refused_not_waited_on() {
+    let err =
+        send_with_swapped_entry(|p| nix::unistd::mkfifo(p, nix::sys::stat::Mode::S_IRWXU).unwrap()).await;
+    assert!(
+        err.contains("z.txt: the file was replaced by something that is not a regular file"),
+        "{err}"
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_swapped_in_after_planning_is_not_followed() {
+    let err = send_with_swapped_entry(|p| std::os::unix::fs::symlink("/etc/hostname", p).unwrap()).await;
+    assert!(
+        err.contains("z.txt: the file was replaced by a symbolic link"),
+        "{err}"
+    );
+}
+
+/// Defect: a size-0 pseudo file (`/proc/...`) failed with "the file changed ...; send it again".
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pseudo_file_says_what_it_is() {
+    let d = tempfile::tempdir().unwrap();
+    let source = Source::open(PathBuf::from("/proc/self/status")).await.unwrap();
+    let (mut s, mut r) = pair();
+    let cancel = CancellationToken::new();
+    let (sent, _) = tokio::join!(
+        send(source, &mut s, &cancel, |_| {}),
+        receive(to(&d.path().join("status")), &mut r, &cancel, |_| {})
+    );
+    let err = sent.unwrap_err().to_string();
+    assert!(
+        err.contains("a pseudo file (as in /proc or /sys)") && err.contains("copy it to a regular file"),
+        "{err}"
+    );
+}

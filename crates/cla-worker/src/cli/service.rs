@@ -316,6 +316,7 @@ fn run_service(name: &str, run: RunArgs, loaded: &LoadedConfig) -> Result<ExitCo
             _ = watch => unreachable!("pending"),
         }
     });
+    rt.shutdown_timeout(super::worker::BLOCKING_THREADS_GRACE);
     report(
         ServiceState::Stopped,
         if result.is_ok() { 0 } else { 1 },

@@ -278,7 +278,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(async {
+            let result = rt.block_on(async {
                 match command {
                     Command::Register(a) => register(a, &loaded).await,
                     Command::Unregister(a) => unregister(a, &loaded).await,
@@ -286,10 +286,17 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     Command::Doctor(a) => doctor(a, &loaded).await,
                     _ => unreachable!("handled above"),
                 }
-            })
+            });
+            // Dropping the runtime would wait for every blocking thread (a transfer or eval reader stuck
+            // in a system call) without end; the work is done, so give them a moment and exit.
+            rt.shutdown_timeout(BLOCKING_THREADS_GRACE);
+            result
         }
     }
 }
+
+/// How long an ended worker waits for its blocking threads before it exits regardless.
+pub(crate) const BLOCKING_THREADS_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<ExitCode> {
     let f = &loaded.file;
