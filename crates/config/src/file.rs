@@ -151,8 +151,9 @@ const POLICY_PATH_KEYS: &[&str] = &["read", "write"];
 const TLS_KEYS: &[&str] = &["ca", "pin"];
 const MASK_KEYS: &[&str] = &["envs", "patterns"];
 
-/// Parses config text. Returns the typed file and the warnings (unknown keys).
-pub(crate) fn parse(path: &Path, text: &str) -> Result<(ConfigFile, Vec<String>), ConfigError> {
+/// Parses config text as if read from `path` (no file access). Returns the typed file and the warnings
+/// (unknown keys). Public for the fuzz targets (`fuzz/`).
+pub fn parse(path: &Path, text: &str) -> Result<(ConfigFile, Vec<String>), ConfigError> {
     let located = |e: serde_saphyr::Error| {
         let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
         ConfigError::Parse {

@@ -26,4 +26,25 @@ proptest! {
             prop_assert!(e.to_string().starts_with("props.yml"), "{e}");
         }
     }
+
+    /// Templates (`${...}` and `{{ js }}` parts, in this process: the engine's limits hold) never panic,
+    /// and their errors are one line.
+    #[test]
+    fn props_templates_render_or_fail_in_one_line(edits in edits(), junk in any::<String>(), pick in 0..3u8) {
+        let samples = [
+            "release ${version} on ${build.worker}: {{ build.rc == 0 ? 'ok' : 'failed ' + build.rc }}",
+            "{{ hosts.map(h => quote(h)).join(' ') }} $${literal} $${{ also }} ${hosts[1]}",
+        ];
+        let text = match pick {
+            2 => junk,
+            i => mutate(samples[i as usize], &edits),
+        };
+        let mut vars = serde_json::Map::new();
+        vars.insert("version".into(), serde_json::json!("1.2.3"));
+        vars.insert("hosts".into(), serde_json::json!(["web-1", "web-2"]));
+        vars.insert("build".into(), serde_json::json!({"rc": 0, "output": "ok\n", "worker": "w1"}));
+        if let Err(e) = crate::template::render_str(&text, &vars) {
+            prop_assert!(!e.contains('\n') && !e.contains('\r'), "{e:?}");
+        }
+    }
 }

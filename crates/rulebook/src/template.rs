@@ -83,8 +83,12 @@ fn js_end(code: &str) -> Option<usize> {
     None
 }
 
-/// Fills in one string.
+/// Fills in one string. An error is one line: the template text it quotes is escaped and cut.
 pub fn render_str(text: &str, vars: &Vars) -> Result<Json, String> {
+    fill(text, vars).map_err(|e| cla_common::util::one_line(&e, 400))
+}
+
+fn fill(text: &str, vars: &Vars) -> Result<Json, String> {
     let mut parts = parts(text)?;
     if parts.len() == 1 {
         match parts.pop().expect("one part") {
@@ -214,7 +218,7 @@ fn kind(v: &Json) -> &'static str {
 /// variables, under time, memory, loop, call-depth and size limits).
 fn js(code: &str, vars: &Vars) -> Result<Json, String> {
     cla_eval::template::evaluate(code, vars, &cla_eval::template::TemplateLimits::default())
-        .map_err(|e| format!("`{{{{ {code} }}}}`: {e}"))
+        .map_err(|e| format!("`{{{{ {} }}}}`: {e}", cla_common::util::one_line(code.trim(), 60)))
 }
 
 #[cfg(test)]
