@@ -312,38 +312,6 @@ fn register_worker(hub: &Hub, dir: &std::path::Path, id: &str) -> WorkerSetup {
     register(hub, dir, id, "linux")
 }
 
-/// [`raw_worker`] with its hello changed by `edit`.
-async fn raw_worker_with(
-    hub: &Hub,
-    id: &str,
-    token: &str,
-    edit: impl FnOnce(&mut cla_protocol::Hello),
-) -> (cla_protocol::ConnectionWriter, cla_protocol::ConnectionReader) {
-    use cla_protocol::{Connection, Hello, PROTOCOL_VERSION, WORKER_ID_HEADER, WorkerMessage};
-    let auth = format!("Bearer {token}");
-    let url = format!("{}/ws/v1", hub.url);
-    let conn = Connection::connect(&url, &[("authorization", &auth), (WORKER_ID_HEADER, id)])
-        .await
-        .unwrap();
-    let (mut w, r) = conn.split();
-    let mut hello = Hello {
-        version: PROTOCOL_VERSION,
-        agent: "test".into(),
-        tags: vec!["t".into()],
-        envs: vec![],
-        capacity: 1,
-        host: "h".into(),
-        os: "linux".into(),
-        arch: "x".into(),
-        pid: 1,
-        resume: vec![],
-        features: vec![],
-    };
-    edit(&mut hello);
-    w.send(&WorkerMessage::Hello(hello)).await.unwrap();
-    (w, r)
-}
-
 /// The next message from the hub, within 10 s.
 async fn next_message(r: &mut cla_protocol::ConnectionReader) -> cla_protocol::HubMessage {
     use cla_protocol::connection::Incoming;

@@ -16,7 +16,7 @@ pub fn worker_frames(data: &[u8]) {
             one_line("hub message", &e.to_string());
         }
     }
-    let _ = cla_protocol::decode_binary(data);
+    let _ = cla_protocol::decode_binary(bytes::Bytes::copy_from_slice(data));
 }
 
 /// What a hub decodes: worker messages, and an admin client's exec-stream requests.

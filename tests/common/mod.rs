@@ -454,6 +454,16 @@ pub async fn raw_worker(
     id: &str,
     token: &str,
 ) -> (cla_protocol::ConnectionWriter, cla_protocol::ConnectionReader) {
+    raw_worker_with(hub, id, token, |_| {}).await
+}
+
+/// [`raw_worker`] with its `hello` changed by `edit` first.
+pub async fn raw_worker_with(
+    hub: &Hub,
+    id: &str,
+    token: &str,
+    edit: impl FnOnce(&mut cla_protocol::Hello),
+) -> (cla_protocol::ConnectionWriter, cla_protocol::ConnectionReader) {
     use cla_protocol::{Connection, Hello, PROTOCOL_VERSION, WORKER_ID_HEADER, WorkerMessage};
     let auth = format!("Bearer {token}");
     let url = format!("{}/ws/v1", hub.url);
@@ -461,7 +471,7 @@ pub async fn raw_worker(
         .await
         .unwrap();
     let (mut w, r) = conn.split();
-    let hello = Hello {
+    let mut hello = Hello {
         version: PROTOCOL_VERSION,
         agent: "test".into(),
         tags: vec!["t".into()],
@@ -474,6 +484,7 @@ pub async fn raw_worker(
         resume: vec![],
         features: vec![],
     };
+    edit(&mut hello);
     w.send(&WorkerMessage::Hello(hello)).await.unwrap();
     (w, r)
 }

@@ -114,11 +114,14 @@ pub struct RulebookError {
 }
 
 impl fmt::Display for RulebookError {
+    /// One line whatever the file holds: text quoted from it (a key with a carriage return, say) is
+    /// escaped, and a very long message is cut.
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let message = cla_common::util::one_line(&self.message, 1000);
         if self.line > 0 {
-            write!(f, "{}:{}: {}", self.file, self.line, self.message)
+            write!(f, "{}:{}: {message}", self.file, self.line)
         } else {
-            write!(f, "{}: {}", self.file, self.message)
+            write!(f, "{}: {message}", self.file)
         }
     }
 }

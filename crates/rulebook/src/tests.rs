@@ -160,3 +160,16 @@ fn suggestions_are_near_only() {
     assert!(!unknown_op("deploy").contains("did you mean"));
     assert_eq!(edit_distance("kitten", "sitting"), 3);
 }
+
+/// Found by fuzzing (`fuzz/`, target `rulebook`): a key holding carriage returns made a multi-line error.
+#[test]
+fn an_error_quoting_a_key_with_line_breaks_is_one_line() {
+    let text = "# Event sectiond so on; without\ndo:` - [```````         env: { SERVI\r0BB#2\rE\r\r0E\r\r\r0BBCE: \"${svc}\" }\n";
+    let raw = "do:\n  - shell: ls\n    \"a\\rb\\nc\": 1\n";
+    for t in [text, raw] {
+        if let Err(e) = crate::Rulebook::parse("rb.yml", t) {
+            let e = e.to_string();
+            assert!(!e.contains('\n') && !e.contains('\r'), "{e:?}");
+        }
+    }
+}
