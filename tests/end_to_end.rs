@@ -290,6 +290,21 @@ fn demo_runs_and_cleans_up() {
     assert!(text.contains("exit 3"), "{text}");
     assert!(text.contains("timed_out"), "{text}");
     assert!(text.contains("detached work done"), "{text}");
+    // Its `cla-hub jobs` is the real table: a row per job, the first line of a script, the exit code
+    // `exec` gave (124 for the timeout, not the killed process's 143).
+    let table = text.split("$ cla-hub jobs").nth(1).unwrap_or("");
+    let table = table.split("==>").next().unwrap_or(table);
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.trim_start().starts_with('1'))
+        .collect();
+    assert!(
+        rows.iter()
+            .any(|r| r.contains("timed_out") && r.contains(" 124 ")),
+        "{table}"
+    );
+    assert!(rows.iter().any(|r| r.contains("set -e…")), "{table}");
+    assert!(!table.contains("rm -rf"), "{table}");
     assert!(text.contains("console| demo-worker sees"), "{text}");
     assert!(text.contains("stash:  {\"visits\":42}"), "{text}");
     // The example rulebook ran: built, shipped, smoke-tested, checked.

@@ -343,14 +343,8 @@ async fn drive(
     );
 
     step("$ cla-hub jobs");
-    for j in admin.jobs(None).await? {
-        println!(
-            "    {}  {:<10} rc={:<4} {}",
-            j.id,
-            j.state.as_str(),
-            j.rc.map(|r| r.to_string()).unwrap_or("-".into()),
-            j.spec.task.display()
-        );
+    for line in super::jobs::table(&admin.jobs(None).await?).lines() {
+        println!("    {line}");
     }
     Ok(())
 }

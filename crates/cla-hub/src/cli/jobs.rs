@@ -212,6 +212,12 @@ pub(crate) async fn list(c: &AdminClient, a: JobsArgs, json: bool) -> Result<Exi
         print_json(&js)?;
         return Ok(ExitCode::Success);
     }
+    print!("{}", table(&js));
+    Ok(ExitCode::Success)
+}
+
+/// The `jobs` table: one row per job, the first line of its command, the exit code `exec` gives.
+pub(crate) fn table(js: &[JobRecord]) -> String {
     let rows: Vec<_> = js
         .iter()
         .map(|j| {
@@ -226,14 +232,10 @@ pub(crate) async fn list(c: &AdminClient, a: JobsArgs, json: bool) -> Result<Exi
             ]
         })
         .collect();
-    print!(
-        "{}",
-        render(
-            &["ID", "STATE", "WORKER", "RC", "CREATED", "COMMAND", "NOTE"],
-            &rows
-        )
-    );
-    Ok(ExitCode::Success)
+    render(
+        &["ID", "STATE", "WORKER", "RC", "CREATED", "COMMAND", "NOTE"],
+        &rows,
+    )
 }
 
 pub(crate) async fn job(c: &AdminClient, cmd: JobCommand, json: bool) -> Result<ExitCode> {
