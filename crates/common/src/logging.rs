@@ -186,6 +186,22 @@ impl Throttle {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(unix)]
+    #[test]
+    fn a_new_logfile_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/worker.log");
+        let mut f = super::RotatingFile::open(&path, 64, 2).unwrap();
+        for _ in 0..10 {
+            f.write_all(b"a line of more than a few bytes\n").unwrap();
+        }
+        for p in [path.clone(), dir.path().join("logs/worker.log.1")] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", p.display());
+        }
+    }
+
     #[test]
     fn throttle_lets_one_line_through_per_interval_and_counts_the_rest() {
         let t = super::Throttle::new(std::time::Duration::from_secs(10));

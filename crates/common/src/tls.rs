@@ -362,7 +362,7 @@ pub fn server_identity(
         path: cert_path.clone(),
         reason,
     })?;
-    let key_pem = std::fs::read(&key_path).map_err(|e| TlsError::Key {
+    let key_pem = read_pem(&key_path).map_err(|e| TlsError::Key {
         path: key_path.clone(),
         reason: e.to_string(),
     })?;
@@ -413,9 +413,32 @@ fn self_signed(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<()
     write(cert_path, &made.cert.pem(), false)
 }
 
+/// Largest certificate or key file read (a chain of a few certificates is a few KiB).
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// Reads a PEM file, refusing one over [`MAX_PEM_BYTES`] (a wrong path such as `/dev/zero`).
+fn read_pem(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_PEM_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_PEM_BYTES {
+        return Err(std::io::Error::other(
+            "larger than 1 MiB: not a PEM certificate or key file",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// [`read_pem`] as text.
+fn read_pem_text(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_pem(path)?).map_err(|_| std::io::Error::other("not text: not a PEM file"))
+}
+
 /// The certificates of a PEM file, in order; at least one.
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let pem = read_pem(path).map_err(|e| e.to_string())?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("not a PEM certificate file ({e})"))?;
@@ -454,7 +477,7 @@ impl ClientIdentity {
             path: cert.to_path_buf(),
             reason,
         })?;
-        let pem = std::fs::read(key).map_err(|e| TlsError::Key {
+        let pem = read_pem(key).map_err(|e| TlsError::Key {
             path: key.to_path_buf(),
             reason: e.to_string(),
         })?;
@@ -522,11 +545,11 @@ impl ClientCa {
             write(&key_path, &key.serialize_pem(), true)?;
             write(&cert_path, &cert.pem(), false)?;
         }
-        let cert_pem = std::fs::read_to_string(&cert_path).map_err(|e| TlsError::Cert {
+        let cert_pem = read_pem_text(&cert_path).map_err(|e| TlsError::Cert {
             path: cert_path.clone(),
             reason: e.to_string(),
         })?;
-        let key_pem = std::fs::read_to_string(&key_path).map_err(|e| TlsError::Key {
+        let key_pem = read_pem_text(&key_path).map_err(|e| TlsError::Key {
             path: key_path.clone(),
             reason: e.to_string(),
         })?;

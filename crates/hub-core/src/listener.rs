@@ -36,8 +36,9 @@ use cla_protocol::connection::Io;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a shutting-down hub waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Failed accepts are logged at most this often.
+/// Failed accepts, and failed or refused TLS handshakes, are logged at most this often.
 static ACCEPT_FAILED_LOG: Throttle = Throttle::new(Duration::from_secs(10));
+static HANDSHAKE_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -125,7 +126,13 @@ async fn accept_loop(
             continue;
         };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(%addr, "too many TLS handshakes in progress: closing the connection");
+            if let Some(held) = HANDSHAKE_LOG.allow(Instant::now()) {
+                tracing::warn!(
+                    %addr,
+                    "too many TLS handshakes in progress: closing the connection{}",
+                    HANDSHAKE_LOG.suffix(held)
+                );
+            }
             continue;
         };
         let (acceptor, tx) = (acceptor.clone(), tx.clone());
@@ -148,8 +155,17 @@ async fn accept_loop(
                         .send((Box::new(tls), Peer { client_cert, ..peer }, ticket))
                         .await;
                 }
-                Ok(Err(e)) => tracing::info!(%addr, "{}", cla_common::tls::handshake_failure(&e)),
-                Err(_) => tracing::info!(%addr, "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    if let Some(held) = HANDSHAKE_LOG.allow(Instant::now()) {
+                        let why = cla_common::tls::handshake_failure(&e);
+                        tracing::info!(%addr, "{why}{}", HANDSHAKE_LOG.suffix(held));
+                    }
+                }
+                Err(_) => {
+                    if let Some(held) = HANDSHAKE_LOG.allow(Instant::now()) {
+                        tracing::info!(%addr, "TLS handshake timed out{}", HANDSHAKE_LOG.suffix(held));
+                    }
+                }
             }
         });
     }

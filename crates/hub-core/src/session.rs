@@ -22,6 +22,8 @@ use cla_protocol::{
 /// Lines about bad frames and refused updates, at most once per interval for all workers together.
 static BAD_FRAME_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 static UPDATE_REFUSED_LOG: Throttle = Throttle::new(Duration::from_secs(10));
+/// Rejected handshakes (wrong credentials, bounds, versions) and connections dropped before `hello`.
+static REJECT_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 
 /// How long a new connection may take to send `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,7 +67,12 @@ pub(crate) async fn run(hub: Arc<Hub>, conn: Connection, auth: Auth) {
     let hello = match read_hello(&mut reader).await {
         Ok(h) => h,
         Err(e) => {
-            tracing::warn!("worker connection dropped before hello: {e}");
+            if let Some(held) = REJECT_LOG.allow(std::time::Instant::now()) {
+                tracing::warn!(
+                    "worker connection dropped before hello: {e}{}",
+                    REJECT_LOG.suffix(held)
+                );
+            }
             writer.close().await;
             return;
         }
@@ -195,8 +202,8 @@ async fn read_hello(reader: &mut ConnectionReader) -> Result<Hello, ProtocolErro
 async fn reject(writer: &mut ConnectionWriter, code: RejectCode, message: String, retry_after: Option<u64>) {
     if code == RejectCode::Busy {
         tracing::debug!("worker asked to come back later: {message}");
-    } else {
-        tracing::warn!(?code, "worker rejected: {message}");
+    } else if let Some(held) = REJECT_LOG.allow(std::time::Instant::now()) {
+        tracing::warn!(?code, "worker rejected: {message}{}", REJECT_LOG.suffix(held));
     }
     let _ = writer
         .send(&HubMessage::Reject(Reject {

@@ -157,13 +157,14 @@ pub(crate) async fn eval(c: &AdminClient, spec: JobSpec, json: bool) -> Result<E
     }
     if let Some(e) = &out.error {
         if !json {
+            // The message and stack come from the script: shown escaped, a line each.
             eprintln!(
                 "cla-hub: eval failed on {}: {}",
                 record.worker.as_deref().unwrap_or("-"),
-                e.message
+                cla_common::util::one_line(&e.message, 2000)
             );
             for frame in &e.stack {
-                eprintln!("    {frame}");
+                eprintln!("    {}", cla_common::util::one_line(frame, 500));
             }
         }
         return Ok(ExitCode::Failure);
@@ -194,7 +195,8 @@ fn rc_cell(r: &JobRecord) -> String {
 
 /// [`exit_code`], with a line on stderr when the job did not end with an exit status of its own.
 pub(crate) fn exit_of(r: &JobRecord) -> ExitCode {
-    let why = r.error.as_deref().unwrap_or("");
+    // The error may come from the worker: shown escaped, on one line.
+    let why = cla_common::util::one_line(r.error.as_deref().unwrap_or(""), 2000);
     let code = exit_code(r);
     match code {
         ExitCode::Success | ExitCode::Remote(_) => {}

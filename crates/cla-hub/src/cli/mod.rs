@@ -136,6 +136,7 @@ pub(crate) fn print_prefixed(prefix: &str, bytes: &[u8]) {
 /// Tells a person at a terminal why their job has not started yet (scripts see it with `-v`).
 pub(crate) fn waiting(why: &str) {
     use std::io::IsTerminal;
+    let why = cla_common::util::one_line(why, 500);
     if std::io::stderr().is_terminal() {
         eprintln!("cla-hub: waiting for a worker: {why}");
     } else {
