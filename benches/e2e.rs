@@ -115,8 +115,9 @@ fn main() {
         );
     });
     // What the store's durability costs on this disk: a job is fsynced twice (stored before it is offered,
-    // its end stored before it is reported; DESIGN.md §5), so a round trip cannot beat a local fork plus
-    // two of these. Measured like the store syncs: a page written then `fdatasync`, in the hub's data dir.
+    // its end stored before it is reported; docs/architecture.md, "Durability rules"), so a round trip
+    // cannot beat a local fork plus two of these. Measured like the store syncs: a page written then
+    // `fdatasync`, in the hub's data dir.
     let fsync = {
         use std::io::{Seek, Write};
         let path = data_dir.join("bench-fsync.tmp");

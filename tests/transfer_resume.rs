@@ -1,6 +1,6 @@
-//! Ship and fetch across a cut connection (DESIGN.md §5): the worker's link to the hub goes through a
-//! proxy the test severs mid-transfer and restores; the transfer resumes where it was, and the receiver
-//! verifies every file's SHA-256 as always.
+//! Ship and fetch across a cut connection (docs/architecture.md, "Durability rules"): the worker's link
+//! to the hub goes through a proxy the test severs mid-transfer and restores; the transfer resumes where
+//! it was, and the receiver verifies every file's SHA-256 as always.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
