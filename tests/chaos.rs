@@ -123,7 +123,8 @@ impl Transfer {
         let ok = status.unwrap().success();
         let mut err = String::new();
         let _ = std::io::Read::read_to_string(&mut self.child.stderr.take().unwrap(), &mut err);
-        let jobs: serde_json::Value = serde_json::from_str(&hub.ok(&["jobs", "--json"])).unwrap();
+        let jobs: serde_json::Value =
+            serde_json::from_str(&hub.ok(&["jobs", "--json", "--limit", "0"])).unwrap();
         let name = self.src.file_name().unwrap().to_string_lossy().into_owned();
         let mine: Vec<&serde_json::Value> = jobs
             .as_array()

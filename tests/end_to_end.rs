@@ -88,18 +88,17 @@ fn register_run_and_exec_with_split_streams() {
         stderr(&out)
     );
 
-    // No worker matches: the job waits in the queue; with a queue timeout it ends timed out (124),
-    // saying why it waited.
-    let out = hub.run(&["exec", "--tags", "gpu", "--queue-timeout", "0.5", "--", "true"]);
-    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    // No registered worker has the tag: refused at once (exit 252), naming the tags in use.
+    let out = hub.run(&["exec", "--tags", "gpu", "--", "true"]);
+    assert_eq!(out.status.code(), Some(252), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("queue timeout of 0.5s: no connected worker matches tags [gpu]"),
+        stderr(&out).contains("no registered worker has tags [gpu]; tags in use: java, linux"),
         "{}",
         stderr(&out)
     );
-    // A worker id that is not registered at all is an error at once.
+    // A worker id that is not registered at all: the same.
     let out = hub.run(&["exec", "--worker", "nosuch", "--", "true"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(252));
     assert!(
         stderr(&out).contains("no worker `nosuch` is registered"),
         "{}",

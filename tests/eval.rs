@@ -64,9 +64,11 @@ fn eval_returns_result_stash_and_console() {
     assert_eq!(json_of(&out), serde_json::json!("from stdin"));
 
     // The job record keeps the eval's output.
+    // Newest first: the first eval of this test is the last.
     let jobs: serde_json::Value = serde_json::from_str(&hub.ok(&["jobs", "--json"])).unwrap();
-    assert_eq!(jobs[0]["eval"]["result"], 42);
-    assert_eq!(jobs[0]["state"], "succeeded");
+    let first = jobs.as_array().unwrap().last().unwrap();
+    assert_eq!(first["eval"]["result"], 42);
+    assert_eq!(first["state"], "succeeded");
 }
 
 #[test]

@@ -15,6 +15,7 @@ mod daemon;
 mod durable;
 mod end_to_end;
 mod eval;
+mod first_hour;
 mod hostile;
 mod masking;
 mod policy;

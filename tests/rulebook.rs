@@ -161,6 +161,8 @@ do:
 fn a_step_waits_for_a_matching_worker_and_runs_when_one_connects() {
     let dir = tempfile::tempdir().unwrap();
     let (hub, _setup, _w) = hub_with_worker(dir.path(), "w-cpu", "linux");
+    // A gpu worker is registered but not running: the step waits for it, saying so.
+    let gpu = register(&hub, dir.path(), "w-gpu", "gpu,linux");
     let marker = dir.path().join("ran-on");
     let book = rulebook(
         dir.path(),
@@ -174,54 +176,64 @@ fn a_step_waits_for_a_matching_worker_and_runs_when_one_connects() {
     cmd.args(["run", book.to_str().unwrap()]);
     let mut running = Proc::spawn(cmd);
     // The job is queued, and says why.
+    let why = "w-gpu (never connected) is offline";
     wait_until("a queued job waiting for [gpu]", 20, || {
         let jobs: serde_json::Value =
             serde_json::from_str(&hub.ok(&["jobs", "--json", "--state", "queued"])).unwrap();
         jobs.as_array()
             .unwrap()
             .iter()
-            .any(|j| j["waiting"].as_str() == Some("no connected worker matches tags [gpu]"))
+            .any(|j| j["waiting"].as_str() == Some(why))
     });
     let table = hub.ok(&["jobs"]);
-    assert!(
-        table.contains("queued") && table.contains("no connected worker matches tags [gpu]"),
-        "{table}"
-    );
-    running.wait_for_line("waiting for a worker: no connected worker matches tags [gpu]", 10);
+    assert!(table.contains("queued") && table.contains(why), "{table}");
+    running.wait_for_line(&format!("waiting for a worker: {why}"), 10);
     assert!(running.exited().is_none(), "the run must wait, not fail");
     assert!(!marker.exists());
-    // A gpu worker connects: the step runs there and the run succeeds.
-    let _gpu = start_worker(&hub, dir.path(), "w-gpu", "gpu,linux", &[]);
+    // The gpu worker connects: the step runs there and the run succeeds.
+    let _gpu = run_worker(&gpu, &[]);
     let status = running.wait_exit(30);
     assert!(status.success(), "{}", running.log_text());
     assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "w-gpu");
-    // A queue timeout gives up with the reason.
+    // A tag no registered worker has fails the step at once, naming the tags in use.
     let book = rulebook(
         dir.path(),
         "tpu.yml",
-        "do:\n  - shell:\n      worker: { tags: [tpu], queue_timeout: 0.5 }\n      cmd: 'true'\n",
+        "do:\n  - shell:\n      worker: { tags: [tpu] }\n      cmd: 'true'\n",
     );
     let o = run(&hub, &[book.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("tpu.yml:2: step `shell true`: was not started within its queue timeout of 0.5s: no connected worker matches tags [tpu]"),
+        stderr(&o).contains(
+            "tpu.yml:2: step `shell true`: no registered worker has tags [tpu]; tags in use: gpu, linux"
+        ),
         "{}",
         stderr(&o)
     );
-    // The same with `queue_timeout` beside the op's other options.
-    let book = rulebook(
-        dir.path(),
-        "tpu2.yml",
-        "do:\n  - shell:\n      worker: { tags: [tpu] }\n      queue_timeout: 0.5\n      cmd: 'true'\n",
-    );
-    let o = run(&hub, &[book.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o)
-            .contains("tpu2.yml:2: step `shell true`: was not started within its queue timeout of 0.5s"),
-        "{}",
-        stderr(&o)
-    );
+    // A queue timeout gives up with the reason (`queue_timeout` in `worker:` or beside the op's
+    // other options).
+    hub.ok(&["worker", "disable", "w-gpu"]);
+    for (name, book) in [
+        (
+            "q1.yml",
+            "do:\n  - shell:\n      worker: { tags: [gpu], queue_timeout: 0.5 }\n      cmd: 'true'\n",
+        ),
+        (
+            "q2.yml",
+            "do:\n  - shell:\n      worker: { tags: [gpu] }\n      queue_timeout: 0.5\n      cmd: 'true'\n",
+        ),
+    ] {
+        let book = rulebook(dir.path(), name, book);
+        let o = run(&hub, &[book.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains(&format!(
+                "{name}:2: step `shell true`: was not started within its queue timeout of 0.5s: w-gpu is disabled"
+            )),
+            "{}",
+            stderr(&o)
+        );
+    }
 }
 
 /// `[start, end]` in nanoseconds, read from the files a job wrote.
@@ -551,6 +563,8 @@ do:
 fn a_client_that_goes_away_takes_its_queued_job_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let (hub, _setup, _w) = hub_with_worker(dir.path(), "w1", "linux");
+    // A `late` worker is registered but never runs: the step waits for it.
+    let late = register(&hub, dir.path(), "w-late", "late");
     let marker = dir.path().join("ran");
     let book = rulebook(
         dir.path(),
@@ -590,7 +604,8 @@ fn a_client_that_goes_away_takes_its_queued_job_with_it() {
         .collect();
     assert_eq!(states, ["cancelled", "cancelled"]);
     // A worker with the tag arriving later runs nothing.
-    let _late = start_worker(&hub, dir.path(), "w-late", "late", &[]);
+    let _late = run_worker(&late, &[]);
+    hub.wait_worker_state("w-late", "idle", 20);
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(!marker.exists(), "a job whose client was gone ran anyway");
 

@@ -507,9 +507,9 @@ fn bad_paths_get_clear_errors() {
         file.to_str().unwrap(),
         "/tmp/x",
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(252));
     assert!(
-        stderr(&o).contains("no connected worker matches"),
+        stderr(&o).contains("no registered worker has tags [windows]"),
         "{}",
         stderr(&o)
     );

@@ -17,16 +17,21 @@ use tokio_util::sync::CancellationToken;
 use cla_common::secret::Secret;
 use cla_common::tls::Trust;
 use cla_protocol::api::{
-    AdminEvent, AdminRequest, HubFile, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated,
+    AdminEvent, AdminRequest, HubFile, JobQuery, JobRecord, JobSpec, PasskeyCreate, PasskeyCreated,
     PasskeyRevoke, PasskeyView, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, WorkerAction,
     WorkerActionDone, WorkerActionRequest, WorkerView,
 };
 use cla_protocol::connection::Incoming;
 use cla_protocol::http::HttpClient;
 use cla_protocol::{
-    Chunk, Connection, ConnectionReader, ConnectionWriter, Frame, ProtocolError, TransferFrame, decode_text,
+    Chunk, Connection, ConnectionReader, ConnectionWriter, Frame, TransferFrame, decode_text,
 };
 use cla_transfer::{Link, Piece};
+
+/// How long a command following a job keeps trying to reach the hub again after its connection
+/// dropped, before it gives up with [`Error::HubLost`] (a hub restart takes seconds; a failover or a
+/// network cut can take minutes).
+pub const RECONNECT_FOR: Duration = Duration::from_secs(300);
 
 /// What an exec stream reports as it goes.
 #[derive(Debug)]
@@ -40,6 +45,18 @@ pub enum ExecEvent {
     },
     Stdout(Bytes),
     Stderr(Bytes),
+    /// The connection to the hub dropped (`why`); this is reconnect attempt `attempt` to follow `job`.
+    Reconnecting {
+        job: String,
+        why: String,
+        attempt: u32,
+    },
+    /// After a re-attach: `bytes` of output on `stream` that the hub did not keep (over its per-job cap)
+    /// were sent while the connection was down, and are missing here.
+    Missing {
+        stream: u64,
+        bytes: u64,
+    },
 }
 
 /// A client for one hub's admin API.
@@ -166,14 +183,9 @@ impl AdminClient {
         self.post("/api/v1/admin/jobs", spec).await
     }
 
-    pub async fn jobs(&self, state: Option<JobState>) -> Result<Vec<JobRecord>> {
-        match state {
-            Some(s) => {
-                self.get(&format!("/api/v1/admin/jobs?state={}", s.as_str()))
-                    .await
-            }
-            None => self.get("/api/v1/admin/jobs").await,
-        }
+    /// Jobs, newest first, as `q` filters them.
+    pub async fn jobs(&self, q: &JobQuery) -> Result<Vec<JobRecord>> {
+        self.get(&format!("/api/v1/admin/jobs{}", q.to_query())).await
     }
 
     pub async fn job(&self, id: &str) -> Result<JobRecord> {
@@ -214,45 +226,113 @@ impl AdminClient {
     /// Creates a job and streams it: `on_event` sees its id, its start and every output chunk as it
     /// arrives; the ended job is returned. When `cancel` fires, the hub is asked to cancel the job and the
     /// stream goes on until the job has really ended.
+    ///
+    /// Once the job exists, a dropped connection (a hub restart, a network cut) does not end the call:
+    /// it reconnects with backoff for up to `reconnect_for`, re-attaches to the job and goes on from the
+    /// output it has, so that no byte is shown twice and none is lost that the hub kept
+    /// ([`ExecEvent::Reconnecting`], [`ExecEvent::Missing`]). Past that it fails with
+    /// [`Error::HubLost`], which names the job.
     pub async fn exec(
         &self,
         spec: &JobSpec,
         cancel: CancellationToken,
+        reconnect_for: Duration,
         mut on_event: impl FnMut(ExecEvent),
     ) -> Result<JobRecord> {
-        let mut stream = self.open_stream(spec, cancel).await?;
-        let mut started = false;
+        let mut stream = self.open_stream(spec, cancel.clone()).await?;
+        let mut follow = Follower::default();
         loop {
-            match stream.next().await? {
-                None => {
-                    return Err(ProtocolError::Transport(
-                        "the hub closed the exec stream before the job ended".into(),
-                    )
-                    .into());
-                }
-                Some(StreamItem::Chunk(chunk)) => match chunk.stream() {
-                    STDOUT_STREAM => on_event(ExecEvent::Stdout(chunk.data())),
-                    STDERR_STREAM => on_event(ExecEvent::Stderr(chunk.data())),
-                    _ => {}
-                },
-                Some(StreamItem::Event(ev)) => match ev {
-                    AdminEvent::Created { job } => on_event(ExecEvent::Created(job)),
-                    // A late reason (dispatch runs concurrently) must not override the start.
-                    AdminEvent::Waiting { reason, .. } if !started => on_event(ExecEvent::Waiting(reason)),
-                    AdminEvent::Waiting { .. } => {}
-                    AdminEvent::Started { job, worker, .. } => {
-                        started = true;
-                        on_event(ExecEvent::Started { job, worker })
-                    }
-                    AdminEvent::Ended(record) => {
-                        stream.writer.close().await;
-                        return Ok(*record);
-                    }
-                    AdminEvent::Error(e) => return Err(Error::Other(e.error)),
-                    AdminEvent::Transfer(_) | AdminEvent::Unknown => {}
-                },
+            let why = match follow.run(&mut stream, &mut on_event).await {
+                Ok(Some(record)) => return Ok(record),
+                Ok(None) => "the hub closed the stream before the job ended".to_owned(),
+                Err(Error::Api(e)) => return Err(Error::Api(e)),
+                Err(e) if follow.job.is_empty() => return Err(e),
+                Err(e) => e.to_string(),
+            };
+            stream = self
+                .reattach(&follow, cancel.clone(), reconnect_for, &why, &mut on_event)
+                .await?;
+        }
+    }
+
+    /// Follows a job that already exists from the start of its output (`job logs --follow`), with the
+    /// same reconnects as [`AdminClient::exec`].
+    pub async fn follow(
+        &self,
+        job: &str,
+        cancel: CancellationToken,
+        reconnect_for: Duration,
+        mut on_event: impl FnMut(ExecEvent),
+    ) -> Result<JobRecord> {
+        let mut follow = Follower {
+            job: path_segment(job)?.to_owned(),
+            ..Follower::default()
+        };
+        let mut stream = self.open_attach(&follow, cancel.clone()).await?;
+        loop {
+            let why = match follow.run(&mut stream, &mut on_event).await {
+                Ok(Some(record)) => return Ok(record),
+                Ok(None) => "the hub closed the stream before the job ended".to_owned(),
+                Err(Error::Api(e)) => return Err(Error::Api(e)),
+                Err(e) => e.to_string(),
+            };
+            stream = self
+                .reattach(&follow, cancel.clone(), reconnect_for, &why, &mut on_event)
+                .await?;
+        }
+    }
+
+    /// Reconnects to the hub and attaches to `follow`'s job from the output it has, trying with backoff
+    /// (0.2 s doubling to 5 s) for up to `reconnect_for`.
+    async fn reattach(
+        &self,
+        follow: &Follower,
+        cancel: CancellationToken,
+        reconnect_for: Duration,
+        why: &str,
+        on_event: &mut impl FnMut(ExecEvent),
+    ) -> Result<JobStream> {
+        let deadline = std::time::Instant::now() + reconnect_for;
+        let mut delay = Duration::from_millis(200);
+        let mut last = why.to_owned();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            on_event(ExecEvent::Reconnecting {
+                job: follow.job.clone(),
+                why: last.clone(),
+                attempt,
+            });
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::HubLost {
+                    job: follow.job.clone(),
+                    why: last,
+                });
+            }
+            tokio::time::sleep(delay.min(left)).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+            match self.open_attach(follow, cancel.clone()).await {
+                Ok(stream) => return Ok(stream),
+                Err(Error::Api(e)) => return Err(Error::Api(e)),
+                Err(e) => last = e.to_string(),
             }
         }
+    }
+
+    /// Opens an exec stream that attaches to `follow`'s job from the output it has.
+    async fn open_attach(&self, follow: &Follower, cancel: CancellationToken) -> Result<JobStream> {
+        let url = format!("{}/api/v1/admin/exec", self.url());
+        let conn = Connection::connect_with(&url, &[("authorization", &self.auth())], &self.trust).await?;
+        let (mut writer, reader) = conn.split();
+        writer
+            .send(&AdminRequest::Attach {
+                job: follow.job.clone(),
+                stdout: follow.have[0],
+                stderr: follow.have[1],
+            })
+            .await?;
+        Ok(JobStream::new(writer, reader, cancel))
     }
 
     /// Opens the admin exec stream and creates the job on it.
@@ -261,17 +341,95 @@ impl AdminClient {
         let conn = Connection::connect_with(&url, &[("authorization", &self.auth())], &self.trust).await?;
         let (mut writer, reader) = conn.split();
         writer.send(&AdminRequest::Exec(Box::new(spec.clone()))).await?;
-        Ok(JobStream {
-            writer,
-            reader,
-            job: String::new(),
-            worker: String::new(),
-            stream: TRANSFER_STREAM,
-            cancel,
-            cancel_sent: false,
-            ended: None,
-            error: None,
-        })
+        Ok(JobStream::new(writer, reader, cancel))
+    }
+}
+
+/// Where a followed job's output stands: what the caller has been given of each stream, and the stream
+/// position of the next byte the hub sends (which can be before what the caller has, after a
+/// re-attach to a restarted hub: those bytes are skipped).
+#[derive(Default)]
+struct Follower {
+    job: String,
+    started: bool,
+    /// Bytes of stdout and stderr handed to the caller.
+    have: [u64; 2],
+    /// Position of the next byte of each stream on this connection.
+    pos: [u64; 2],
+}
+
+impl Follower {
+    /// Reads `stream` until the job ends (`Some`), the hub closes it (`None`) or it fails.
+    async fn run(
+        &mut self,
+        stream: &mut JobStream,
+        on_event: &mut impl FnMut(ExecEvent),
+    ) -> Result<Option<JobRecord>> {
+        // A new connection's output starts at 0 unless the hub says where (`attached`).
+        self.pos = [0, 0];
+        loop {
+            match stream.next().await? {
+                None => return Ok(None),
+                Some(StreamItem::Chunk(chunk)) => {
+                    let i = match chunk.stream() {
+                        STDOUT_STREAM => 0,
+                        STDERR_STREAM => 1,
+                        _ => continue,
+                    };
+                    let data = chunk.data();
+                    let n = data.len() as u64;
+                    let skip = self.have[i].saturating_sub(self.pos[i]).min(n);
+                    self.pos[i] += n;
+                    self.have[i] = self.have[i].max(self.pos[i]);
+                    if skip < n {
+                        let fresh = data.slice(skip as usize..);
+                        on_event(if i == 0 {
+                            ExecEvent::Stdout(fresh)
+                        } else {
+                            ExecEvent::Stderr(fresh)
+                        });
+                    }
+                }
+                Some(StreamItem::Event(ev)) => match ev {
+                    AdminEvent::Created { job } => {
+                        if self.job.is_empty() {
+                            on_event(ExecEvent::Created(job.clone()));
+                        }
+                        self.job = job;
+                    }
+                    AdminEvent::Attached { stdout, stderr, .. } => {
+                        for (i, from) in [stdout, stderr].into_iter().enumerate() {
+                            if from > self.have[i] {
+                                on_event(ExecEvent::Missing {
+                                    stream: if i == 0 { STDOUT_STREAM } else { STDERR_STREAM },
+                                    bytes: from - self.have[i],
+                                });
+                                self.have[i] = from;
+                            }
+                            self.pos[i] = from;
+                        }
+                    }
+                    // A late reason (dispatch runs concurrently) must not override the start.
+                    AdminEvent::Waiting { reason, .. } if !self.started => {
+                        on_event(ExecEvent::Waiting(reason))
+                    }
+                    AdminEvent::Waiting { .. } => {}
+                    AdminEvent::Started { job, worker, .. } => {
+                        // Told once, not again on each re-attach.
+                        if !self.started {
+                            on_event(ExecEvent::Started { job, worker });
+                        }
+                        self.started = true;
+                    }
+                    AdminEvent::Ended(record) => {
+                        stream.writer.close().await;
+                        return Ok(Some(*record));
+                    }
+                    AdminEvent::Error(e) => return Err(Error::Api(e)),
+                    AdminEvent::Transfer(_) | AdminEvent::Unknown => {}
+                },
+            }
+        }
     }
 }
 
@@ -290,10 +448,9 @@ impl AdminClient {
         loop {
             match stream.next_event().await? {
                 None => {
-                    let why = stream.error.take().unwrap_or_else(|| {
-                        "the hub closed the stream before the transfer started".to_owned()
-                    });
-                    return Err(Error::Other(why));
+                    return Err(stream.error.take().unwrap_or_else(|| {
+                        Error::Other("the hub closed the stream before the transfer started".to_owned())
+                    }));
                 }
                 Some(AdminEvent::Created { job }) => stream.job = job,
                 Some(AdminEvent::Waiting { reason, .. }) => on_waiting(reason),
@@ -324,7 +481,7 @@ pub struct JobStream {
     cancel: CancellationToken,
     cancel_sent: bool,
     ended: Option<Box<JobRecord>>,
-    error: Option<String>,
+    error: Option<Error>,
 }
 
 /// What a job stream brings: a chunk (output, or file data), or an event.
@@ -334,6 +491,20 @@ enum StreamItem {
 }
 
 impl JobStream {
+    fn new(writer: ConnectionWriter, reader: ConnectionReader, cancel: CancellationToken) -> JobStream {
+        JobStream {
+            writer,
+            reader,
+            job: String::new(),
+            worker: String::new(),
+            stream: TRANSFER_STREAM,
+            cancel,
+            cancel_sent: false,
+            ended: None,
+            error: None,
+        }
+    }
+
     /// The next chunk or event; `None` when the hub closed the stream. Sends the cancel request when
     /// `cancel` fires.
     async fn next(&mut self) -> Result<Option<StreamItem>> {
@@ -363,7 +534,7 @@ impl JobStream {
                 None => return Ok(None),
                 Some(StreamItem::Chunk(_)) => {}
                 Some(StreamItem::Event(AdminEvent::Error(e))) => {
-                    self.error = Some(e.error);
+                    self.error = Some(Error::Api(e));
                     return Ok(None);
                 }
                 Some(StreamItem::Event(ev)) => return Ok(Some(ev)),
@@ -385,11 +556,9 @@ impl JobStream {
                 }
                 Some(_) => {}
                 None => {
-                    let why = self
-                        .error
-                        .take()
-                        .unwrap_or_else(|| "the hub closed the stream before the transfer ended".to_owned());
-                    return Err(Error::Other(why));
+                    return Err(self.error.take().unwrap_or_else(|| {
+                        Error::Other("the hub closed the stream before the transfer ended".to_owned())
+                    }));
                 }
             }
         }
@@ -426,7 +595,7 @@ impl Link for JobStream {
                     return None;
                 }
                 Ok(Some(StreamItem::Event(AdminEvent::Error(e)))) => {
-                    self.error = Some(e.error);
+                    self.error = Some(Error::Api(e));
                     return None;
                 }
                 // The worker went away mid-transfer: the transfer waits for it to come back.
@@ -434,7 +603,7 @@ impl Link for JobStream {
                 Ok(Some(_)) => {}
                 Ok(None) => return None,
                 Err(e) => {
-                    self.error = Some(e.to_string());
+                    self.error = Some(e);
                     return None;
                 }
             }

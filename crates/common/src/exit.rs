@@ -1,5 +1,8 @@
 //! Exit codes as values: commands return an [`ExitCode`], and only `main` turns it into a
 //! process exit status.
+//!
+//! `cla-hub`'s own codes sit at the top of the range (252–255), where a remote command's status, which
+//! `exec` passes through, rarely lands; 124 and 130 follow `timeout(1)` and the shell.
 
 /// What a command ends with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +21,12 @@ pub enum ExitCode {
     TimedOut,
     /// 130: interrupted (Ctrl-C) or cancelled.
     Interrupted,
+    /// 252: no registered worker can ever match the job's target (unknown id, tags or env).
+    NoWorker,
+    /// 253: no worker started the job within its queue timeout.
+    QueueTimeout,
+    /// 254: the connection to the hub was lost and could not be re-established; the job may still run.
+    HubLost,
     /// 255: the remote command could not be run (or its job was lost).
     CouldNotRun,
     /// A remote command's own exit status, passed through.
@@ -35,6 +44,9 @@ impl ExitCode {
             ExitCode::HubShutdown => 10,
             ExitCode::TimedOut => 124,
             ExitCode::Interrupted => 130,
+            ExitCode::NoWorker => 252,
+            ExitCode::QueueTimeout => 253,
+            ExitCode::HubLost => 254,
             ExitCode::CouldNotRun => 255,
             ExitCode::Remote(rc) => rc,
         }

@@ -19,7 +19,7 @@ use super::store::PasskeyRecord;
 use cla_common::token;
 use cla_common::util::now_rfc3339;
 use cla_protocol::api::{
-    AdminEvent, AdminRequest, JobRecord, JobSpec, JobState, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
+    AdminEvent, AdminRequest, JobQuery, JobRecord, JobSpec, PasskeyCreate, PasskeyCreated, PasskeyRevoke,
     PasskeyView, WorkerAction, WorkerActionDone, WorkerActionRequest, WorkerState, WorkerView,
 };
 use cla_protocol::connection::{Incoming, ReadSize};
@@ -187,25 +187,13 @@ pub(crate) async fn passkey_revoke(
     Ok(Json(rec.view()))
 }
 
-#[derive(Deserialize)]
-pub(crate) struct JobsQuery {
-    state: Option<String>,
-}
-
-/// `GET /api/v1/admin/jobs[?state=S]`.
+/// `GET /api/v1/admin/jobs[?state=S&worker=W&since=T&limit=N]`, newest first.
 pub(crate) async fn jobs(
     _: Admin,
     State(hub): State<Arc<Hub>>,
-    Query(q): Query<JobsQuery>,
+    Query(q): Query<JobQuery>,
 ) -> Result<Json<Vec<JobRecord>>, ApiFail> {
-    let state = match q.state.as_deref() {
-        None => None,
-        Some(s) => Some(
-            s.parse::<JobState>()
-                .map_err(|m| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m))?,
-        ),
-    };
-    Ok(Json(hub.jobs(state)?))
+    Ok(Json(hub.jobs(&q)?))
 }
 
 /// `POST /api/v1/admin/jobs`: create a job and return at once (`exec --detach`).
@@ -231,6 +219,7 @@ pub(crate) async fn job_show(
     Path(id): Path<String>,
     Query(q): Query<ShowQuery>,
 ) -> Result<Json<JobRecord>, ApiFail> {
+    let id = hub.resolve_job(&id)?;
     let Some(secs) = q.wait else {
         return Ok(Json(hub.job(&id)?));
     };
@@ -249,6 +238,7 @@ pub(crate) async fn job_cancel(
     State(hub): State<Arc<Hub>>,
     Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiFail> {
+    let id = hub.resolve_job(&id)?;
     Ok(Json(hub.cancel_job(&id).await?))
 }
 
@@ -264,7 +254,7 @@ pub(crate) async fn exec_stream(
 
 async fn stream_job(hub: Arc<Hub>, conn: Connection) {
     let (mut writer, mut reader) = conn.split();
-    let spec = match first_request(&mut reader).await {
+    let first = match first_request(&mut reader).await {
         Ok(s) => s,
         Err(e) => {
             let fail = ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
@@ -272,7 +262,11 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
             return writer.close().await;
         }
     };
-    let transfer = spec.task.is_transfer();
+    let (spec, attach) = match first {
+        First::Exec(spec) => (Some(spec), None),
+        First::Attach { job, have } => (None, Some((job, have))),
+    };
+    let transfer = spec.as_ref().is_some_and(|s| s.task.is_transfer());
     // A worker's session reader waits when this channel is full, which would stall its other jobs. A
     // transfer's window bounds what can be in flight to (window / frame cost) frames, so a channel that
     // large never fills for a worker that keeps the protocol (tokio allocates its slots as they are used).
@@ -282,12 +276,36 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
         64
     };
     let (tx, mut rx) = mpsc::channel(capacity);
-    let job = match hub.create_job(spec, Some(tx)).await {
-        Ok(r) => r.id,
-        Err(fail) => {
-            let _ = writer.send(&AdminEvent::Error(fail.1)).await;
-            return writer.close().await;
+    let job = match (spec, attach) {
+        (Some(spec), _) => match hub.create_job(spec, Some(tx)).await {
+            Ok(r) => r.id,
+            Err(fail) => {
+                let _ = writer.send(&AdminEvent::Error(fail.1)).await;
+                return writer.close().await;
+            }
+        },
+        (None, Some((job, have))) => {
+            let job = match hub.resolve_job(&job) {
+                Ok(id) => id,
+                Err(fail) => {
+                    let _ = writer.send(&AdminEvent::Error(fail.1)).await;
+                    return writer.close().await;
+                }
+            };
+            match hub.attach(&job, have, tx).await {
+                Ok(a) => {
+                    if send_attachment(&mut writer, &job, a).await.is_err() {
+                        return;
+                    }
+                }
+                Err(fail) => {
+                    let _ = writer.send(&AdminEvent::Error(fail.1)).await;
+                }
+            }
+            // An attached client follows the job; leaving changes nothing for it.
+            return follow(&hub, &job, writer, reader, rx).await;
         }
+        (None, None) => unreachable!("the first request is exec or attach"),
     };
     if writer
         .send(&AdminEvent::Created { job: job.clone() })
@@ -348,16 +366,29 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
     writer.close().await;
 }
 
-async fn first_request(reader: &mut cla_protocol::ConnectionReader) -> Result<JobSpec, ProtocolError> {
+/// The largest binary frame of replayed output.
+const REPLAY_FRAME: usize = 64 << 10;
+
+/// The first message of an exec stream.
+enum First {
+    Exec(JobSpec),
+    Attach { job: String, have: (u64, u64) },
+}
+
+async fn first_request(reader: &mut cla_protocol::ConnectionReader) -> Result<First, ProtocolError> {
     let read = async {
         loop {
             match reader.read().await? {
                 Some(Incoming::Frame(Frame::Text(t))) => {
                     return match decode_text::<AdminRequest>(&t)? {
-                        AdminRequest::Exec(spec) => Ok(*spec),
+                        AdminRequest::Exec(spec) => Ok(First::Exec(*spec)),
+                        AdminRequest::Attach { job, stdout, stderr } => Ok(First::Attach {
+                            job,
+                            have: (stdout, stderr),
+                        }),
                         AdminRequest::Cancel => Err(ProtocolError::Malformed("nothing to cancel yet".into())),
                         AdminRequest::Transfer(_) => Err(ProtocolError::Malformed(
-                            "the first message must be `exec`".into(),
+                            "the first message must be `exec` or `attach`".into(),
                         )),
                     };
                 }
@@ -369,4 +400,87 @@ async fn first_request(reader: &mut cla_protocol::ConnectionReader) -> Result<Jo
     tokio::time::timeout(Duration::from_secs(30), read)
         .await
         .map_err(|_| ProtocolError::Timeout("the exec request"))?
+}
+
+/// Sends an attaching client where its output resumes, what the hub kept from there, and where the
+/// job is.
+async fn send_attachment(
+    writer: &mut cla_protocol::ConnectionWriter,
+    job: &str,
+    a: crate::jobs::Attachment,
+) -> Result<(), ProtocolError> {
+    writer.send(&AdminEvent::Created { job: job.to_owned() }).await?;
+    writer
+        .send(&AdminEvent::Attached {
+            job: job.to_owned(),
+            stdout: a.stdout_from,
+            stderr: a.stderr_from,
+        })
+        .await?;
+    for (stream, bytes) in a.replay {
+        for piece in bytes.chunks(REPLAY_FRAME) {
+            writer.send_binary(stream, piece).await?;
+        }
+    }
+    match a.now {
+        JobEvent::Started { worker, stream } => {
+            writer
+                .send(&AdminEvent::Started {
+                    job: job.to_owned(),
+                    worker,
+                    stream,
+                })
+                .await
+        }
+        JobEvent::Waiting(reason) => {
+            writer
+                .send(&AdminEvent::Waiting {
+                    job: job.to_owned(),
+                    reason,
+                })
+                .await
+        }
+        JobEvent::Ended(record) => writer.send(&AdminEvent::Ended(record)).await,
+        _ => Ok(()),
+    }
+}
+
+/// The rest of an attached stream: the job's events until it ends; the client may cancel it.
+async fn follow(
+    hub: &Hub,
+    job: &str,
+    mut writer: cla_protocol::ConnectionWriter,
+    mut reader: cla_protocol::ConnectionReader,
+    mut rx: mpsc::Receiver<JobEvent>,
+) {
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let sent = match ev {
+                    Some(JobEvent::Started { worker, stream }) => writer.send(&AdminEvent::Started { job: job.to_owned(), worker, stream }).await,
+                    Some(JobEvent::Waiting(reason)) => writer.send(&AdminEvent::Waiting { job: job.to_owned(), reason }).await,
+                    Some(JobEvent::Output { stream, data }) => writer.send_binary(stream, &data).await,
+                    Some(JobEvent::Ended(record)) => {
+                        let _ = writer.send(&AdminEvent::Ended(record)).await;
+                        break;
+                    }
+                    Some(_) => Ok(()),
+                    None => break,
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+            msg = reader.read() => match msg {
+                Ok(Some(Incoming::Frame(Frame::Text(t)))) => {
+                    if let Ok(AdminRequest::Cancel) = decode_text::<AdminRequest>(&t) {
+                        let _ = hub.cancel_job(job).await;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            },
+        }
+    }
+    writer.close().await;
 }

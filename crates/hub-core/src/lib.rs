@@ -64,6 +64,9 @@ pub struct HubConfig {
     pub pending_connections: Option<gate::GateLimits>,
     /// How long a client has to send a request's head ([`listener::DEFAULT_HEADER_TIMEOUT`]).
     pub header_timeout: Duration,
+    /// After a restart, how long a queued job that a client was streaming waits for that client to
+    /// re-attach before it is cancelled (it is not started meanwhile).
+    pub client_grace: Duration,
 }
 
 /// Where the hub's certificate comes from.
@@ -92,6 +95,7 @@ impl HubConfig {
             register_failures_per_minute: 10,
             pending_connections: None,
             header_timeout: listener::DEFAULT_HEADER_TIMEOUT,
+            client_grace: Duration::from_secs(30),
         }
     }
 }
@@ -162,6 +166,9 @@ pub(crate) struct State {
     pub queue: VecDeque<String>,
 }
 
+/// How long [`Hub::registered`] reuses what it read.
+const REGISTRY_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The hub's shared state.
 pub struct Hub {
     pub(crate) store: Box<dyn Store>,
@@ -183,6 +190,9 @@ pub struct Hub {
     pub(crate) rotations: Mutex<HashMap<String, rotate::RotationAnswer>>,
     /// Issues workers' client certificates (TLS hubs only).
     pub(crate) client_ca: Option<cla_common::tls::ClientCa>,
+    /// The registered workers as last read, and when: waiting reasons name offline workers from it
+    /// (see [`Hub::registered`]).
+    registry: Mutex<Option<(std::time::Instant, Arc<Vec<store::WorkerRecord>>)>>,
 }
 
 impl Hub {
@@ -206,7 +216,26 @@ impl Hub {
             me: me.clone(),
             epochs: Default::default(),
             handshakes: Default::default(),
+            registry: Default::default(),
         })
+    }
+
+    /// The registered workers, read from the store at most once per [`REGISTRY_TTL`]: waiting
+    /// reasons, computed at every dispatch pass for every waiting job, name offline workers from it
+    /// without a store scan each time. A reason may lag a registration by that long.
+    pub(crate) fn registered(&self) -> Arc<Vec<store::WorkerRecord>> {
+        let mut cache = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, workers)) = cache.as_ref()
+            && at.elapsed() < REGISTRY_TTL
+        {
+            return Arc::clone(workers);
+        }
+        let workers = Arc::new(self.store.workers().unwrap_or_else(|e| {
+            tracing::error!("reading the registered workers: {e}");
+            Vec::new()
+        }));
+        *cache = Some((std::time::Instant::now(), Arc::clone(&workers)));
+        workers
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, State> {

@@ -529,7 +529,8 @@ pub struct JobRecord {
     /// Why the job failed to run, was lost or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// A machine-readable kind of `error`: `policy` when the worker's local policy refused the job.
+    /// A machine-readable kind of `error`: `policy` when the worker's local policy refused the job,
+    /// [`QUEUE_TIMEOUT`] when no worker started it within its queue timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
     /// An eval job's result, stash, console and error.
@@ -547,7 +548,20 @@ pub struct JobRecord {
     pub streamed: bool,
 }
 
+/// [`JobRecord::error_code`] of a job that timed out waiting for a worker (not while running).
+pub const QUEUE_TIMEOUT: &str = "queue_timeout";
+
+/// The API error code of a job refused because no registered worker can match its target; an unknown
+/// worker id is `unknown_worker`.
+pub const NO_MATCH: &str = "no_match";
+
 impl JobRecord {
+    /// True when the job timed out in the queue: no worker started it within its queue timeout.
+    pub fn timed_out_in_queue(&self) -> bool {
+        self.state == JobState::TimedOut
+            && (self.error_code.as_deref() == Some(QUEUE_TIMEOUT) || self.started.is_none())
+    }
+
     /// A new job, queued: nothing has happened to it yet.
     pub fn queued(id: String, spec: JobSpec, created: String) -> JobRecord {
         JobRecord {
@@ -576,12 +590,69 @@ impl JobRecord {
     }
 }
 
+/// `GET /api/v1/admin/jobs` filters: jobs newest first, only those in `state`, on `worker`, created at
+/// or after `since` (RFC 3339), at most `limit` of them (0 or none: all).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+impl JobQuery {
+    /// The query string (`?state=running&limit=50`), empty without filters. Values are
+    /// percent-encoded.
+    pub fn to_query(&self) -> String {
+        let mut parts = Vec::new();
+        for (k, v) in [
+            ("state", self.state.clone()),
+            ("worker", self.worker.clone()),
+            ("since", self.since.clone()),
+            ("limit", self.limit.map(|n| n.to_string())),
+        ] {
+            if let Some(v) = v {
+                parts.push(format!("{k}={}", percent(&v)));
+            }
+        }
+        match parts.is_empty() {
+            true => String::new(),
+            false => format!("?{}", parts.join("&")),
+        }
+    }
+}
+
+/// Percent-encodes everything but unreserved URL characters.
+fn percent(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Admin client → hub on the exec stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AdminRequest {
     /// Create a job and stream it (must be the first message).
     Exec(Box<JobSpec>),
+    /// Follow an existing job instead (as the first message): a client whose stream dropped comes
+    /// back, or `job logs --follow`. `stdout` and `stderr` are how many bytes of each the client already
+    /// has; the hub answers with [`AdminEvent::Attached`] and sends what follows. Not for ship or fetch.
+    Attach {
+        job: String,
+        #[serde(default)]
+        stdout: u64,
+        #[serde(default)]
+        stderr: u64,
+    },
     /// Cancel the streamed job (Ctrl-C on the CLI).
     Cancel,
     /// A step of the job's transfer (ship: the client's entries and `end`; fetch: its acks and verdict).
@@ -605,6 +676,12 @@ pub enum AdminEvent {
     },
     /// The job is still queued, for this reason (sent again when the reason changes).
     Waiting { job: String, reason: String },
+    /// The answer to [`AdminRequest::Attach`]: the output that follows on each stream starts at these
+    /// byte positions (the stored output from the client's offsets, then live output). A position past
+    /// the client's offset means the bytes between are gone (the hub keeps only the first
+    /// `max_output_bytes` of each stream); one before it means bytes the client has come again, which it
+    /// skips. The job's state follows as `started`, `waiting` or `ended`.
+    Attached { job: String, stdout: u64, stderr: u64 },
     /// The job ended; every output frame came before this.
     Ended(Box<JobRecord>),
     /// A step of the job's transfer, relayed from the worker.

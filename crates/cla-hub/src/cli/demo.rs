@@ -201,11 +201,16 @@ async fn drive(
         ));
         let t0 = Instant::now();
         let record = admin
-            .exec(&spec, CancellationToken::new(), |ev| match ev {
-                ExecEvent::Stdout(b) => super::print_prefixed("    out| ", &b),
-                ExecEvent::Stderr(b) => super::print_prefixed("    err| ", &b),
-                _ => {}
-            })
+            .exec(
+                &spec,
+                CancellationToken::new(),
+                cla_client::RECONNECT_FOR,
+                |ev| match ev {
+                    ExecEvent::Stdout(b) => super::print_prefixed("    out| ", &b),
+                    ExecEvent::Stderr(b) => super::print_prefixed("    err| ", &b),
+                    _ => {}
+                },
+            )
             .await?;
         let code = super::jobs::exit_code(&record);
         println!(
@@ -242,7 +247,7 @@ async fn drive(
         ..by_tag(shell("true"), None)
     };
     let record = admin
-        .exec(&spec, CancellationToken::new(), |ev| {
+        .exec(&spec, CancellationToken::new(), cla_client::RECONNECT_FOR, |ev| {
             if let ExecEvent::Stdout(b) = ev {
                 super::print_prefixed("    console| ", &b)
             }
@@ -343,7 +348,7 @@ async fn drive(
     );
 
     step("$ cla-hub jobs");
-    for line in super::jobs::table(&admin.jobs(None).await?).lines() {
+    for line in super::jobs::table(&admin.jobs(&Default::default()).await?).lines() {
         println!("    {line}");
     }
     Ok(())

@@ -133,6 +133,10 @@ pub struct ServeArgs {
     /// are marked lost.
     #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=604800))]
     pub lost_after: u64,
+    /// After a restart, seconds a queued job that a client was streaming (`exec`) waits for that client
+    /// to re-attach before it is cancelled; it is not started meanwhile.
+    #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub client_grace: u64,
     /// Seconds a worker has to accept or refuse an offered job before it is offered elsewhere.
     #[arg(long, default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub offer_lease: u64,
@@ -202,8 +206,9 @@ pub struct TargetArgs {
     /// Only on a worker serving this environment.
     #[arg(long, value_name = "ENV")]
     pub env: Option<String>,
-    /// Give up when no matching worker has taken the job within this many seconds (exit 124). Without
-    /// it the job waits in the hub's queue until a matching worker is free or connects.
+    /// Give up when no matching worker has started the job within this many seconds (exit 253). Without
+    /// it the job waits in the hub's queue until a matching worker is free or connects. A target that
+    /// no registered worker has fails at once (exit 252).
     #[arg(long, value_name = "SECS")]
     pub queue_timeout: Option<f64>,
 }
@@ -228,6 +233,10 @@ pub struct ExecArgs {
     /// default it keeps running and its output is delivered when the worker reconnects).
     #[arg(long, value_name = "SECS")]
     pub cancel_after_disconnect: Option<u64>,
+    /// When the connection to the hub drops, keep reconnecting for this many seconds to follow the job
+    /// on; then give up with exit 254, printing how to follow it (the job goes on).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub reconnect_for: u64,
     /// The command: one string runs through the worker's shell, several words run as argv.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,
@@ -287,19 +296,59 @@ pub struct JobsArgs {
     /// Only jobs in this state (queued, running, succeeded, failed, ...).
     #[arg(long)]
     pub state: Option<JobState>,
+    /// Only jobs that ran (or run) on this worker.
+    #[arg(long, value_name = "ID")]
+    pub worker: Option<String>,
+    /// Only jobs created within this long (30m, 2h, 7d) or since this time (2026-12-07T10:00:00Z).
+    #[arg(long, value_name = "AGE|TIME")]
+    pub since: Option<String>,
+    /// At most this many jobs, newest first; 0 lists them all.
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub limit: usize,
+    /// How to print the list: a table, a wide table (times and whole notes), JSON or YAML.
+    #[arg(long, short, value_enum, value_name = "FORMAT")]
+    pub output: Option<Output>,
+    /// Print the table without its header line.
+    #[arg(long)]
+    pub no_headers: bool,
+    /// Print only the job ids, one per line (for scripts: `cla-hub jobs -q --state queued`).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// How a listing is printed (`--output`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Wide,
+    Json,
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
     /// Show a job, with its captured output.
     Show {
+        /// The job id (see `cla-hub jobs`).
         id: String,
         /// Block until the job has ended.
         #[arg(long)]
         wait: bool,
     },
     /// Cancel a job (a running one has its process tree killed).
-    Cancel { id: String },
+    Cancel {
+        /// The job id (see `cla-hub jobs`).
+        id: String,
+    },
+    /// Print a job's output as the hub stored it (stdout to stdout, stderr to stderr); with --follow,
+    /// then its live output until it ends, exiting with its exit code.
+    Logs {
+        /// The job id (see `cla-hub jobs`).
+        id: String,
+        /// Follow a job that is still running, as `exec` would have (reconnecting if the hub restarts).
+        #[arg(short, long)]
+        follow: bool,
+    },
 }
 
 /// Runs the command line.
@@ -320,8 +369,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
 }
 
 async fn execute(args: Args) -> Result<ExitCode> {
-    if !matches!(args.command, Command::Demo) {
-        cla_common::logging::init(args.verbose);
+    // The hub logs at info; an admin command only warns unless asked (-v), so that no log line lands
+    // in a command's output.
+    match args.command {
+        Command::Serve(_) => cla_common::logging::init(args.verbose),
+        Command::Demo => {}
+        _ => cla_common::logging::init_from("warn", args.verbose),
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let trust = cla_common::tls::Trust::from_options(args.pin.as_deref(), args.ca.as_deref())?;
@@ -351,7 +404,8 @@ async fn execute(args: Args) -> Result<ExitCode> {
         }
         Command::Exec(a) => {
             let spec = jobs::exec_spec(&a)?;
-            jobs::exec(&client()?, spec, a.detach, json).await
+            let reconnect_for = Duration::from_secs(a.reconnect_for);
+            jobs::exec(&client()?, spec, a.detach, reconnect_for, json).await
         }
         Command::Eval(a) => {
             let spec = jobs::eval_spec(&a)?;
@@ -372,6 +426,7 @@ async fn serve(a: ServeArgs, data_dir: PathBuf) -> Result<ExitCode> {
     let mut cfg = HubConfig::new(data_dir);
     cfg.heartbeat = Duration::from_secs(a.heartbeat);
     cfg.lost_after = Duration::from_secs(a.lost_after);
+    cfg.client_grace = Duration::from_secs(a.client_grace);
     cfg.offer_lease = Duration::from_secs(a.offer_lease);
     cfg.max_handshakes = a.max_handshakes as usize;
     cfg.register_failures_per_minute = a.register_limit;

@@ -20,9 +20,23 @@ pub fn report(bin: &str, err: &Error) -> ExitCode {
     {
         return ExitCode::Success;
     }
-    eprintln!("{bin}: error: {err}");
+    // The message may quote what a worker said of itself (its tags): shown escaped, on one line.
+    eprintln!(
+        "{bin}: error: {}",
+        cla_common::util::one_line(&err.to_string(), 4000)
+    );
     match err {
         Error::Usage(_) | Error::Client(cla_client::Error::Usage(_)) => ExitCode::Usage,
+        Error::Client(cla_client::Error::HubLost { job, .. }) => {
+            eprintln!(
+                "{bin}: job {job} goes on without this command: `cla-hub job logs {job} --follow` follows it, \
+                 `cla-hub job show {job}` says where it is"
+            );
+            ExitCode::HubLost
+        }
+        Error::Client(e) if matches!(e.api_code(), Some(cla_protocol::api::NO_MATCH | "unknown_worker")) => {
+            ExitCode::NoWorker
+        }
         _ => ExitCode::Failure,
     }
 }

@@ -26,9 +26,11 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Hub, Outbound, Session, State};
+use crate::store::WorkerRecord;
 use cla_common::util::now_rfc3339;
 use cla_protocol::api::{
-    ApiError, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, Target, Task,
+    ApiError, JobQuery, JobRecord, JobSpec, JobState, STDERR_STREAM, STDOUT_STREAM, TRANSFER_STREAM, Target,
+    Task,
 };
 use cla_protocol::{
     Chunk, CommandLine, EvalRequest, ExecRequest, FEATURE_TRANSFER, FetchRequest, Hello, HubMessage,
@@ -46,6 +48,7 @@ mod tests;
 
 use dispatch::{offer, release, requeue_or_cancel};
 use scheduler::queue_timeout;
+pub use streams::Attachment;
 
 /// An error answer of the API: status plus the one-line [`ApiError`].
 #[derive(Debug, Clone)]
@@ -120,6 +123,10 @@ pub(crate) struct LiveJob {
     /// Set while the job's worker is disconnected (the job waits for it to come back): the number of
     /// this disconnect, which its grace timer checks.
     detached: Option<u64>,
+    /// Reloaded after a restart while queued with a client streaming it: not offered until a client
+    /// attaches (that client went with the old process, and may come back), cancelled if none does in
+    /// time ([`crate::HubConfig::client_grace`]).
+    awaiting_client: bool,
 }
 
 impl LiveJob {
@@ -144,6 +151,7 @@ impl LiveJob {
             parked: None,
             queue_deadline,
             detached: None,
+            awaiting_client: false,
         }
     }
 
@@ -308,15 +316,7 @@ impl Hub {
                  (the exec stream), not a detached job",
             ));
         }
-        if let Some(w) = &spec.target.worker
-            && self.store.worker(w)?.is_none()
-        {
-            return Err(ApiFail::new(
-                StatusCode::NOT_FOUND,
-                "unknown_worker",
-                format!("no worker `{w}` is registered: see `cla-hub workers` for the ids"),
-            ));
-        }
+        self.check_target(&spec.target)?;
         let mut record = JobRecord::queued(new_job_id(), spec, now_rfc3339());
         record.streamed = subscriber.is_some();
         // The rest runs as its own task: a caller dropped half-way (an HTTP client that left) must not
@@ -336,6 +336,29 @@ impl Hub {
         })
         .await
         .map_err(|e| ApiFail::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    }
+
+    /// Refuses a target that no registered worker can match (an unknown id, a tag or env no worker
+    /// has): such a job would wait for ever. A connected matching worker settles it without reading the
+    /// store; otherwise every registered worker is read, as last written (a worker registered a moment
+    /// ago counts).
+    fn check_target(&self, target: &Target) -> Result<(), ApiFail> {
+        if self
+            .state()
+            .sessions
+            .values()
+            .any(|s| scheduler::on_target(target, &s.id, &s.hello))
+        {
+            return Ok(());
+        }
+        let workers = self.store.workers()?;
+        scheduler::check_registered(target, &workers).map_err(|why| {
+            let code = match &target.worker {
+                Some(w) if !workers.iter().any(|r| &r.id == w) => "unknown_worker",
+                _ => cla_protocol::api::NO_MATCH,
+            };
+            ApiFail::new(StatusCode::NOT_FOUND, code, why)
+        })
     }
 
     /// Puts a new job in the queue and dispatches. Returns the job as it is then, and a future that
@@ -433,8 +456,24 @@ impl Hub {
             .ok_or_else(|| unknown_job(id))
     }
 
-    /// Every job, oldest first, optionally only those in `state`; live jobs show their current output.
-    pub fn jobs(&self, state: Option<JobState>) -> Result<Vec<JobRecord>, ApiFail> {
+    /// Jobs, newest first, filtered by `q` (state, worker, created since, at most `limit`); live jobs
+    /// show their current output.
+    pub fn jobs(&self, q: &JobQuery) -> Result<Vec<JobRecord>, ApiFail> {
+        let state = q
+            .state
+            .as_deref()
+            .map(str::parse::<JobState>)
+            .transpose()
+            .map_err(|m| ApiFail::new(StatusCode::BAD_REQUEST, "bad_request", m))?;
+        if let Some(since) = &q.since {
+            humantime::parse_rfc3339(since).map_err(|_| {
+                ApiFail::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("`since` must be an RFC 3339 time like 2026-12-07T10:00:00Z, not `{since}`"),
+                )
+            })?;
+        }
         let mut all = self.store.jobs()?;
         {
             let st = self.state();
@@ -444,8 +483,54 @@ impl Hub {
                 }
             }
         }
-        all.retain(|r| state.is_none_or(|s| r.state == s));
+        // Timestamps are all RFC 3339 UTC to the second, so they compare as strings.
+        let since = q.since.as_deref().map(|s| {
+            humantime::format_rfc3339_seconds(humantime::parse_rfc3339(s).expect("checked above")).to_string()
+        });
+        all.retain(|r| {
+            state.is_none_or(|s| r.state == s)
+                && q.worker.as_ref().is_none_or(|w| r.worker.as_ref() == Some(w))
+                && since.as_ref().is_none_or(|t| r.created.as_str() >= t.as_str())
+        });
+        all.reverse();
+        if let Some(n) = q.limit.filter(|n| *n > 0) {
+            all.truncate(n);
+        }
         Ok(all)
+    }
+
+    /// The full id of the job `id` names: itself, or the one job whose id starts with it (at least 6
+    /// characters, as git takes abbreviated hashes). Several matches are an error that lists them.
+    pub fn resolve_job(&self, id: &str) -> Result<String, ApiFail> {
+        if self.state().jobs.contains_key(id) || self.store.job(id)?.is_some() {
+            return Ok(id.to_owned());
+        }
+        if id.len() < MIN_PREFIX {
+            return Err(unknown_job(id));
+        }
+        let mut found: std::collections::BTreeSet<String> = self
+            .state()
+            .jobs
+            .keys()
+            .filter(|k| k.starts_with(id))
+            .take(6)
+            .cloned()
+            .collect();
+        found.extend(self.store.job_ids_with_prefix(id, 6)?);
+        let found: Vec<String> = found.into_iter().collect();
+        match found.as_slice() {
+            [] => Err(unknown_job(id)),
+            [one] => Ok(one.clone()),
+            many => Err(ApiFail::new(
+                StatusCode::BAD_REQUEST,
+                "ambiguous",
+                format!(
+                    "`{id}` is the start of several job ids ({}{}): give more of it",
+                    many.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                    if many.len() > 5 { ", ..." } else { "" }
+                ),
+            )),
+        }
     }
 
     /// Stores a job's state without waiting for the write (it is committed in order, and its failure
@@ -490,6 +575,9 @@ impl Hub {
         tell.await.unwrap_or(false)
     }
 }
+
+/// The shortest job id prefix [`Hub::resolve_job`] takes.
+const MIN_PREFIX: usize = 6;
 
 fn unknown_job(id: &str) -> ApiFail {
     ApiFail::new(

@@ -296,13 +296,44 @@ impl Hub {
         }
     }
 
+    /// A reloaded streamed job not re-attached by its client within the grace is cancelled: nobody is
+    /// there to want it.
+    fn client_grace_timer(&self, job: String) {
+        let (hub, grace) = (self.me.clone(), self.cfg.client_grace);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(hub) = hub.upgrade() else { return };
+            let ended = {
+                let mut guard = hub.state();
+                let st = &mut *guard;
+                if st.jobs.get(&job).is_none_or(|j| !j.awaiting_client) {
+                    return;
+                }
+                st.queue.retain(|q| q != &job);
+                end_job(st, &job, |r| {
+                    r.state = JobState::Cancelled;
+                    r.error = Some(format!(
+                        "cancelled before it started: the hub restarted, and the client streaming it did not come back within {}s",
+                        grace.as_secs()
+                    ));
+                })
+            };
+            if let Some(e) = ended {
+                tracing::info!(job = %job, "queued job cancelled: its client did not re-attach after the restart");
+                hub.deliver(e).await;
+            }
+        });
+    }
+
     /// Loads the jobs a previous hub process left unfinished (called at start-up, before anything
-    /// connects). Queued ones wait in the queue again — except those a client was streaming: that client
-    /// went with the old process, so they are cancelled. Jobs offered to, or taken by, a worker wait for
+    /// connects). Queued ones wait in the queue again; those a client was streaming wait for that client
+    /// to re-attach first (it went with the old process, and comes back if it can), and are cancelled if
+    /// it does not within [`crate::HubConfig::client_grace`]. Jobs offered to, or taken by, a worker wait for
     /// it to reconnect and resume them (see [`Hub::resume_jobs`]), or end `lost` after `lost_after`.
     /// Transfers in flight are lost: their client went with the old process.
     pub(crate) async fn reload(&self) -> Result<(), crate::store::StoreError> {
         let mut detached = Vec::new();
+        let mut awaiting = Vec::new();
         let mut ended = Vec::new();
         let (mut queued, mut waiting) = (0, 0);
         for mut r in self.store.jobs()?.into_iter().filter(|r| !r.state.is_terminal()) {
@@ -323,15 +354,20 @@ impl Hub {
                 continue;
             }
             if r.state == JobState::Queued || r.worker.is_none() {
-                if r.streamed {
-                    let why = "cancelled before it started: the hub restarted, and the client streaming it went with it".to_owned();
-                    stop(&mut r, JobState::Cancelled, why);
-                    ended.push(r);
-                    continue;
-                }
                 r.state = JobState::Queued;
                 r.worker = None;
-                let live = LiveJob::new(r, None);
+                let streamed = r.streamed;
+                if streamed {
+                    r.waiting = Some(format!(
+                        "the hub restarted: waiting up to {}s for the client streaming it to re-attach",
+                        self.cfg.client_grace.as_secs()
+                    ));
+                }
+                let mut live = LiveJob::new(r, None);
+                live.awaiting_client = streamed;
+                if streamed {
+                    awaiting.push(id.clone());
+                }
                 let deadline = live.queue_deadline;
                 {
                     let mut st = self.state();
@@ -355,6 +391,9 @@ impl Hub {
         }
         for (job, epoch) in detached {
             self.grace_timer(job, epoch);
+        }
+        for job in awaiting {
+            self.client_grace_timer(job);
         }
         if queued + waiting + ended.len() > 0 {
             tracing::warn!(

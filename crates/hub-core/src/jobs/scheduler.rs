@@ -20,9 +20,117 @@ pub(super) fn knows(spec: &JobSpec, hello: &Hello) -> bool {
     !spec.task.is_transfer() || hello.features.iter().any(|f| f == FEATURE_TRANSFER)
 }
 
-/// Why a queued job is still waiting, for `jobs` and the waiting client: it is worth saying whether
-/// no worker could take it at all or the ones that could are busy.
-pub(super) fn why_waiting(job: &LiveJob, sessions: &HashMap<String, Session>) -> String {
+/// At most this many workers are named in a waiting reason or a refusal; the rest are counted.
+const NAMED: usize = 5;
+
+/// `a, b, c and 4 more`: the first [`NAMED`] items of a list, and how many more there are.
+fn named(items: &[String]) -> String {
+    let mut s = items.iter().take(NAMED).cloned().collect::<Vec<_>>().join(", ");
+    if items.len() > NAMED {
+        s.push_str(&format!(" and {} more", items.len() - NAMED));
+    }
+    s
+}
+
+/// The distinct values in use across workers (tags or envs), sorted, for a refusal: at most 20, then a
+/// count.
+fn in_use<'a>(values: impl Iterator<Item = &'a String>) -> String {
+    let all: std::collections::BTreeSet<&String> = values.collect();
+    if all.is_empty() {
+        return "none".into();
+    }
+    let mut s = all
+        .iter()
+        .take(20)
+        .map(|v| v.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if all.len() > 20 {
+        s.push_str(&format!(" and {} more", all.len() - 20));
+    }
+    s
+}
+
+/// True when the registered worker `w` matches the target by what it last said of itself (its tags
+/// and envs as of its last `hello` or `update`), connected or not.
+pub(super) fn record_on_target(target: &Target, w: &WorkerRecord) -> bool {
+    target.worker.as_deref().is_none_or(|id| id == w.id)
+        && target.tags.iter().all(|t| w.tags.contains(t))
+        && target.env.as_ref().is_none_or(|e| w.envs.contains(e))
+}
+
+/// Whether any registered worker could ever take a job for `target`; if none can, the refusal names
+/// what exists, so a typo or a tag no worker has fails at once instead of waiting for ever.
+pub(super) fn check_registered(target: &Target, workers: &[WorkerRecord]) -> Result<(), String> {
+    if workers.iter().any(|w| record_on_target(target, w)) {
+        return Ok(());
+    }
+    if let Some(id) = &target.worker {
+        let Some(w) = workers.iter().find(|w| &w.id == id) else {
+            return Err(format!(
+                "no worker `{id}` is registered: see `cla-hub workers` for the ids"
+            ));
+        };
+        let missing: Vec<&str> = target
+            .tags
+            .iter()
+            .filter(|t| !w.tags.contains(t))
+            .map(String::as_str)
+            .collect();
+        let mut why = Vec::new();
+        if !missing.is_empty() {
+            why.push(format!(
+                "does not have tags [{}] (its tags: {})",
+                missing.join(", "),
+                in_use(w.tags.iter())
+            ));
+        }
+        if let Some(env) = target.env.as_ref().filter(|e| !w.envs.contains(e)) {
+            why.push(format!(
+                "is not in env {env} (its envs: {})",
+                in_use(w.envs.iter())
+            ));
+        }
+        return Err(format!("worker {id} {}", why.join(" and ")));
+    }
+    if workers.is_empty() {
+        return Err(
+            "no worker is registered yet: register one with `cla-worker register --url URL --passkey KEY`"
+                .into(),
+        );
+    }
+    let mut wanted = Vec::new();
+    if !target.tags.is_empty() {
+        let all = if target.tags.len() > 1 { "all of " } else { "" };
+        wanted.push(format!("{all}tags [{}]", target.tags.join(", ")));
+    }
+    if let Some(env) = &target.env {
+        wanted.push(format!("env {env}"));
+    }
+    let mut msg = format!("no registered worker has {}", wanted.join(" and "));
+    if !target.tags.is_empty() {
+        msg.push_str(&format!(
+            "; tags in use: {}",
+            in_use(workers.iter().flat_map(|w| &w.tags))
+        ));
+    }
+    if target.env.is_some() {
+        msg.push_str(&format!(
+            "; envs in use: {}",
+            in_use(workers.iter().flat_map(|w| &w.envs))
+        ));
+    }
+    Err(msg)
+}
+
+/// Why a queued job is still waiting, for `jobs` and the waiting client: whether the workers that
+/// could take it are offline, too old, draining, disabled or busy, naming them. `registered` gives
+/// the registered workers (asked for only when no connected worker matches).
+pub(super) fn why_waiting(
+    job: &LiveJob,
+    sessions: &HashMap<String, Session>,
+    registered: &dyn Fn() -> Arc<Vec<WorkerRecord>>,
+) -> String {
     let spec = &job.record.spec;
     let target = spec.target.describe();
     let on: Vec<&Session> = sessions
@@ -30,9 +138,22 @@ pub(super) fn why_waiting(job: &LiveJob, sessions: &HashMap<String, Session>) ->
         .filter(|s| on_target(&spec.target, &s.id, &s.hello))
         .collect();
     if on.is_empty() {
-        return match &spec.target.worker {
-            Some(w) if !sessions.contains_key(w) => format!("worker {w} is not connected"),
-            _ => format!("no connected worker matches {target}"),
+        let offline: Vec<String> = registered()
+            .iter()
+            .filter(|w| record_on_target(&spec.target, w))
+            .map(|w| match &w.last_seen {
+                Some(seen) => format!("{} (last seen {seen})", w.id),
+                None => format!("{} (never connected)", w.id),
+            })
+            .collect();
+        return match offline.as_slice() {
+            [] => format!("no registered worker matches {target}"),
+            [one] => format!("{one} is offline"),
+            _ => format!(
+                "the {} matching workers are offline: {}",
+                offline.len(),
+                named(&offline)
+            ),
         };
     }
     let able: Vec<&Session> = on.into_iter().filter(|s| knows(spec, &s.hello)).collect();
@@ -42,13 +163,27 @@ pub(super) fn why_waiting(job: &LiveJob, sessions: &HashMap<String, Session>) ->
             spec.task.verb()
         );
     }
-    let n = able.len();
+    let closed: Vec<String> = able
+        .iter()
+        .filter_map(|s| {
+            let state = if s.disabled {
+                "is disabled (`cla-hub worker enable` it)"
+            } else if s.draining {
+                "is draining"
+            } else if job.refused_by.contains(&s.session) {
+                "refused the job"
+            } else {
+                return None;
+            };
+            Some(format!("{} {state}", s.id))
+        })
+        .collect();
     let open: Vec<&Session> = able
         .into_iter()
         .filter(|s| !s.draining && !s.disabled && !job.refused_by.contains(&s.session))
         .collect();
     if open.is_empty() {
-        return format!("the {n} matching worker(s) are draining, disabled, or refused the job");
+        return named(&closed);
     }
     if spec.task.is_transfer() {
         let limit = cla_transfer::MAX_CONCURRENT;
@@ -67,7 +202,13 @@ pub(super) fn why_waiting(job: &LiveJob, sessions: &HashMap<String, Session>) ->
             one.exec_running(),
             one.hello.capacity
         ),
-        _ => format!("all {} matching workers busy", open.len()),
+        _ => {
+            let busy: Vec<String> = open
+                .iter()
+                .map(|s| format!("{} {}/{}", s.id, s.exec_running(), s.hello.capacity))
+                .collect();
+            format!("all {} matching workers are busy ({})", open.len(), named(&busy))
+        }
     }
 }
 
@@ -105,6 +246,13 @@ impl Hub {
         }
     }
 
+    /// Runs a dispatch pass as its own task (from code that cannot wait for one).
+    pub(super) fn dispatch_soon(&self) {
+        if let Some(hub) = self.me.upgrade() {
+            tokio::spawn(async move { hub.dispatch().await });
+        }
+    }
+
     /// Offers queued jobs, oldest first, to matching workers with a free slot (least loaded first).
     pub(crate) async fn dispatch(&self) {
         let dispatched = self.dispatch_locked(&mut self.state());
@@ -129,6 +277,10 @@ impl Hub {
                 if job.record.state != JobState::Queued {
                     continue;
                 }
+                if job.awaiting_client {
+                    waiting.push_back(job_id);
+                    continue;
+                }
                 let transfer = job.record.spec.task.is_transfer();
                 let pick = sessions
                     .values_mut()
@@ -146,7 +298,7 @@ impl Hub {
                     })
                     .min_by_key(|s| s.running.len());
                 let Some(session) = pick else {
-                    let why = why_waiting(job, sessions);
+                    let why = why_waiting(job, sessions, &|| self.registered());
                     if job.record.waiting.as_ref() != Some(&why) {
                         told.push((job.live_subscribers(), why.clone()));
                         job.record.waiting = Some(why);
@@ -192,6 +344,7 @@ pub(super) fn queue_timeout(r: &mut JobRecord) {
     let why = r.waiting.take().unwrap_or_else(|| "no worker took it".into());
     let secs = r.spec.target.queue_timeout_secs.unwrap_or_default();
     r.state = JobState::TimedOut;
+    r.error_code = Some(cla_protocol::api::QUEUE_TIMEOUT.into());
     r.error = Some(format!(
         "was not started within its queue timeout of {secs}s: {why}; check `cla-hub workers` and the \
          target's tags/env"

@@ -3,7 +3,139 @@
 
 use super::*;
 
+/// What a client attaching to a job ([`Hub::attach`]) is sent before the live events.
+pub struct Attachment {
+    /// Where the output that follows starts, per stream ([`AdminEvent::Attached`](cla_protocol::api::AdminEvent)).
+    pub stdout_from: u64,
+    pub stderr_from: u64,
+    /// Kept output from those positions on: `(stream, bytes)`.
+    pub replay: Vec<(u64, Bytes)>,
+    /// Where the job is now.
+    pub now: JobEvent,
+}
+
+/// What to replay of one stream for a client that has `have` bytes of it: `(from, bytes)`. The hub has
+/// received `total` bytes and keeps `kept` (the first bytes, up to its cap). Only a whole kept stream
+/// replays, so that what follows `from` is contiguous; otherwise the client gets the live bytes from
+/// `total` on and learns of the gap from `from`.
+fn replay_from(kept: &[u8], total: u64, have: u64) -> (u64, Option<Bytes>) {
+    if have < total && kept.len() as u64 == total {
+        let bytes = Bytes::copy_from_slice(&kept[have as usize..]);
+        return (have, Some(bytes));
+    }
+    (total, None)
+}
+
+/// [`replay_from`] for both streams of a job.
+fn replay_both(r: &JobRecord, out: &[u8], err: &[u8], have: (u64, u64)) -> ((u64, u64), Vec<(u64, Bytes)>) {
+    let (out_from, out) = replay_from(out, r.stdout_bytes, have.0);
+    let (err_from, err) = replay_from(err, r.stderr_bytes, have.1);
+    let replay = [(STDOUT_STREAM, out), (STDERR_STREAM, err)]
+        .into_iter()
+        .filter_map(|(s, b)| b.map(|b| (s, b)))
+        .collect();
+    ((out_from, err_from), replay)
+}
+
+/// Ship and fetch cannot be attached to.
+fn refuse_transfer(r: &JobRecord) -> Result<(), ApiFail> {
+    if !r.spec.task.is_transfer() {
+        return Ok(());
+    }
+    Err(ApiFail::new(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        format!(
+            "job {} is a {}: its files move through the client that started it, so it cannot be followed; see `cla-hub job show {}`",
+            r.id,
+            r.spec.task.verb(),
+            r.id
+        ),
+    ))
+}
+
 impl Hub {
+    /// Attaches a client to a job it did not create (or lost the stream of): what it has missed from its
+    /// offsets on, then the job's live events through `tx`. A job that has ended gets its stored output
+    /// and its end. Ship and fetch cannot be attached (their data goes through the client that started
+    /// them).
+    pub async fn attach(
+        &self,
+        id: &str,
+        have: (u64, u64),
+        tx: mpsc::Sender<JobEvent>,
+    ) -> Result<Attachment, ApiFail> {
+        // A job that just ended leaves memory a moment before its end is written: the store then still
+        // shows it running, and a short wait sees the end (bounded: 100 tries of 10 ms).
+        for _ in 0..100 {
+            if let Some(found) = self.attach_live(id, have, &tx) {
+                return found;
+            }
+            let r = self.store.job(id)?.ok_or_else(|| unknown_job(id))?;
+            if r.state.is_terminal() {
+                refuse_transfer(&r)?;
+                let kept = (r.stdout.clone().into_bytes(), r.stderr.clone().into_bytes());
+                let (from, replay) = replay_both(&r, &kept.0, &kept.1, have);
+                return Ok(Attachment {
+                    stdout_from: from.0,
+                    stderr_from: from.1,
+                    replay,
+                    now: JobEvent::Ended(Box::new(r)),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(ApiFail::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("job {id} is neither live nor ended in the store: try again"),
+        ))
+    }
+
+    /// [`Hub::attach`] for a job in memory (`None` if it is not): subscribes `tx` under the state lock,
+    /// so that the replay and the live events neither overlap nor leave a hole.
+    fn attach_live(
+        &self,
+        id: &str,
+        have: (u64, u64),
+        tx: &mpsc::Sender<JobEvent>,
+    ) -> Option<Result<Attachment, ApiFail>> {
+        let mut guard = self.state();
+        let j = guard.jobs.get_mut(id)?;
+        if let Err(e) = refuse_transfer(&j.record) {
+            return Some(Err(e));
+        }
+        let (from, replay) = replay_both(&j.record, &j.stdout, &j.stderr, have);
+        j.subscribers.push(tx.clone());
+        let released = std::mem::take(&mut j.awaiting_client);
+        if released {
+            j.record.waiting = None;
+        }
+        let now = match (&j.record.worker, j.record.state) {
+            (Some(w), JobState::Running | JobState::Accepted) => JobEvent::Started {
+                worker: w.clone(),
+                stream: None,
+            },
+            _ => JobEvent::Waiting(
+                j.record
+                    .waiting
+                    .clone()
+                    .unwrap_or_else(|| format!("the job is {}", j.record.state.as_str())),
+            ),
+        };
+        drop(guard);
+        if released {
+            // Its client is back: it may be offered now.
+            self.dispatch_soon();
+        }
+        Some(Ok(Attachment {
+            stdout_from: from.0,
+            stderr_from: from.1,
+            replay,
+            now,
+        }))
+    }
+
     /// A binary frame of `worker`'s session: output of a job (kept up to the cap and streamed), or a
     /// fetch's file data (relayed as it is).
     pub(crate) async fn job_output(&self, worker: &str, chunk: Chunk) {

@@ -415,6 +415,28 @@ impl Store for RedbStore {
         }
         Ok(all.into_values().collect())
     }
+
+    fn job_ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let (queued, tx) = self.snapshot()?;
+        let t = tx.open_table(JOBS).map_err(db_err)?;
+        let mut ids = std::collections::BTreeSet::new();
+        // Keys sort as strings, so the ones with the prefix are one range from it on.
+        for item in t.range(prefix..).map_err(db_err)? {
+            let (k, _) = item.map_err(db_err)?;
+            let key = k.value();
+            if !key.starts_with(prefix) || ids.len() >= limit {
+                break;
+            }
+            ids.insert(key.to_owned());
+        }
+        ids.extend(
+            queued
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| k.starts_with(prefix)),
+        );
+        Ok(ids.into_iter().take(limit).collect())
+    }
 }
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {

@@ -155,6 +155,9 @@ pub trait Store: Send + Sync {
 
     /// Every job as last written, oldest first (job ids sort by creation time).
     fn jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// The ids of jobs that start with `prefix`, at most `limit` of them, in order.
+    fn job_ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError>;
 }
 
 impl dyn Store {

@@ -111,7 +111,7 @@ impl<'a> Runner<'a> {
         let reporter = &mut *self.reporter;
         let record = self
             .client
-            .exec(&spec, self.cancel.clone(), |ev| {
+            .exec(&spec, self.cancel.clone(), cla_client::RECONNECT_FOR, |ev| {
                 if let ExecEvent::Stdout(b) | ExecEvent::Stderr(b) = &ev {
                     keep(&mut combined, b);
                 }
@@ -165,7 +165,9 @@ impl<'a> Runner<'a> {
         let reporter = &mut *self.reporter;
         let record = self
             .client
-            .exec(&spec, self.cancel.clone(), |ev| relay(reporter, ev))
+            .exec(&spec, self.cancel.clone(), cla_client::RECONNECT_FOR, |ev| {
+                relay(reporter, ev)
+            })
             .await
             .map_err(|e| e.to_string())?;
         let Some(out) = &record.eval else {
@@ -280,6 +282,17 @@ pub(super) fn relay(reporter: &mut dyn Reporter, ev: ExecEvent) {
         ExecEvent::Stderr(b) => reporter.output(&b, true),
         ExecEvent::Waiting(why) => reporter.waiting(&why),
         ExecEvent::Started { worker, .. } => reporter.started(&worker),
+        ExecEvent::Reconnecting { why, attempt, .. } => {
+            reporter.waiting(&format!("lost the hub ({why}); reconnecting, attempt {attempt}"))
+        }
+        ExecEvent::Missing { stream, bytes } => reporter.waiting(&format!(
+            "{bytes} bytes of {} sent while the hub was away are missing here (over its output cap)",
+            if stream == cla_protocol::api::STDOUT_STREAM {
+                "stdout"
+            } else {
+                "stderr"
+            }
+        )),
         ExecEvent::Created(_) => {}
     }
 }
@@ -304,7 +317,7 @@ pub(super) fn failure(r: &JobRecord, cancelling: bool) -> Option<String> {
             ),
             None => why,
         }),
-        JobState::TimedOut if r.started.is_none() => Some(why),
+        JobState::TimedOut if r.timed_out_in_queue() => Some(why),
         JobState::TimedOut => Some(format!("timed out ({why})")),
         JobState::Cancelled if cancelling => Some("cancelled".into()),
         _ => Some(format!("{}: {why}", r.state.as_str())),
