@@ -285,3 +285,80 @@ fn jobs_filter_newest_first_and_ids_are_taken_by_unique_prefix() {
     let o = hub.run(&["job", "show", "abc"]);
     assert!(stderr(&o).contains("no job abc"), "{}", stderr(&o));
 }
+
+#[test]
+fn connection_mistakes_say_what_to_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = Hub::start(&dir.path().join("plain"));
+    let tls = Hub::start_with(&dir.path().join("tls"), "127.0.0.1:0", &["--tls"]);
+    let token = plain.admin_token();
+    let free = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let wrong_https = format!("https://{}", plain.addr);
+    let wrong_http = format!("http://{}", tls.addr);
+    let cases = [
+        (
+            wrong_https,
+            format!(
+                "the hub does not speak TLS there (plain HTTP): use http://{} instead",
+                plain.addr
+            ),
+        ),
+        (
+            wrong_http.clone(),
+            format!("if the hub serves TLS (`serve --tls`), use https://{}", tls.addr),
+        ),
+        (
+            format!("http://{}/cla", plain.addr),
+            "has a path: the hub serves at the root".to_owned(),
+        ),
+        (
+            format!("http://127.0.0.1:{free}"),
+            "nothing is listening there: is the hub running".to_owned(),
+        ),
+    ];
+    for (url, want) in &cases {
+        // The worker registering, and an admin command (its exec stream too, for the plain cases).
+        let o = Command::new(WORKER)
+            .current_dir(dir.path())
+            .env("HOME", dir.path())
+            .args(["register", "--url", url, "--passkey", "x", "--id", "w1"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains(want.as_str()),
+            "register {url}: {}",
+            stderr(&o)
+        );
+        assert_eq!(stderr(&o).lines().count(), 1, "one line: {}", stderr(&o));
+        if url.starts_with("https") {
+            continue; // An admin command refuses an untrusted https hub before it connects.
+        }
+        for args in [&["workers"][..], &["exec", "--tags", "x", "--", "true"][..]] {
+            let o = Command::new(HUB)
+                .args([
+                    "--data-dir",
+                    dir.path().join("none").to_str().unwrap(),
+                    "--hub",
+                    url,
+                ])
+                .args(args)
+                .env("CLA_HUB_TOKEN", &token)
+                .output()
+                .unwrap();
+            assert!(
+                stderr(&o).contains(want.as_str()),
+                "{args:?} {url}: {}",
+                stderr(&o)
+            );
+            assert!(
+                !stderr(&o).contains("/api/v1"),
+                "no internal path: {}",
+                stderr(&o)
+            );
+        }
+    }
+}

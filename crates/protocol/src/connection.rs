@@ -138,9 +138,11 @@ impl Connection {
         identity: Option<&ClientIdentity>,
     ) -> Result<Connection, ProtocolError> {
         let ws_url = to_ws_url(url);
+        // Errors name the hub (scheme, host and port), not the API path behind it.
+        let base = base_of(url);
         let connect_err = |reason: String| ProtocolError::Connect {
-            url: url.to_owned(),
-            reason,
+            url: base.clone(),
+            reason: explain(&base, &reason),
         };
         let mut request = ws_url
             .as_str()
@@ -192,7 +194,7 @@ impl Connection {
                 .await
                 .map_err(|e| match e {
                     WsError::Http(resp) => ProtocolError::Refused {
-                        url: url.to_owned(),
+                        url: base.clone(),
                         status: resp.status().as_u16(),
                         body: resp
                             .body()
@@ -316,6 +318,55 @@ pub fn to_ws_url(url: &str) -> String {
     } else {
         url.to_owned()
     }
+}
+
+/// `scheme://host:port` of a URL, without the path.
+pub fn base_of(url: &str) -> String {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(i) => url[..after_scheme + i].to_owned(),
+        None => url.to_owned(),
+    }
+}
+
+/// A connection failure's raw `reason` as something a person can act on: the usual mistakes (the wrong
+/// scheme for the hub, nothing listening, a host name that does not resolve) get what to type; the
+/// rest is kept as it is.
+pub fn explain(base: &str, reason: &str) -> String {
+    let https = base.starts_with("https://") || base.starts_with("wss://");
+    let flip = |from: &str, to: &str| base.replacen(from, to, 1);
+    let r = reason.to_ascii_lowercase();
+    if https
+        && (r.contains("invalidcontenttype")
+            || r.contains("corrupt message")
+            || r.contains("wrong version number"))
+    {
+        return format!(
+            "the hub does not speak TLS there (plain HTTP): use {} instead",
+            flip("https://", "http://")
+        );
+    }
+    if !https
+        && (r.contains("invalid http version")
+            || r.contains("httparse")
+            || r.contains("invalid status")
+            || r.contains("connection reset"))
+    {
+        return format!(
+            "no plain-HTTP answer there ({reason}); if the hub serves TLS (`serve --tls`), use {}",
+            flip("http://", "https://")
+        );
+    }
+    if r.contains("connection refused") {
+        return "nothing is listening there: is the hub running (`cla-hub serve`), and are the host and port right?".into();
+    }
+    if r.contains("failed to lookup address")
+        || r.contains("name or service not known")
+        || r.contains("no such host")
+    {
+        return "the host name does not resolve: check the URL's host".into();
+    }
+    reason.to_owned()
 }
 
 /// The human text of an [`super::api::ApiError`] body, or the body itself.

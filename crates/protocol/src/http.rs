@@ -22,6 +22,8 @@ use cla_common::tls::{ClientIdentity, TlsError, Trust};
 pub enum HttpError {
     #[error("bad hub URL `{0}`: use http://HOST:PORT or https://HOST:PORT")]
     BadUrl(String),
+    #[error("hub URL `{0}` has a path: the hub serves at the root, so use http(s)://HOST:PORT alone")]
+    UrlWithPath(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot reach the hub at {url}: {reason}")]
@@ -79,8 +81,16 @@ impl HttpClient {
     ) -> Result<HttpClient, HttpError> {
         let base = base.trim_end_matches('/').to_owned();
         let https = base.starts_with("https://");
-        if !(https || base.starts_with("http://")) || base.parse::<hyper::Uri>().is_err() {
+        if !(https || base.starts_with("http://")) {
             return Err(HttpError::BadUrl(base));
+        }
+        match base.parse::<hyper::Uri>() {
+            Err(_) => return Err(HttpError::BadUrl(base)),
+            // The API lives at the root: a path (`http://hub:8780/cla`) would only give 404s.
+            Ok(uri) if !matches!(uri.path(), "" | "/") || uri.query().is_some() => {
+                return Err(HttpError::UrlWithPath(base));
+            }
+            Ok(_) => {}
         }
         // A plain URL never uses the TLS side; it still needs a config, one that trusts nothing.
         let tls = match https {
@@ -181,7 +191,7 @@ impl HttpClient {
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| HttpError::Connect {
                 url: self.base.clone(),
-                reason: connect_reason(&e),
+                reason: crate::connection::explain(&self.base, &connect_reason(&e)),
             })?;
             let status = resp.status();
             let bytes = resp
