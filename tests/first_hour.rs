@@ -362,3 +362,89 @@ fn connection_mistakes_say_what_to_type() {
         }
     }
 }
+
+#[test]
+fn every_hub_subcommand_has_examples_and_every_man_page_it_references_exists() {
+    let help = |args: &[&str]| -> String {
+        let o = Command::new(HUB).args(args).arg("--help").output().unwrap();
+        assert!(o.status.success(), "{args:?}");
+        stdout(&o)
+    };
+    let top = help(&[]);
+    for code in ["124", "252", "253", "254", "255"] {
+        assert!(
+            top.contains(&format!("  {code} ")),
+            "exit code {code} in --help:\n{top}"
+        );
+    }
+    let subcommands: &[&[&str]] = &[
+        &["serve"],
+        &["passkey", "create"],
+        &["passkey", "list"],
+        &["passkey", "revoke"],
+        &["workers"],
+        &["worker"],
+        &["exec"],
+        &["eval"],
+        &["ship"],
+        &["fetch"],
+        &["jobs"],
+        &["job", "show"],
+        &["job", "cancel"],
+        &["job", "logs"],
+        &["run"],
+        &["demo"],
+        &["completions"],
+        &["man"],
+    ];
+    for sub in subcommands {
+        let text = help(sub);
+        assert!(
+            text.contains("Example"),
+            "`cla-hub {} --help` has no examples:\n{text}",
+            sub.join(" ")
+        );
+    }
+    // Positional arguments are described.
+    for sub in [
+        &["job", "show"][..],
+        &["job", "cancel"],
+        &["job", "logs"],
+        &["passkey", "revoke"],
+    ] {
+        let text = help(sub);
+        let args = text
+            .split("Arguments:")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{sub:?}: {text}"));
+        let first = args.lines().nth(1).unwrap();
+        assert!(
+            first.split_whitespace().count() > 1,
+            "{sub:?} argument undescribed: {first}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(HUB)
+        .args(["man", "--dir", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut pages = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        pages += 1;
+        for part in text.split("cla\\-hub\\-").skip(1) {
+            let Some((name, _)) = part.split_once("(1)") else {
+                continue;
+            };
+            let file = format!("cla-hub-{}.1", name.replace("\\-", "-"));
+            assert!(
+                dir.path().join(&file).exists(),
+                "a page refers to {file}, which is not there"
+            );
+        }
+    }
+    assert!(pages > 15, "{pages} pages");
+    let o = Command::new(HUB).args(["completions", "bash"]).output().unwrap();
+    assert!(stdout(&o).contains("cla-hub"), "{}", stderr(&o));
+}

@@ -18,7 +18,7 @@ use cla_protocol::api::{JobState, WorkerAction};
 
 /// cla-hub: the server cla-workers connect to, and its admin commands.
 #[derive(Debug, Parser)]
-#[command(name = "cla-hub", version, about, propagate_version = true)]
+#[command(name = "cla-hub", version, about, propagate_version = true, after_help = EXIT_CODES)]
 pub struct Args {
     /// Where the hub keeps its store and hub.json (default: the platform data dir, e.g. ~/.local/share/cla-hub).
     #[arg(long, global = true, env = "CLA_HUB_DATA_DIR", value_name = "DIR")]
@@ -51,17 +51,41 @@ pub struct Args {
     pub command: Command,
 }
 
+/// The exit codes, for `--help` (docs/operations.md has the same table).
+pub const EXIT_CODES: &str = "\
+Exit codes of the job commands (exec, eval, ship, fetch, run, job show --wait, job logs --follow):
+  0        the job succeeded
+  1-123    the remote command's own exit status (exec), or an error cla-hub printed (1)
+  2        the command line could not be used
+  124      the job hit its --timeout (its process tree was killed)
+  130      cancelled (Ctrl-C, `cla-hub job cancel`)
+  252      no registered worker can match the target (unknown id, tags or env): nothing was queued
+  253      no worker started the job within --queue-timeout
+  254      lost the connection to the hub and could not get it back (--reconnect-for); the job goes on
+  255      the command could not be run on the worker, or the job was lost";
+
 /// The verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the hub.
+    #[command(after_help = "Examples:
+  cla-hub serve                                    # 127.0.0.1:8780, plain HTTP, for this machine
+  cla-hub serve --tls --listen 0.0.0.0:8780        # over the network: TLS, a self-signed certificate kept
+  cla-hub serve --listen 0.0.0.0:8780 --cert hub.crt --key hub.key   # your own certificate")]
     Serve(ServeArgs),
     /// Manage project passkeys (what workers register with).
     #[command(subcommand)]
     Passkey(PasskeyCommand),
     /// List registered workers and their state.
+    #[command(after_help = "Examples:
+  cla-hub workers
+  cla-hub workers --json | jq -r '.[] | select(.state == \"offline\") | .id'")]
     Workers,
     /// Control a worker from here: drain, disable, enable, shutdown, unregister it, or rotate its token.
+    #[command(after_help = "Examples:
+  cla-hub worker disable web-1         # no new jobs until `enable`
+  cla-hub worker unregister web-1      # forget it (also the way out when its config is lost)
+  cla-hub worker rotate web-1 --overlap 10m")]
     Worker {
         #[arg(value_enum)]
         action: ActionArg,
@@ -73,22 +97,68 @@ pub enum Command {
         overlap: Option<Duration>,
     },
     /// Run a command on a worker and stream its output; exits with the command's exit code.
+    #[command(after_help = "Examples:
+  cla-hub exec --tags web -- 'systemctl restart nginx && echo ok'   # one string: through sh -c
+  cla-hub exec --worker web-1 -- ls -la /var/log                   # several words: argv, no shell
+  cla-hub exec --tags web --env prod --timeout 60 -- ./migrate.sh
+  cla-hub exec --tags web --setenv RELEASE=1.4.2 -- ./deploy.sh
+  JOB=$(cla-hub exec --tags web --detach -- make release) && cla-hub job logs \"$JOB\" --follow
+
+The exit codes are listed in `cla-hub --help`.")]
     Exec(ExecArgs),
     /// Evaluate JavaScript on a worker; prints the result as JSON.
+    #[command(after_help = "Examples:
+  cla-hub eval --tags web '1 + 1'
+  cla-hub eval --worker web-1 --stash '{\"dir\": \"/etc\"}' --json 'cla.listDir(stash.dir).length'
+  cla-hub eval --tags web --file check.js")]
     Eval(EvalArgs),
     /// Send a file or directory to a worker: verified (SHA-256) and atomic on the worker.
+    #[command(after_help = "Examples:
+  cla-hub ship --tags web ./dist /opt/app/        # -> /opt/app/dist on the worker
+  cla-hub ship --worker web-1 app.tar.gz /tmp/    # -> /tmp/app.tar.gz")]
     Ship(ShipArgs),
     /// Bring a file or directory back from a worker: verified (SHA-256) and atomic here.
+    #[command(after_help = "Examples:
+  cla-hub fetch --worker web-1 /var/log/nginx ./logs/    # -> ./logs/nginx
+  cla-hub fetch --worker web-1 /etc/hosts ./hosts.web-1")]
     Fetch(FetchArgs),
-    /// List jobs.
+    /// List jobs, newest first.
+    #[command(after_help = "Examples:
+  cla-hub jobs                               # the newest 50
+  cla-hub jobs --worker web-1 --since 2h
+  cla-hub jobs --state failed -o wide
+  cla-hub jobs -q --state queued | xargs -n1 cla-hub job cancel")]
     Jobs(JobsArgs),
-    /// Look at or cancel one job.
+    /// Look at, follow or cancel one job (an id, or a unique start of one, as `cla-hub jobs` shows).
     #[command(subcommand)]
     Job(JobCommand),
     /// Run a rulebook (YAML steps: shell, ship, fetch, eval, ...) against the connected workers.
+    #[command(after_help = "Examples:
+  cla-hub run docs/examples/hello.yml --var who=ops
+  cla-hub run release.yml --check            # parse and check it, run nothing
+  cla-hub run release.yml --var version=1.4.2 --json")]
     Run(super::rulebook::RunArgs),
     /// Start an embedded hub and a local worker, run a few commands, clean up.
+    #[command(after_help = "Example:
+  cla-hub demo          # needs nothing else: the hub and the worker live in this process")]
     Demo,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Examples:
+  cla-hub completions bash > /etc/bash_completion.d/cla-hub
+  cla-hub completions zsh > \"${fpath[1]}/_cla-hub\"")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff); with --dir, write it and one page per subcommand there.
+    #[command(after_help = "Examples:
+  cla-hub man | man -l -
+  sudo cla-hub man --dir /usr/share/man/man1      # cla-hub.1, cla-hub-exec.1, ...")]
+    Man {
+        /// Write cla-hub.1 and a page for every subcommand (cla-hub-exec.1, ...) into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// What `cla-hub worker` does.
@@ -183,15 +253,26 @@ pub struct ServeArgs {
 #[derive(Debug, Subcommand)]
 pub enum PasskeyCommand {
     /// Create a passkey for a project; prints it alone on stdout (it is shown only this once).
+    #[command(after_help = "Example:
+  KEY=$(cla-hub passkey create --project shop)
+  cla-worker register --url http://HUB:8780 --passkey \"$KEY\" --id web-1 --tags linux,web --save")]
     Create {
         /// The project the passkey registers workers into.
         #[arg(long)]
         project: String,
     },
     /// List passkeys (by prefix; the hub keeps only their hashes).
+    #[command(after_help = "Example:
+  cla-hub passkey list --json")]
     List,
     /// Revoke a passkey, given whole or by a unique prefix of at least 8 characters.
-    Revoke { passkey: String },
+    #[command(after_help = "Example:
+  cla-hub passkey list
+  cla-hub passkey revoke 3f9a1c2e         # the prefix `passkey list` shows")]
+    Revoke {
+        /// The passkey, or a unique prefix of at least 8 characters (as `passkey list` shows).
+        passkey: String,
+    },
 }
 
 /// Where a job runs (`exec`, `eval`, `ship`, `fetch`).
@@ -328,6 +409,9 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum JobCommand {
     /// Show a job, with its captured output.
+    #[command(after_help = "Examples:
+  cla-hub job show 1a2512fc0c69            # a unique start of the id is enough
+  cla-hub job show \"$JOB\" --wait --json")]
     Show {
         /// The job id (see `cla-hub jobs`).
         id: String,
@@ -336,12 +420,17 @@ pub enum JobCommand {
         wait: bool,
     },
     /// Cancel a job (a running one has its process tree killed).
+    #[command(after_help = "Example:
+  cla-hub job cancel 1a2512fc0c69")]
     Cancel {
         /// The job id (see `cla-hub jobs`).
         id: String,
     },
     /// Print a job's output as the hub stored it (stdout to stdout, stderr to stderr); with --follow,
     /// then its live output until it ends, exiting with its exit code.
+    #[command(after_help = "Examples:
+  cla-hub job logs 1a2512fc0c69
+  cla-hub job logs \"$JOB\" --follow        # Ctrl-C stops following; the job goes on")]
     Logs {
         /// The job id (see `cla-hub jobs`).
         id: String,
@@ -353,6 +442,32 @@ pub enum JobCommand {
 
 /// Runs the command line.
 pub fn run(args: Args) -> Result<ExitCode> {
+    // Neither needs a hub nor a runtime.
+    match &args.command {
+        Command::Completions { shell } => {
+            // Into a buffer first: clap_complete panics on a failed write (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(
+                *shell,
+                &mut <Args as clap::CommandFactory>::command(),
+                "cla-hub",
+                &mut script,
+            );
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            return Ok(ExitCode::Success);
+        }
+        Command::Man { dir } => {
+            let cmd = <Args as clap::CommandFactory>::command();
+            match dir {
+                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+                Some(dir) => clap_mangen::generate_to(cmd, dir).map_err(|e| {
+                    Error::Other(format!("cannot write the man pages into {}: {e}", dir.display()))
+                })?,
+            }
+            return Ok(ExitCode::Success);
+        }
+        _ => {}
+    }
     // A transfer's disk work and hashing run on a blocking thread; one thread for its network side moves
     // the data with fewer hand-offs than a pool (measured: docs/benchmarks.md).
     let rt = if matches!(
@@ -417,6 +532,7 @@ async fn execute(args: Args) -> Result<ExitCode> {
         Command::Job(j) => jobs::job(&client()?, j, json).await,
         Command::Run(a) => super::rulebook::run_cmd(client, a, json).await,
         Command::Demo => super::demo::run(args.verbose).await,
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled in `run`"),
     }
 }
 
