@@ -12,6 +12,7 @@ mod chaos;
 mod cli_hub;
 mod cli_worker;
 mod daemon;
+mod docs;
 mod durable;
 mod end_to_end;
 mod eval;
