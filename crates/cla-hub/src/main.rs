@@ -3,8 +3,6 @@
 mod cli;
 mod error;
 
-use clap::Parser;
-use cli::hub::Args;
 
 fn main() -> std::process::ExitCode {
     // `demo` runs a worker in this process, and a worker runs each eval in a child process of its own
@@ -17,7 +15,7 @@ fn main() -> std::process::ExitCode {
         cla_eval::template::use_child_process(exe);
     }
     cla_common::util::tune_allocator();
-    let args = Args::parse();
+    let args = cli::hub::parse();
     match cli::hub::run(args) {
         Ok(code) => code.into(),
         Err(err) => cli::report("cla-hub", &err).into(),

@@ -440,6 +440,32 @@ pub enum JobCommand {
     },
 }
 
+/// The command line as clap sees it.
+pub fn command() -> clap::Command {
+    command_with(true)
+}
+
+/// [`command`]; without `help` subcommands for the man pages (one page each would only repeat the
+/// others).
+fn command_with(help_subcommands: bool) -> clap::Command {
+    use clap::CommandFactory;
+    let mut cmd = Args::command();
+    if !help_subcommands {
+        cmd = cmd.disable_help_subcommand(true);
+        for sub in ["passkey", "job"] {
+            cmd = cmd.mut_subcommand(sub, |s| s.disable_help_subcommand(true));
+        }
+    }
+    cmd
+}
+
+/// Parses the process's arguments (exits with the usage message on an error, as clap does).
+pub fn parse() -> Args {
+    use clap::FromArgMatches;
+    let matches = command().get_matches();
+    Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 /// Runs the command line.
 pub fn run(args: Args) -> Result<ExitCode> {
     // Neither needs a hub nor a runtime.
@@ -449,7 +475,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let mut script = Vec::new();
             clap_complete::generate(
                 *shell,
-                &mut <Args as clap::CommandFactory>::command(),
+                &mut command(),
                 "cla-hub",
                 &mut script,
             );
@@ -457,10 +483,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
             return Ok(ExitCode::Success);
         }
         Command::Man { dir } => {
-            let cmd = <Args as clap::CommandFactory>::command();
+            let cmd = command_with(false);
             match dir {
                 None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
-                Some(dir) => clap_mangen::generate_to(cmd, dir).map_err(|e| {
+                Some(dir) => std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(cmd, dir)).map_err(|e| {
                     Error::Other(format!("cannot write the man pages into {}: {e}", dir.display()))
                 })?,
             }
