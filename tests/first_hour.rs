@@ -448,3 +448,26 @@ fn every_hub_subcommand_has_examples_and_every_man_page_it_references_exists() {
     let o = Command::new(HUB).args(["completions", "bash"]).output().unwrap();
     assert!(stdout(&o).contains("cla-hub"), "{}", stderr(&o));
 }
+
+#[test]
+fn job_show_wait_outlives_a_hub_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut hub, _setup, _worker) = hub_with_worker(dir.path(), "w1", "t");
+    let id = hub.detach("w1", &[], "sleep 2; echo done; exit 5");
+    let mut cmd = hub.cmd();
+    cmd.args(["job", "show", &id, "--wait"]);
+    let mut waiting = Proc::spawn(cmd);
+    hub.wait_job_state(&id, "running", 20);
+    hub.proc.kill();
+    let addr = hub.addr.clone();
+    std::thread::sleep(Duration::from_millis(700));
+    hub = Hub::start_at(dir.path(), &addr);
+    let status = waiting.wait_exit(60);
+    assert_eq!(
+        status.code(),
+        Some(5),
+        "the job's exit code: {}",
+        waiting.log_text()
+    );
+    drop(hub);
+}

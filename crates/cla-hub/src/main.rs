@@ -3,7 +3,6 @@
 mod cli;
 mod error;
 
-
 fn main() -> std::process::ExitCode {
     // `demo` runs a worker in this process, and a worker runs each eval in a child process of its own
     // executable (see `cla_eval`).

@@ -193,21 +193,45 @@ impl AdminClient {
             .await
     }
 
-    /// Blocks until the job has ended (in long polls of up to a minute each).
-    pub async fn wait(&self, id: &str) -> Result<JobRecord> {
+    /// Blocks until the job has ended (in long polls of up to a minute each). A hub that cannot be
+    /// reached (restarting, a network cut) is asked again with backoff for up to `reconnect_for`; past
+    /// that the call fails with [`Error::HubLost`].
+    pub async fn wait(&self, id: &str, reconnect_for: Duration) -> Result<JobRecord> {
         let path = format!("/api/v1/admin/jobs/{}?wait=55", path_segment(id)?);
+        let mut lost: Option<(std::time::Instant, Duration)> = None;
         loop {
             let asked = std::time::Instant::now();
-            let r: JobRecord = self
+            let answer = self
                 .http
-                .request(
+                .request::<(), JobRecord>(
                     Method::GET,
                     &path,
                     &[("authorization", &self.auth())],
-                    None::<&()>,
+                    None,
                     Duration::from_secs(70),
                 )
-                .await?;
+                .await;
+            let r = match answer {
+                Ok(r) => r,
+                Err(
+                    e @ (cla_protocol::http::HttpError::Connect { .. }
+                    | cla_protocol::http::HttpError::Timeout(_)),
+                ) => {
+                    let (since, delay) =
+                        *lost.get_or_insert((std::time::Instant::now(), Duration::from_millis(200)));
+                    if since.elapsed() >= reconnect_for {
+                        return Err(Error::HubLost {
+                            job: id.to_owned(),
+                            why: e.to_string(),
+                        });
+                    }
+                    tokio::time::sleep(delay).await;
+                    lost = Some((since, (delay * 2).min(Duration::from_secs(5))));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            lost = None;
             if r.state.is_terminal() {
                 return Ok(r);
             }

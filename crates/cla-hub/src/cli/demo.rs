@@ -339,7 +339,7 @@ async fn drive(
         .submit(&by_tag(shell("sleep 0.2; echo detached work done"), None))
         .await?;
     println!("    queued {}", job.id);
-    let done = admin.wait(&job.id).await?;
+    let done = admin.wait(&job.id, cla_client::RECONNECT_FOR).await?;
     println!(
         "    {} → {}, stdout: {:?}",
         done.id,

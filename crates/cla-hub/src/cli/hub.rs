@@ -473,12 +473,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a failed write (`| head`).
             let mut script = Vec::new();
-            clap_complete::generate(
-                *shell,
-                &mut command(),
-                "cla-hub",
-                &mut script,
-            );
+            clap_complete::generate(*shell, &mut command(), "cla-hub", &mut script);
             std::io::Write::write_all(&mut std::io::stdout(), &script)?;
             return Ok(ExitCode::Success);
         }
@@ -486,9 +481,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let cmd = command_with(false);
             match dir {
                 None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
-                Some(dir) => std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(cmd, dir)).map_err(|e| {
-                    Error::Other(format!("cannot write the man pages into {}: {e}", dir.display()))
-                })?,
+                Some(dir) => std::fs::create_dir_all(dir)
+                    .and_then(|()| clap_mangen::generate_to(cmd, dir))
+                    .map_err(|e| {
+                        Error::Other(format!("cannot write the man pages into {}: {e}", dir.display()))
+                    })?,
             }
             return Ok(ExitCode::Success);
         }

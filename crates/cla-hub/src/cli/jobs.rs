@@ -439,7 +439,7 @@ pub(crate) async fn job(c: &AdminClient, cmd: JobCommand, json: bool) -> Result<
     match cmd {
         JobCommand::Show { id, wait } => {
             let r = if wait {
-                c.wait(&id).await?
+                c.wait(&id, cla_client::RECONNECT_FOR).await?
             } else {
                 c.job(&id).await?
             };
