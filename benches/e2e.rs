@@ -96,7 +96,7 @@ fn main() {
     };
     let run = |s: &JobSpec| {
         let r = rt
-            .block_on(admin.exec(s, CancellationToken::new(), |_| {}))
+            .block_on(admin.exec(s, CancellationToken::new(), cla_client::RECONNECT_FOR, |_| {}))
             .unwrap();
         assert_eq!(r.state, JobState::Succeeded, "{r:?}");
     };
@@ -192,7 +192,7 @@ fn main() {
             let (admin, spec) = (admin.clone(), exec_spec.clone());
             set.spawn(async move {
                 let r = admin.submit(&spec).await.unwrap();
-                let r = admin.wait(&r.id).await.unwrap();
+                let r = admin.wait(&r.id, cla_client::RECONNECT_FOR).await.unwrap();
                 assert_eq!(r.state, JobState::Succeeded, "{r:?}");
                 drop(permit);
             });
@@ -238,11 +238,16 @@ fn main() {
         let mut got = 0u64;
         let t = Instant::now();
         let r = admin
-            .exec(&stream_spec, CancellationToken::new(), |ev| {
-                if let cla_client::ExecEvent::Stdout(b) = ev {
-                    got += b.len() as u64;
-                }
-            })
+            .exec(
+                &stream_spec,
+                CancellationToken::new(),
+                cla_client::RECONNECT_FOR,
+                |ev| {
+                    if let cla_client::ExecEvent::Stdout(b) = ev {
+                        got += b.len() as u64;
+                    }
+                },
+            )
             .await
             .unwrap();
         let secs = t.elapsed().as_secs_f64();

@@ -231,8 +231,8 @@ fn jobs_filter_newest_first_and_ids_are_taken_by_unique_prefix() {
         hub.ok(&all).lines().map(str::to_owned).collect()
     };
     assert_eq!(ids(&[]), [c.clone(), b.clone(), a.clone()], "newest first");
-    assert_eq!(ids(&["--worker", "w2"]), [b.clone()]);
-    assert_eq!(ids(&["--state", "failed"]), [c.clone()]);
+    assert_eq!(ids(&["--worker", "w2"]), std::slice::from_ref(&b));
+    assert_eq!(ids(&["--state", "failed"]), std::slice::from_ref(&c));
     assert_eq!(ids(&["--limit", "2"]), [c.clone(), b.clone()]);
     assert_eq!(ids(&["--since", "1h"]).len(), 3);
     assert!(ids(&["--since", "2099-01-01T00:00:00Z"]).is_empty());

@@ -263,7 +263,7 @@ async fn stream_job(hub: Arc<Hub>, conn: Connection) {
         }
     };
     let (spec, attach) = match first {
-        First::Exec(spec) => (Some(spec), None),
+        First::Exec(spec) => (Some(*spec), None),
         First::Attach { job, have } => (None, Some((job, have))),
     };
     let transfer = spec.as_ref().is_some_and(|s| s.task.is_transfer());
@@ -371,7 +371,7 @@ const REPLAY_FRAME: usize = 64 << 10;
 
 /// The first message of an exec stream.
 enum First {
-    Exec(JobSpec),
+    Exec(Box<JobSpec>),
     Attach { job: String, have: (u64, u64) },
 }
 
@@ -381,7 +381,7 @@ async fn first_request(reader: &mut cla_protocol::ConnectionReader) -> Result<Fi
             match reader.read().await? {
                 Some(Incoming::Frame(Frame::Text(t))) => {
                     return match decode_text::<AdminRequest>(&t)? {
-                        AdminRequest::Exec(spec) => Ok(First::Exec(*spec)),
+                        AdminRequest::Exec(spec) => Ok(First::Exec(spec)),
                         AdminRequest::Attach { job, stdout, stderr } => Ok(First::Attach {
                             job,
                             have: (stdout, stderr),
