@@ -17,6 +17,7 @@ mod durable;
 mod end_to_end;
 mod eval;
 mod first_hour;
+mod first_hour_worker;
 mod hostile;
 mod masking;
 mod policy;

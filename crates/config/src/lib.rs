@@ -3,11 +3,13 @@
 //!
 //! Search order: `--config` (or `CLA_WORKER_CONFIG`), `./cla-worker.yml`, `$HOME/cla-worker.yml`,
 //! `/etc/cla-worker.yml`; the first file found is the only one loaded. Command-line values beat file
-//! values. `--save` edits are in [`save`]. Nothing here sees clap.
+//! values. `--save` edits are in [`save`]; what `cla-worker list` shows, in [`saved`]. Nothing here sees
+//! clap.
 
 pub mod file;
 pub mod policy;
 pub mod save;
+pub mod saved;
 
 use cla_protocol::bounds;
 use std::path::{Path, PathBuf};
@@ -341,12 +343,9 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
             where_()
         ))
     })?;
-    let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
-        ConfigError::Missing(format!(
-            "no token for worker {id}: pass --token, or register with `cla-worker register --save` ({})",
-            where_()
-        ))
-    })?;
+    let token = token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| no_token(loaded, &id, registration.is_some()))?;
     let url = url.ok_or_else(|| {
         ConfigError::Missing(format!(
             "no hub url for worker {id}: pass --url or set `url` in the config file"
@@ -387,6 +386,25 @@ pub fn resolve(loaded: &LoadedConfig, cli: &Overrides) -> Result<WorkerSettings,
         token_file: cli.token.is_none().then(|| loaded.path.clone()).flatten(),
         id,
     })
+}
+
+/// The error for a worker id without a token: where the id was found without one, and the two ways out
+/// (the token from elsewhere, or, when it is lost, the admin's delete on the hub and a new registration;
+/// registering the same id again is refused while the hub still knows it).
+fn no_token(loaded: &LoadedConfig, id: &str, in_registrations: bool) -> ConfigError {
+    let here = match &loaded.path {
+        Some(p) if in_registrations => format!("{} has a registration {id} but no token", p.display()),
+        Some(p) if loaded.file.id.as_deref() == Some(id) => {
+            format!("{} has `id: {id}` but no token", p.display())
+        }
+        Some(p) => format!("{} has no registration {id}", p.display()),
+        None => "no config file".to_owned(),
+    };
+    ConfigError::Missing(format!(
+        "no token for worker {id} ({here}): pass --token (or CLA_WORKER_TOKEN); if the token is lost, an \
+         admin deletes the registration on the hub with `cla-hub worker unregister {id}`, then \
+         `cla-worker register --id {id} --save` registers it again"
+    ))
 }
 
 /// Where spools go by default: `/var/lib/cla-worker/spool` for root, else the user's local data dir

@@ -217,6 +217,45 @@ fn resolve_names_what_is_missing() {
 }
 
 #[test]
+fn a_missing_token_names_where_the_id_was_and_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    // The config kept the id but lost the token (or never had one).
+    let p = write(
+        &dir,
+        "lost.yml",
+        "registrations:\n  - id: w1\n    url: http://h:1\n",
+    );
+    let e = resolve(&load_file(&p), &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("{} has a registration w1 but no token", p.display())),
+        "{e}"
+    );
+    assert!(
+        e.contains("`cla-hub worker unregister w1`") && e.contains("`cla-worker register --id w1 --save`"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let p = write(&dir, "top.yml", "id: w2\nurl: http://h:1\n");
+    let e = resolve(&load_file(&p), &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has `id: w2` but no token"), "{e}");
+    // The config is gone: the id alone, from the command line.
+    let cli = Overrides {
+        id: Some("w3".into()),
+        url: Some("http://h:1".into()),
+        ..Default::default()
+    };
+    let e = resolve(&LoadedConfig::default(), &cli).unwrap_err().to_string();
+    assert!(
+        e.contains("(no config file)") && e.contains("cla-hub worker unregister w3"),
+        "{e}"
+    );
+}
+
+#[test]
 fn save_merges_keeps_other_keys_and_is_private() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(

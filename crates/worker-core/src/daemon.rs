@@ -11,7 +11,8 @@
 //! spelled differently, and a crash releases the lock by itself.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -104,6 +105,71 @@ pub fn running(pidfile: &Path) -> Option<u32> {
     {
         read_pid(pidfile)
     }
+}
+
+/// The lock file in a spool directory: held by the worker process using the spool, and naming it.
+pub const SPOOL_LOCK: &str = "lock";
+
+/// The status file of a worker without a pidfile (one started with `run` in a terminal) whose spool is
+/// `spool_dir` (`SPOOL_DIR/ID`): `SPOOL_DIR/ID.status.json`, beside the spool rather than in it (the spool
+/// holds the worker's private files only). A background worker's sits beside its pidfile.
+pub fn foreground_status_file(spool_dir: &Path) -> PathBuf {
+    let name = spool_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    spool_dir.with_file_name(format!("{name}.status.json"))
+}
+
+/// The worker process holding a spool directory, as its lock file names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpoolHolder {
+    pub pid: u32,
+    /// A background worker's pidfile (absolute); `None` for a worker running in the foreground.
+    pub pidfile: Option<PathBuf>,
+}
+
+impl SpoolHolder {
+    /// The lock file's text: the pid on the first line, the pidfile (if any) on the second.
+    pub(crate) fn record(&self) -> String {
+        match &self.pidfile {
+            Some(p) => format!("{}\n{}\n", self.pid, p.display()),
+            None => format!("{}\n", self.pid),
+        }
+    }
+
+    fn parse(text: &str) -> Option<SpoolHolder> {
+        let mut lines = text.lines();
+        let pid = lines.next()?.trim().parse().ok()?;
+        let pidfile = lines.next().filter(|l| !l.is_empty()).map(PathBuf::from);
+        Some(SpoolHolder { pid, pidfile })
+    }
+}
+
+/// The worker process using the spool directory `spool_dir` (`SPOOL_DIR/ID`), if one does: its lock is
+/// held, as with [`running`], so a crashed worker's leftovers do not count.
+pub fn spool_holder(spool_dir: &Path) -> Option<SpoolHolder> {
+    let lock = spool_dir.join(SPOOL_LOCK);
+    let read = || SpoolHolder::parse(&std::fs::read_to_string(&lock).ok()?);
+    #[cfg(unix)]
+    {
+        use nix::fcntl::{Flock, FlockArg};
+        let file = std::fs::File::open(&lock).ok()?;
+        if Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok() {
+            return None;
+        }
+    }
+    #[cfg(windows)]
+    if std::fs::OpenOptions::new().write(true).open(&lock).is_ok() {
+        return None;
+    }
+    // Held: the holder writes its record right after locking; give it a moment.
+    (0..50).find_map(|_| {
+        read().or_else(|| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            None
+        })
+    })
 }
 
 /// A pidfile held by this process: locked, holding our pid, removed when dropped.
@@ -220,10 +286,31 @@ pub struct Status {
     pub version: String,
 }
 
-/// Keeps the status (in memory, and in the status file when there is one) current.
+/// How often at most the status file is rewritten: it is for `cla-worker status`, not a record.
+const STATUS_WRITE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Keeps the status (in memory, and in the status file when there is one) current. The file is written
+/// once at once, then by a thread of its own at most every [`STATUS_WRITE_EVERY`] with the latest
+/// status, so that a job's start and end never wait for the disk.
 pub(crate) struct Reporter {
-    path: Option<PathBuf>,
-    status: Mutex<Status>,
+    status: Arc<Mutex<Status>>,
+    file: Option<StatusWriter>,
+}
+
+/// The status file and the thread that writes it.
+struct StatusWriter {
+    path: PathBuf,
+    /// Wakes the thread; when full, a write is pending already (and takes the latest status).
+    wake: std::sync::mpsc::SyncSender<()>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn write_status(path: &Path, status: &Status) {
+    let json = serde_json::to_vec_pretty(status).expect("status serializes");
+    if let Err(e) = write_atomic(path, &json, false) {
+        tracing::warn!("cannot write the status file: {e}");
+    }
 }
 
 impl Reporter {
@@ -250,26 +337,38 @@ impl Reporter {
             last_error: None,
             version: cla_common::VERSION.to_owned(),
         };
-        let r = Reporter {
-            path,
-            status: Mutex::new(status),
-        };
-        r.update(|_| {});
-        r
+        let status = Arc::new(Mutex::new(status));
+        let file = path.map(|path| {
+            write_status(&path, &status.lock().unwrap_or_else(|e| e.into_inner()));
+            let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+            let stop = Arc::new(AtomicBool::new(false));
+            let (status, stop_seen, file) = (status.clone(), stop.clone(), path.clone());
+            let thread = std::thread::Builder::new()
+                .name("status-file".into())
+                .spawn(move || {
+                    while woken.recv().is_ok() && !stop_seen.load(Ordering::SeqCst) {
+                        let snapshot = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        write_status(&file, &snapshot);
+                        std::thread::sleep(STATUS_WRITE_EVERY);
+                    }
+                })
+                .map_err(|e| tracing::warn!("the status file is not kept current: {e}"))
+                .ok();
+            StatusWriter {
+                path,
+                wake,
+                stop,
+                thread: Mutex::new(thread),
+            }
+        });
+        Reporter { status, file }
     }
 
-    /// Changes the status and rewrites the file.
+    /// Changes the status; the file follows.
     pub(crate) fn update(&self, change: impl FnOnce(&mut Status)) {
-        let snapshot = {
-            let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-            change(&mut s);
-            s.clone()
-        };
-        if let Some(path) = &self.path {
-            let json = serde_json::to_vec_pretty(&snapshot).expect("status serializes");
-            if let Err(e) = write_atomic(path, &json, false) {
-                tracing::warn!("cannot write the status file: {e}");
-            }
+        change(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(f) = &self.file {
+            let _ = f.wake.try_send(());
         }
     }
 
@@ -284,10 +383,16 @@ impl Reporter {
         });
     }
 
-    /// Removes the status file (at exit).
+    /// Removes the status file (at exit), once its thread has stopped: nothing writes it again.
     pub(crate) fn remove(&self) {
-        if let Some(p) = &self.path {
-            let _ = std::fs::remove_file(p);
+        if let Some(f) = &self.file {
+            f.stop.store(true, Ordering::SeqCst);
+            let _ = f.wake.try_send(());
+            let thread = f.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(t) = thread {
+                let _ = t.join();
+            }
+            let _ = std::fs::remove_file(&f.path);
         }
     }
 }
@@ -334,16 +439,63 @@ mod tests {
     }
 
     #[test]
+    fn a_foreground_status_file_sits_beside_the_spool() {
+        assert_eq!(
+            foreground_status_file(Path::new("/s/web.1")),
+            PathBuf::from("/s/web.1.status.json")
+        );
+    }
+
+    #[test]
+    fn a_spool_names_the_worker_holding_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("w1");
+        assert_eq!(spool_holder(&spool), None);
+        let held = crate::journal::Spool::open(&spool, 1 << 20, None).unwrap();
+        let me = std::process::id();
+        assert_eq!(
+            spool_holder(&spool),
+            Some(SpoolHolder {
+                pid: me,
+                pidfile: None
+            })
+        );
+        drop(held);
+        // What the lock file still says does not count once nobody holds it.
+        assert_eq!(spool_holder(&spool), None);
+        let pidfile = dir.path().join("w1.pid");
+        let _held = crate::journal::Spool::open(&spool, 1 << 20, Some(&pidfile)).unwrap();
+        assert_eq!(
+            spool_holder(&spool),
+            Some(SpoolHolder {
+                pid: me,
+                pidfile: Some(pidfile)
+            })
+        );
+    }
+
+    #[test]
     fn reporter_writes_the_status_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.status.json");
         let r = Reporter::new(Some(path.clone()), "w", "http://h:1", 2, &["t".into()], &[]);
+        // The first status is there at once; later ones follow within moments.
         assert_eq!(read_status(&path).unwrap().state, ConnState::Connecting);
         r.state(ConnState::Connected, None);
         r.update(|s| s.running = 1);
-        let s = read_status(&path).unwrap();
-        assert_eq!((s.state, s.running, s.capacity), (ConnState::Connected, 1, 2));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let current = |s: &Status| (s.state, s.running, s.capacity) == (ConnState::Connected, 1, 2);
+        while !read_status(&path).is_some_and(|s| current(&s)) {
+            assert!(std::time::Instant::now() < deadline, "{:?}", read_status(&path));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Updates just before the end are not written after the file is removed.
+        for n in 0..20 {
+            r.update(|s| s.running = n);
+        }
         r.remove();
         assert!(!path.exists());
+        std::thread::sleep(STATUS_WRITE_EVERY * 2);
+        assert!(!path.exists(), "written again after its removal");
     }
 }

@@ -51,8 +51,10 @@ pub(crate) struct Spool {
 }
 
 impl Spool {
-    /// Opens (creating it) the spool directory, locked against a second worker process using it.
-    pub(crate) fn open(dir: &Path, max_bytes: u64) -> crate::error::Result<Spool> {
+    /// Opens (creating it) the spool directory, locked against a second worker process using it. The
+    /// lock file then names this process and its `pidfile` (a background worker's), which is how
+    /// `cla-worker status` finds a worker started in the foreground ([`crate::daemon::spool_holder`]).
+    pub(crate) fn open(dir: &Path, max_bytes: u64, pidfile: Option<&Path>) -> crate::error::Result<Spool> {
         use crate::error::Error;
         // Job output is private to the worker's user: the directory 0700, each file in it 0600.
         cla_common::util::create_private_dir(dir).map_err(|e| {
@@ -69,12 +71,17 @@ impl Spool {
             ))
         };
         let mut open = cla_common::util::private_open_options();
-        open.create(true).append(true);
-        // Windows has no flock: the lock file is held open with no sharing at all, which a second open
-        // fails with a sharing violation (and a crash releases).
+        // Written (not appended to): the record below replaces what an earlier holder left.
+        open.create(true).write(true).truncate(false);
+        // Windows has no flock: the lock file is held open sharing reads only, which a second open for
+        // writing fails with a sharing violation (and a crash releases).
         #[cfg(windows)]
-        std::os::windows::fs::OpenOptionsExt::share_mode(&mut open, 0);
-        let file = open.open(dir.join("lock")).map_err(|e| match e.raw_os_error() {
+        std::os::windows::fs::OpenOptionsExt::share_mode(
+            &mut open,
+            windows_sys::Win32::Storage::FileSystem::FILE_SHARE_READ,
+        );
+        let lock_path = dir.join(crate::daemon::SPOOL_LOCK);
+        let file = open.open(&lock_path).map_err(|e| match e.raw_os_error() {
             #[cfg(windows)]
             Some(32) => busy(),
             _ => Error::io(dir, e),
@@ -89,6 +96,16 @@ impl Spool {
             let _ = &busy;
             file
         };
+        // Rewritten in place, from its start (the lock belongs to this inode).
+        let holder = crate::daemon::SpoolHolder {
+            pid: std::process::id(),
+            pidfile: pidfile.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
+        };
+        let record = |mut f: &std::fs::File| {
+            f.set_len(0)?;
+            f.write_all(holder.record().as_bytes())
+        };
+        record(&lock).map_err(|e| Error::io(&lock_path, e))?;
         Ok(Spool {
             dir: dir.to_path_buf(),
             used: AtomicU64::new(0),

@@ -15,4 +15,4 @@ pub mod session;
 mod transfer;
 
 pub use error::{Error, Result};
-pub use session::{Reload, RunOptions, run};
+pub use session::{Reload, Reloaded, RunOptions, run};

@@ -5,6 +5,10 @@
 //! pidfile, and prints where things are. Re-executing rather than forking keeps the child's tokio runtime
 //! and threads clean. `stop` sends SIGTERM (the worker drains) and waits; `status` reads the status file
 //! the running worker keeps current.
+//!
+//! A worker started with `run` in a terminal has no pidfile, but it holds its spool directory's lock,
+//! which names its pid: `status` reports it as running in the foreground, and `stop` stops it the same
+//! way (SIGTERM, then wait), as Ctrl-C in its terminal would.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -46,6 +50,17 @@ pub(crate) fn start(a: RunArgs, loaded: &LoadedConfig, verbose: u8, strict: bool
     };
     if let Some(pid) = daemon::running(&paths.pidfile) {
         return Err(already(pid));
+    }
+    // The same worker, run by hand in a terminal (or by `start` with another pidfile).
+    if let Some(h) = daemon::spool_holder(&settings.spool_dir) {
+        let how = match &h.pidfile {
+            Some(p) => format!("in the background, pidfile {}", p.display()),
+            None => "in the foreground, started with `cla-worker run`".to_owned(),
+        };
+        return Err(Error::Other(format!(
+            "worker {id} is already running ({how}, pid {}); `cla-worker stop --id {id}` first",
+            h.pid
+        )));
     }
     for dir in [paths.pidfile.parent(), paths.logfile.parent()]
         .into_iter()
@@ -182,32 +197,92 @@ fn tail(path: &Path, n: usize) -> String {
         .join("\n")
 }
 
-/// The id and files a `stop`/`status` is about.
-fn which(w: &Which, loaded: &LoadedConfig) -> Result<(String, DaemonPaths)> {
+/// The id and files a `stop`/`status` is about, and the worker's spool directory.
+fn which(w: &Which, loaded: &LoadedConfig) -> Result<(String, DaemonPaths, PathBuf)> {
     let id = match (&w.id, &w.pidfile) {
         (None, Some(p)) => config::resolve_id(loaded, None).unwrap_or_else(|_| p.display().to_string()),
         (id, _) => config::resolve_id(loaded, id.as_deref())?,
     };
     let pidfile = w.pidfile.clone().or_else(|| loaded.file.pidfile.clone());
+    let spool = w
+        .spool_dir
+        .clone()
+        .or_else(|| loaded.file.spool_dir.clone())
+        .unwrap_or_else(config::default_spool_base)
+        .join(&id);
     Ok((
         id.clone(),
         daemon::paths(&id, pidfile, loaded.file.logfile.clone()),
+        spool,
     ))
 }
 
-/// Stops a background worker: SIGTERM, then wait for it to drain and exit.
+/// A running worker, as `stop` and `status` find it.
+enum Found {
+    /// Holding a pidfile: started with `start` (or `run --pidfile`).
+    Background { pid: u32, paths: DaemonPaths },
+    /// Holding its spool with no pidfile: `run` in a terminal. It keeps its status beside the spool.
+    Foreground { pid: u32, statusfile: PathBuf },
+}
+
+impl Found {
+    fn pid(&self) -> u32 {
+        match self {
+            Found::Background { pid, .. } | Found::Foreground { pid, .. } => *pid,
+        }
+    }
+}
+
+/// The running worker: the one holding the pidfile, else (unless `--pidfile` named the only place to
+/// look) the one holding the spool, whichever way it was started.
+fn find(id: &str, w: &Which, paths: &DaemonPaths, spool: &Path) -> Option<Found> {
+    if let Some(pid) = daemon::running(&paths.pidfile) {
+        return Some(Found::Background {
+            pid,
+            paths: paths.clone(),
+        });
+    }
+    if w.pidfile.is_some() {
+        return None;
+    }
+    let holder = daemon::spool_holder(spool)?;
+    match holder.pidfile {
+        // Started in the background with a pidfile other than the one looked at.
+        Some(pidfile) => {
+            let paths = daemon::paths(id, Some(pidfile), None);
+            daemon::running(&paths.pidfile)
+                .filter(|pid| *pid == holder.pid)
+                .map(|pid| Found::Background { pid, paths })
+        }
+        None => Some(Found::Foreground {
+            pid: holder.pid,
+            statusfile: daemon::foreground_status_file(spool),
+        }),
+    }
+}
+
+/// Stops a worker: SIGTERM, then wait for it to drain and exit.
 pub(crate) fn stop(a: StopArgs, loaded: &LoadedConfig) -> Result<ExitCode> {
-    let (id, paths) = which(&a.which, loaded)?;
-    let Some(pid) = daemon::running(&paths.pidfile) else {
+    let (id, paths, spool) = which(&a.which, loaded)?;
+    let Some(found) = find(&id, &a.which, &paths, &spool) else {
         super::print_out(&format!("worker {id} is not running\n"))?;
         return Ok(ExitCode::NotRunning);
     };
+    let pid = found.pid();
     signal_term(pid)?;
+    let place = match &found {
+        Found::Background { .. } => "",
+        Found::Foreground { .. } => ", in the foreground",
+    };
     super::print_out(&format!(
-        "stopping worker {id} (pid {pid}): it finishes or cancels its jobs, then exits\n"
+        "stopping worker {id} (pid {pid}{place}): it finishes or cancels its jobs, then exits\n"
     ))?;
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
-    while daemon::running(&paths.pidfile) == Some(pid) {
+    let alive = || match &found {
+        Found::Background { paths, .. } => daemon::running(&paths.pidfile) == Some(pid),
+        Found::Foreground { .. } => daemon::spool_holder(&spool).is_some_and(|h| h.pid == pid),
+    };
+    while alive() {
         if Instant::now() > deadline {
             return Err(Error::Other(format!(
                 "worker {id} (pid {pid}) did not exit within {}s; it may still be draining long jobs (`kill -9 {pid}` forces it)",
@@ -243,29 +318,44 @@ fn signal_term(pid: u32) -> Result<()> {
     }
 }
 
-/// Reports whether a background worker runs, and its state.
+/// Reports whether the worker runs (in the background or in the foreground), and its state.
 pub(crate) fn status(a: StatusArgs, loaded: &LoadedConfig) -> Result<ExitCode> {
-    let (id, paths) = which(&a.which, loaded)?;
-    let pid = daemon::running(&paths.pidfile);
+    let (id, paths, spool) = which(&a.which, loaded)?;
+    let found = find(&id, &a.which, &paths, &spool);
+    let (mode, pidfile, statusfile) = match &found {
+        Some(Found::Background { paths, .. }) => (
+            Some("background"),
+            Some(paths.pidfile.clone()),
+            paths.statusfile.clone(),
+        ),
+        Some(Found::Foreground { statusfile, .. }) => (Some("foreground"), None, statusfile.clone()),
+        None => (None, Some(paths.pidfile.clone()), paths.statusfile.clone()),
+    };
+    let pid = found.as_ref().map(Found::pid);
     // A status file left by an earlier process is not this one's.
-    let st = pid.and_then(|pid| daemon::read_status(&paths.statusfile).filter(|s| s.pid == pid));
+    let st = pid.and_then(|pid| daemon::read_status(&statusfile).filter(|s| s.pid == pid));
     if a.json {
         let v = serde_json::json!({
             "id": id,
             "running": pid.is_some(),
+            "mode": mode,
             "pid": pid,
-            "pidfile": paths.pidfile,
+            "pidfile": pidfile,
             "status": st,
         });
         super::print_json(&v)?;
     } else {
+        let how = match mode {
+            Some("foreground") => " in the foreground",
+            _ => "",
+        };
         let text = match (pid, &st) {
             (None, _) => format!("worker {id} is not running\n"),
             (Some(pid), None) => format!(
-                "worker {id} is running (pid {pid}); no status file at {}\n",
-                paths.statusfile.display()
+                "worker {id} is running{how} (pid {pid}); no status file at {}\n",
+                statusfile.display()
             ),
-            (Some(pid), Some(s)) => status_text(pid, s),
+            (Some(pid), Some(s)) => status_text(pid, how, s),
         };
         super::print_out(&text)?;
     }
@@ -276,7 +366,8 @@ pub(crate) fn status(a: StatusArgs, loaded: &LoadedConfig) -> Result<ExitCode> {
     })
 }
 
-fn status_text(pid: u32, s: &Status) -> String {
+/// The status for a terminal; `how` says where the worker runs (" in the foreground", or nothing).
+fn status_text(pid: u32, how: &str, s: &Status) -> String {
     let ago = |t: &str| {
         humantime::parse_rfc3339(t)
             .ok()
@@ -295,7 +386,7 @@ fn status_text(pid: u32, s: &Status) -> String {
             v.join(", ")
         }
     };
-    let mut out = format!("worker {} is running (pid {pid}), {}\n", s.id, s.version);
+    let mut out = format!("worker {} is running{how} (pid {pid}), {}\n", s.id, s.version);
     out += &format!("  hub:     {} — {state} for {}\n", s.url, ago(&s.since));
     if let Some(e) = &s.last_error {
         out += &format!("  last error: {e}\n");

@@ -2,6 +2,7 @@
 //! nothing sees clap: values are turned into config and library types here.
 
 pub mod daemon;
+pub mod list;
 #[cfg(windows)]
 pub mod service;
 pub mod worker;

@@ -11,6 +11,7 @@ use cla_common::exit::ExitCode;
 use cla_common::secret::Secret;
 use cla_common::tls::Trust;
 use cla_config::{self as config, Overrides, Registration, save};
+use cla_protocol::http::HttpError;
 use cla_worker_core::registration::{self, RegisterParams};
 use cla_worker_core::{self as agent, RunOptions};
 
@@ -34,7 +35,8 @@ pub struct Args {
 /// The verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Register with a hub using a project passkey; prints the worker id and its token.
+    /// Register with a hub using a project passkey; prints the worker id, and its token unless --save
+    /// saved it.
     Register(RegisterArgs),
     /// Remove this worker's registration from the hub and from the config file.
     Unregister(UnregisterArgs),
@@ -42,10 +44,14 @@ pub enum Command {
     Run(RunArgs),
     /// Like `run`, in the background: prints the logfile, pidfile and pid, then returns.
     Start(RunArgs),
-    /// Stop a background worker: it drains (running jobs get --drain-timeout), then exits.
+    /// Stop a worker, in the background or in the foreground: it drains (running jobs get
+    /// --drain-timeout), then exits.
     Stop(StopArgs),
-    /// Is a background worker running? Exit 0 with its state, 3 when it is not.
+    /// Is the worker running (in the background or in the foreground)? Exit 0 with its state, 3 when it
+    /// is not.
     Status(StatusArgs),
+    /// Show the registrations saved in each config file found, and which one `run` uses (no tokens).
+    List(ListArgs),
     /// Check config, DNS, TCP, TLS, HTTP, clock skew and authentication against the hub, with fixes.
     Doctor(UnregisterArgs),
     /// Install, remove, start or stop the worker as a Windows service.
@@ -61,7 +67,7 @@ pub enum Command {
     Man,
 }
 
-/// Which background worker: by id (default from the config) or by pidfile.
+/// Which worker: by id (default from the config) or by pidfile.
 #[derive(Debug, ClapArgs)]
 pub struct Which {
     /// The worker id.
@@ -70,6 +76,17 @@ pub struct Which {
     /// The pidfile (default: per id in the runtime dir; /run/cla-worker as root).
     #[arg(long, value_name = "PATH")]
     pub pidfile: Option<PathBuf>,
+    /// The --spool-dir the worker was run with, if not the config's: a worker in the foreground is found
+    /// by its spool.
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ListArgs {
+    /// Print the files and registrations as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, ClapArgs)]
@@ -140,7 +157,11 @@ pub struct RegisterArgs {
     /// ./cla-worker.yml), created with mode 0600 and written atomically.
     #[arg(long, value_name = "PATH", num_args = 0..=1)]
     pub save: Option<Option<PathBuf>>,
-    /// Print {"id","token","projects"} as JSON.
+    /// Also print the token when --save saved it (without --save it is always printed: it is shown
+    /// only once).
+    #[arg(long)]
+    pub show_token: bool,
+    /// Print {"id","token","projects"} as JSON (the token included, for scripts).
     #[arg(long)]
     pub json: bool,
 }
@@ -232,6 +253,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
             clap_mangen::Man::new(<Args as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
             return Ok(ExitCode::Success);
         }
+        // Reads every config file itself, and reports a broken one instead of failing on it.
+        Command::List(a) => return super::list::list(a, args.config.as_deref()),
         _ => {}
     }
     let allow_missing = matches!(&args.command, Command::Register(r) if r.save.is_some());
@@ -355,7 +378,22 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
     if let Some(path) = &save_to {
         cla_common::util::check_writable(path)?;
     }
-    let resp = registration::register(&params).await?;
+    let resp = match registration::register(&params).await {
+        Ok(resp) => resp,
+        // The hub knows this id already: `unregister` needs its token, which may be what was lost.
+        Err(Error::Http(HttpError::Status {
+            status: 409, message, ..
+        })) => {
+            let id = params.id.as_deref().unwrap_or_default();
+            return Err(Error::Other(already_registered(
+                message,
+                id,
+                loaded,
+                params.token.is_some(),
+            )));
+        }
+        Err(e) => return Err(e),
+    };
     // The certificate to pin from now on (none on plain http, or when a CA is trusted instead).
     let pin = match (&trust, &seen) {
         (Trust::Pin(p), _) => Some(*p),
@@ -416,7 +454,14 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
         return Ok(ExitCode::Success);
     }
     println!("registered worker {}", resp.id);
-    println!("  token:    {}", resp.token);
+    // Saved, the token stays out of the terminal (and its scrollback) unless asked for.
+    match &saved {
+        Some(path) if !a.show_token => println!(
+            "  token:    saved in {} (not shown; --show-token prints it)",
+            path.display()
+        ),
+        _ => println!("  token:    {}", resp.token),
+    }
     println!("  projects: {}", resp.projects.join(", "));
     if let Some(pin) = pin {
         let how = match seen {
@@ -446,12 +491,7 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
     match &saved {
         Some(path) => {
             println!("saved to {} (mode 0600)", path.display());
-            let config_flag = if config::locate(None, false).ok().flatten().as_deref() == Some(path.as_path())
-            {
-                String::new()
-            } else {
-                format!(" -c {}", path.display())
-            };
+            let config_flag = config_flag(path);
             println!("run it with:\n  cla-worker{config_flag} run --id {}", resp.id);
             println!(
                 "unregister with:\n  cla-worker{config_flag} unregister --id {}",
@@ -473,6 +513,34 @@ async fn register(a: RegisterArgs, loaded: &config::LoadedConfig) -> Result<Exit
     Ok(ExitCode::Success)
 }
 
+/// ` -c PATH` for a command line about the config file `path`, unless it is the one found without `-c`.
+fn config_flag(path: &std::path::Path) -> String {
+    if config::locate(None, false).ok().flatten().as_deref() == Some(path) {
+        String::new()
+    } else {
+        format!(" -c {}", path.display())
+    }
+}
+
+/// The hub's refusal of an id it already has, with the way out when this machine holds no token for it
+/// (so that `cla-worker unregister`, which the hub suggests, cannot work either).
+fn already_registered(message: String, id: &str, loaded: &config::LoadedConfig, token_given: bool) -> String {
+    let saved = config::saved::registrations(&loaded.file)
+        .iter()
+        .any(|r| r.id == id && r.has_token);
+    if saved || token_given || id.is_empty() {
+        return message;
+    }
+    let here = match &loaded.path {
+        Some(p) => format!("{} has none", p.display()),
+        None => "no config file found".to_owned(),
+    };
+    format!(
+        "{message}; no token for {id} here to unregister it with ({here}): if its config was lost, an admin \
+         deletes the registration on the hub with `cla-hub worker unregister {id}`, then run this register again"
+    )
+}
+
 async fn unregister(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<ExitCode> {
     let cli = Overrides {
         url: a.who.url,
@@ -486,7 +554,25 @@ async fn unregister(a: UnregisterArgs, loaded: &config::LoadedConfig) -> Result<
     };
     let s = config::resolve(loaded, &cli)?;
     let identity = s.client_identity()?;
-    let resp = registration::unregister(&s.url, &s.id, &s.token, &s.trust, identity.as_ref()).await?;
+    let resp = match registration::unregister(&s.url, &s.id, &s.token, &s.trust, identity.as_ref()).await {
+        Ok(resp) => resp,
+        // The hub does not take this token: perhaps an admin deleted the registration already.
+        Err(Error::Http(HttpError::Status {
+            status: 401, message, ..
+        })) => {
+            let (entry, config_flag) = match &s.source {
+                Some(p) => (format!("its entry in {} stays", p.display()), config_flag(p)),
+                None => ("nothing is saved here".to_owned(), String::new()),
+            };
+            return Err(Error::Other(format!(
+                "{message}; nothing was removed ({entry}): if an admin deleted it on the hub \
+                 (`cla-hub worker unregister {id}`), `cla-worker{config_flag} register --id {id} --save` \
+                 registers it again and replaces the entry",
+                id = s.id
+            )));
+        }
+        Err(e) => return Err(e),
+    };
     println!(
         "worker registration removed: {} (projects: {})",
         resp.id,
@@ -564,6 +650,22 @@ pub(crate) fn overrides(a: &RunArgs) -> Overrides {
     }
 }
 
+/// The config keys outside [`config::WorkerSettings`] (the log's, the pidfile) that differ between the
+/// file as the worker started with it and as it is now: only a restart applies them.
+fn file_only_changes(was: &config::ConfigFile, now: &config::ConfigFile) -> Vec<String> {
+    [
+        ("verbose", was.verbose != now.verbose),
+        ("logfile", was.logfile != now.logfile),
+        ("log_max_mb", was.log_max_mb != now.log_max_mb),
+        ("log_keep", was.log_keep != now.log_keep),
+        ("pidfile", was.pidfile != now.pidfile),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(key, _)| key.to_owned())
+    .collect()
+}
+
 async fn run_worker(a: RunArgs, loaded: &config::LoadedConfig, strict: bool) -> Result<ExitCode> {
     // Signal handlers first: a SIGTERM or SIGHUP arriving once the pidfile exists must not kill us.
     let shutdown = cla_common::shutdown::on_signals();
@@ -581,10 +683,16 @@ pub(crate) async fn run_worker_until(
     let cli = overrides(&a);
     let settings = config::resolve(loaded, &cli)?;
     // SIGHUP: the same file again, the same flags on top.
-    let (path, cli_again) = (loaded.path.clone(), cli.clone());
+    let (path, cli_again, started) = (loaded.path.clone(), cli.clone(), loaded.file.clone());
     let reload: agent::Reload = std::sync::Arc::new(move || {
         let fresh = config::load(path.as_deref(), false, strict)?;
-        Ok(config::resolve(&fresh, &cli_again)?)
+        for w in &fresh.warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(agent::Reloaded {
+            settings: config::resolve(&fresh, &cli_again)?,
+            restart_needed: file_only_changes(&started, &fresh.file),
+        })
     });
     let mut opts = RunOptions {
         drain_timeout: Duration::from_secs(a.drain_timeout),
@@ -595,12 +703,14 @@ pub(crate) async fn run_worker_until(
             ))
         })?,
         status_file: None,
+        pidfile: None,
         reload: Some(reload),
     };
     agent::session::check(&settings)?;
     let _pidfile = match &a.pidfile {
         Some(p) => {
             let lock = cla_worker_core::daemon::PidLock::acquire(p)?;
+            opts.pidfile = Some(p.clone());
             opts.status_file =
                 Some(cla_worker_core::daemon::paths(&settings.id, Some(p.clone()), None).statusfile);
             Some(lock)

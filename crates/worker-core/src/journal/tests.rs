@@ -27,7 +27,7 @@ fn data(outs: &[Out], stream: u64) -> Vec<u8> {
 #[tokio::test]
 async fn replays_past_the_offsets_then_goes_on_live() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+    let spool = Arc::new(Spool::open(dir.path(), 1 << 20, None).unwrap());
     let (l, mut rx) = link([1, 2]);
     let j = Journal::create(&spool, "j1", l);
     j.started(Some(42)).await;
@@ -68,7 +68,7 @@ async fn replays_past_the_offsets_then_goes_on_live() {
 async fn a_restarted_worker_recovers_its_journals_and_ends_the_unfinished_as_lost() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+        let spool = Arc::new(Spool::open(dir.path(), 1 << 20, None).unwrap());
         let (l, _rx) = link([1, 2]);
         let done = Journal::create(&spool, "done", l);
         done.output(Stream::Stdout, Bytes::from_static(b"out\n")).await;
@@ -87,7 +87,7 @@ async fn a_restarted_worker_recovers_its_journals_and_ends_the_unfinished_as_los
     f.write_all(&[STDOUT, 100, 0, 0, 0, b'x']).unwrap();
     drop(f);
 
-    let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+    let spool = Arc::new(Spool::open(dir.path(), 1 << 20, None).unwrap());
     let found = spool.recover();
     assert_eq!(
         found.iter().map(|j| j.job.as_str()).collect::<Vec<_>>(),
@@ -118,14 +118,14 @@ async fn a_restarted_worker_recovers_its_journals_and_ends_the_unfinished_as_los
     let end = end.expect("the end is sent");
     assert_eq!(end.outcome, Outcome::Lost);
     // A second lock on the same directory is refused.
-    let again = Spool::open(dir.path(), 1 << 20);
+    let again = Spool::open(dir.path(), 1 << 20, None);
     assert!(again.is_err_and(|e| e.to_string().contains("in use by another cla-worker")));
 }
 
 #[tokio::test]
 async fn a_spool_hole_is_reported_as_lost_output_not_filled_with_later_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Arc::new(Spool::open(dir.path(), 300).unwrap());
+    let spool = Arc::new(Spool::open(dir.path(), 300, None).unwrap());
     let (l, _rx) = link([1, 2]);
     let j = Journal::create(&spool, "hole", l);
     j.output(Stream::Stdout, Bytes::from(vec![b'A'; 100])).await;
@@ -164,7 +164,7 @@ async fn a_spool_hole_is_reported_as_lost_output_not_filled_with_later_bytes() {
 #[tokio::test]
 async fn an_interrupted_send_is_made_good_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Arc::new(Spool::open(dir.path(), 1 << 20).unwrap());
+    let spool = Arc::new(Spool::open(dir.path(), 1 << 20, None).unwrap());
     let (out, mut rx) = mpsc::channel(1);
     let j = Journal::create(&spool, "slow", Link { out, streams: [1, 2] });
     j.output(Stream::Stdout, Bytes::from_static(b"one ")).await;
@@ -195,7 +195,7 @@ async fn an_interrupted_send_is_made_good_in_order() {
 #[tokio::test]
 async fn output_past_the_limit_is_not_spooled() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Arc::new(Spool::open(dir.path(), 64).unwrap());
+    let spool = Arc::new(Spool::open(dir.path(), 64, None).unwrap());
     let (l, mut rx) = link([1, 2]);
     let j = Journal::create(&spool, "big", l);
     j.output(Stream::Stdout, Bytes::from(vec![b'a'; 40])).await;

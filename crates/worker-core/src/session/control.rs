@@ -2,6 +2,7 @@
 //! token rotation (saved to the config file), revocation (forgetting the registration), and draining.
 
 use super::*;
+use cla_common::tls::Trust;
 
 impl Hup {
     pub(super) fn new() -> Hup {
@@ -24,40 +25,101 @@ impl Hup {
     }
 }
 
-/// Applies a reload to the settings; returns the new tags and envs if they changed.
+/// Applies a reload (SIGHUP) to the settings and to `masks`: `tags`, `envs` (sent to the hub at once),
+/// `policy`, `mask` and `workdir` (for jobs started from now on), each named in the log when it changed.
+/// Other settings that changed are named in a warning and keep their old values until a restart
+/// (`docs/config.md` lists both). Returns the new tags and envs if they changed.
 pub(super) fn reload(
     opts: &RunOptions,
     settings: &mut WorkerSettings,
     reporter: &Reporter,
+    masks: &mut Masks,
 ) -> Option<(Vec<String>, Vec<String>)> {
     let f = opts.reload.as_ref()?;
-    let fresh = f().map(|fresh| {
-        if fresh.policy != settings.policy {
-            tracing::info!("SIGHUP: policy reloaded");
-            settings.policy = fresh.policy.clone();
-        }
-        (fresh.tags, fresh.envs)
-    });
-    match fresh {
-        Ok((tags, envs)) if tags != settings.tags || envs != settings.envs => {
-            tracing::info!(?tags, ?envs, "SIGHUP: tags/envs reloaded");
-            settings.tags = tags.clone();
-            settings.envs = envs.clone();
-            reporter.update(|s| {
-                s.tags = tags.clone();
-                s.envs = envs.clone();
-            });
-            Some((tags, envs))
-        }
-        Ok(_) => {
-            tracing::info!("SIGHUP: config reloaded, tags and envs unchanged");
-            None
-        }
+    let Reloaded {
+        settings: fresh,
+        restart_needed: mut restart,
+    } = match f() {
+        Ok(r) => r,
         Err(e) => {
-            tracing::warn!("SIGHUP: config not reloaded: {e}");
-            None
+            tracing::warn!("SIGHUP: config not reloaded (the worker goes on as it was): {e}");
+            return None;
+        }
+    };
+    let mut applied: Vec<&str> = Vec::new();
+    if fresh.policy != settings.policy {
+        settings.policy = fresh.policy.clone();
+        applied.push("policy");
+    }
+    if fresh.mask != settings.mask {
+        // The token masked is the one in use, which a changed `token:` does not replace.
+        let mut next = settings.clone();
+        next.mask = fresh.mask.clone();
+        match masks_of(&next) {
+            Ok(m) => {
+                *masks = m;
+                settings.mask = next.mask;
+                applied.push("mask");
+            }
+            Err(e) => tracing::warn!("SIGHUP: mask not reloaded (the old one stays): {e}"),
         }
     }
+    if fresh.workdir != settings.workdir {
+        settings.workdir = fresh.workdir.clone();
+        applied.push("workdir");
+    }
+    let labels = (fresh.tags != settings.tags || fresh.envs != settings.envs).then(|| {
+        settings.tags = fresh.tags.clone();
+        settings.envs = fresh.envs.clone();
+        reporter.update(|s| {
+            s.tags = fresh.tags.clone();
+            s.envs = fresh.envs.clone();
+        });
+        (fresh.tags.clone(), fresh.envs.clone())
+    });
+    let mut needs = restart_only_changes(settings, &fresh);
+    needs.append(&mut restart);
+    // One line per setting applied (`SIGHUP: policy reloaded`), tags and envs with their new values.
+    for name in &applied {
+        tracing::info!("SIGHUP: {name} reloaded");
+    }
+    if labels.is_some() {
+        tracing::info!(tags = ?settings.tags, envs = ?settings.envs, "SIGHUP: tags/envs reloaded");
+    } else if applied.is_empty() {
+        tracing::info!("SIGHUP: config reloaded, no reloadable setting changed");
+    }
+    if !needs.is_empty() {
+        tracing::warn!(
+            "SIGHUP: {} changed but only a restart of the worker applies it; until then the old values stay",
+            needs.join(", ")
+        );
+    }
+    labels
+}
+
+/// The settings of `fresh` that differ from the running ones and that a reload does not apply, by
+/// config key.
+fn restart_only_changes(now: &WorkerSettings, fresh: &WorkerSettings) -> Vec<String> {
+    let same_trust = match (&now.trust, &fresh.trust) {
+        (Trust::Unset, Trust::Unset) => true,
+        (Trust::Pin(a), Trust::Pin(b)) => a == b,
+        (Trust::Ca(a), Trust::Ca(b)) => a == b,
+        _ => false,
+    };
+    [
+        ("url", now.url != fresh.url),
+        ("id", now.id != fresh.id),
+        ("token", now.token.expose() != fresh.token.expose()),
+        ("capacity", now.capacity != fresh.capacity),
+        ("tls (pin, ca)", !same_trust),
+        ("client certificate (cert, key)", now.identity != fresh.identity),
+        ("spool_dir", now.spool_dir != fresh.spool_dir),
+        ("spool_max_mb", now.spool_max_bytes != fresh.spool_max_bytes),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(name, _)| name.to_owned())
+    .collect()
 }
 
 /// The masks of `settings`, logging what cannot be masked.

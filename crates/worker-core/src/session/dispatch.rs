@@ -78,12 +78,12 @@ impl<'w> Live<'w> {
                 }
                 _ = self.dead.cancelled() => return lost("connection to the hub failed".into()),
                 _ = hup.recv() => {
-                    let changed = reload(opts, settings, &self.reporter);
+                    // Jobs started from now on get the new policy, masks and workdir; running ones keep
+                    // theirs.
+                    let changed = reload(opts, settings, &self.reporter, &mut self.worker.masks);
                     self.ctx.policy = Arc::new(Enforcer::new(settings.policy.clone(), settings.source.clone()));
-                    if let Ok(masks) = masks_of(settings) {
-                        self.ctx.masks = masks.clone();
-                        self.worker.masks = masks;
-                    }
+                    self.ctx.masks = self.worker.masks.clone();
+                    self.ctx.workdir = settings.workdir.clone();
                     if let Some((tags, envs)) = changed {
                         self.ctx.tags = tags.clone();
                         self.ctx.envs = envs.clone();

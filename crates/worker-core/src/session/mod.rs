@@ -55,8 +55,17 @@ const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// How long the handshake may take once connected.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Re-reads tags and envs (on SIGHUP): the config file again, with the command line still winning.
-pub type Reload = Arc<dyn Fn() -> Result<WorkerSettings> + Send + Sync>;
+/// Re-reads the config (on SIGHUP): the file again, with the command line still winning.
+pub type Reload = Arc<dyn Fn() -> Result<Reloaded> + Send + Sync>;
+
+/// What a [`Reload`] read.
+pub struct Reloaded {
+    /// The settings as they would be resolved now.
+    pub settings: WorkerSettings,
+    /// Settings outside [`WorkerSettings`] (the log's, the pidfile) that changed since the worker
+    /// started, by config key: a restart applies them.
+    pub restart_needed: Vec<String>,
+}
 
 /// Options of `cla-worker run` that are not part of the config.
 #[derive(Clone)]
@@ -65,8 +74,11 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     /// Wait a random time up to this before the first connection (a fleet started at once spreads out).
     pub startup_jitter: Duration,
-    /// Where to keep the status `cla-worker status` reads.
+    /// Where to keep the status `cla-worker status` reads (default: beside the spool,
+    /// [`crate::daemon::foreground_status_file`]).
     pub status_file: Option<std::path::PathBuf>,
+    /// The pidfile of a background worker, named in the spool's lock file for `cla-worker status`.
+    pub pidfile: Option<std::path::PathBuf>,
     /// What SIGHUP does; `None` ignores it.
     pub reload: Option<Reload>,
 }
@@ -77,6 +89,7 @@ impl Default for RunOptions {
             drain_timeout: Duration::from_secs(30),
             startup_jitter: Duration::ZERO,
             status_file: None,
+            pidfile: None,
             reload: None,
         }
     }
@@ -136,9 +149,23 @@ pub fn check(settings: &WorkerSettings) -> Result<()> {
 /// shutdown (errors the binary maps to exit codes 1 and 10).
 pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: CancellationToken) -> Result<()> {
     check(&settings)?;
+    // The spool's lock first: it is what keeps a second process of this worker from starting (and from
+    // writing over the first one's status file).
+    let spool = Arc::new(Spool::open(
+        &settings.spool_dir,
+        settings.spool_max_bytes,
+        opts.pidfile.as_deref(),
+    )?);
+    let mut worker = WorkerJobs::new(spool);
+    worker.masks = masks_of(&settings)?;
     let s = &settings;
+    // A worker in the foreground keeps its status beside its spool, where `cla-worker status` finds it.
+    let status_file = opts
+        .status_file
+        .clone()
+        .unwrap_or_else(|| super::daemon::foreground_status_file(&s.spool_dir));
     let reporter = Arc::new(Reporter::new(
-        opts.status_file.clone(),
+        Some(status_file),
         &s.id,
         &s.url,
         s.capacity,
@@ -147,9 +174,6 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
     ));
     let mut hup = Hup::new();
     let mut backoff = Backoff::default();
-    let spool = Arc::new(Spool::open(&settings.spool_dir, settings.spool_max_bytes)?);
-    let mut worker = WorkerJobs::new(spool);
-    worker.masks = masks_of(&settings)?;
     worker.recover().await;
     tracing::info!(id = %settings.id, url = %settings.url, tags = ?settings.tags, capacity = settings.capacity, "cla-worker {} starting", cla_common::VERSION);
     #[cfg(unix)]
@@ -214,8 +238,8 @@ pub async fn run(mut settings: WorkerSettings, opts: RunOptions, shutdown: Cance
                 _ = &mut sleep => break,
                 _ = shutdown.cancelled() => break,
                 _ = hup.recv() => {
-                    // Applied with the next hello.
-                    reload(&opts, &mut settings, &reporter);
+                    // Applied with the next hello (tags, envs) and to the jobs it brings.
+                    reload(&opts, &mut settings, &reporter, &mut worker.masks);
                 }
             }
         }
