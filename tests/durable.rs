@@ -195,7 +195,8 @@ fn queued_jobs_survive_a_hub_restart_and_run_once() {
     let _ = gone.child.kill();
     assert!(!gone.wait(20).success());
 
-    let hub = Hub::start_with(dir.path(), &addr, &["--client-grace", "3"]);
+    // The grace outlasts the client's reconnect backoff (at most 5 s between tries) with room to spare.
+    let hub = Hub::start_with(dir.path(), &addr, &["--client-grace", "12"]);
     let _worker = run_worker(&setup, &[]);
     let v = job_json(&hub, &id, true);
     assert_eq!(v["state"], "succeeded", "{v}");
@@ -212,7 +213,7 @@ fn queued_jobs_survive_a_hub_restart_and_run_once() {
             .unwrap()
             .clone()
     };
-    wait_until("the unwatched job cancelled", 20, || {
+    wait_until("the unwatched job cancelled", 40, || {
         find("nobody watches")["state"] == "cancelled"
     });
     let other = find("nobody watches");
@@ -220,7 +221,7 @@ fn queued_jobs_survive_a_hub_restart_and_run_once() {
         other["error"]
             .as_str()
             .unwrap()
-            .contains("did not come back within 3s"),
+            .contains("did not come back within 12s"),
         "{other}"
     );
     assert_eq!(find("echo watched")["state"], "succeeded");
