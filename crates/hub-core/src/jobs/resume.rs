@@ -147,33 +147,54 @@ impl Hub {
 
     /// Ends a detached job as `lost` if its worker has not come back within `lost_after`.
     pub(super) fn grace_timer(&self, job: String, epoch: u64) {
-        let (hub, grace) = (self.me.clone(), self.cfg.lost_after);
+        let grace = self.cfg.lost_after;
+        self.end_unless_settled(
+            job,
+            grace,
+            move |j| j.detached == Some(epoch),
+            move |r| {
+                let worker = r.worker.clone().unwrap_or_default();
+                r.error = Some(format!(
+                    "worker {worker} did not come back within {}s of disconnecting, with the job {}{}",
+                    grace.as_secs(),
+                    r.state.as_str(),
+                    if r.state == JobState::Offered {
+                        " (it may have started there)"
+                    } else {
+                        ""
+                    }
+                ));
+                r.state = JobState::Lost;
+            },
+            "job lost: its worker did not come back in time",
+        );
+    }
+
+    /// After `after`, ends `job` with `finish` if it is still live and `unsettled` holds for it then;
+    /// the timer holds the hub weakly (it does not keep it alive).
+    fn end_unless_settled(
+        &self,
+        job: String,
+        after: Duration,
+        unsettled: impl FnOnce(&LiveJob) -> bool + Send + 'static,
+        finish: impl FnOnce(&mut JobRecord) + Send + 'static,
+        what: &'static str,
+    ) {
+        let hub = self.me.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
+            tokio::time::sleep(after).await;
             let Some(hub) = hub.upgrade() else { return };
             let ended = {
                 let mut guard = hub.state();
                 let st = &mut *guard;
-                if st.jobs.get(&job).is_none_or(|j| j.detached != Some(epoch)) {
+                if !st.jobs.get(&job).is_some_and(unsettled) {
                     return;
                 }
-                end_job(st, &job, |r| {
-                    let worker = r.worker.clone().unwrap_or_default();
-                    r.error = Some(format!(
-                        "worker {worker} did not come back within {}s of disconnecting, with the job {}{}",
-                        grace.as_secs(),
-                        r.state.as_str(),
-                        if r.state == JobState::Offered {
-                            " (it may have started there)"
-                        } else {
-                            ""
-                        }
-                    ));
-                    r.state = JobState::Lost;
-                })
+                st.queue.retain(|q| q != &job);
+                end_job(st, &job, finish)
             };
             if let Some(e) = ended {
-                tracing::warn!(job = %job, "job lost: its worker did not come back in time");
+                tracing::warn!(job = %job, "{what}");
                 hub.deliver(e).await;
             }
         });
@@ -299,30 +320,20 @@ impl Hub {
     /// A reloaded streamed job not re-attached by its client within the grace is cancelled: nobody is
     /// there to want it.
     fn client_grace_timer(&self, job: String) {
-        let (hub, grace) = (self.me.clone(), self.cfg.client_grace);
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            let Some(hub) = hub.upgrade() else { return };
-            let ended = {
-                let mut guard = hub.state();
-                let st = &mut *guard;
-                if st.jobs.get(&job).is_none_or(|j| !j.awaiting_client) {
-                    return;
-                }
-                st.queue.retain(|q| q != &job);
-                end_job(st, &job, |r| {
-                    r.state = JobState::Cancelled;
-                    r.error = Some(format!(
-                        "cancelled before it started: the hub restarted, and the client streaming it did not come back within {}s",
-                        grace.as_secs()
-                    ));
-                })
-            };
-            if let Some(e) = ended {
-                tracing::info!(job = %job, "queued job cancelled: its client did not re-attach after the restart");
-                hub.deliver(e).await;
-            }
-        });
+        let grace = self.cfg.client_grace;
+        self.end_unless_settled(
+            job,
+            grace,
+            |j| j.awaiting_client,
+            move |r| {
+                r.state = JobState::Cancelled;
+                r.error = Some(format!(
+                    "cancelled before it started: the hub restarted, and the client streaming it did not come back within {}s",
+                    grace.as_secs()
+                ));
+            },
+            "queued job cancelled: its client did not re-attach after the restart",
+        );
     }
 
     /// Loads the jobs a previous hub process left unfinished (called at start-up, before anything

@@ -350,3 +350,71 @@ pub(super) fn queue_timeout(r: &mut JobRecord) {
          target's tags/env"
     ));
 }
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    fn worker(id: &str, tags: &[&str], envs: &[&str]) -> WorkerRecord {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "token_hash": "", "projects": ["p"],
+            "tags": tags, "envs": envs, "host": null, "version": null,
+            "capacity": 1, "registered": "2026-12-07T00:00:00Z", "last_seen": null,
+        }))
+        .unwrap()
+    }
+
+    fn target(worker: Option<&str>, tags: &[&str], env: Option<&str>) -> Target {
+        Target {
+            worker: worker.map(str::to_owned),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            env: env.map(str::to_owned),
+            queue_timeout_secs: None,
+        }
+    }
+
+    #[test]
+    fn a_target_is_refused_only_when_no_registered_worker_can_match_it() {
+        let fleet = [
+            worker("web-1", &["linux", "web"], &["dev"]),
+            worker("db-1", &["linux", "db"], &[]),
+        ];
+        assert!(check_registered(&target(None, &["web"], None), &fleet).is_ok());
+        assert!(check_registered(&target(None, &["web"], Some("dev")), &fleet).is_ok());
+        assert!(check_registered(&target(Some("db-1"), &["db"], None), &fleet).is_ok());
+        assert_eq!(
+            check_registered(&target(None, &["gpu"], None), &fleet).unwrap_err(),
+            "no registered worker has tags [gpu]; tags in use: db, linux, web"
+        );
+        assert_eq!(
+            check_registered(&target(None, &["web", "db"], Some("qa")), &fleet).unwrap_err(),
+            "no registered worker has all of tags [web, db] and env qa; tags in use: db, linux, web; envs in use: dev"
+        );
+        assert_eq!(
+            check_registered(&target(Some("web-1"), &["db"], Some("qa")), &fleet).unwrap_err(),
+            "worker web-1 does not have tags [db] (its tags: linux, web) and is not in env qa (its envs: dev)"
+        );
+        assert!(
+            check_registered(&target(Some("web-9"), &[], None), &fleet)
+                .unwrap_err()
+                .contains("no worker `web-9` is registered")
+        );
+        assert!(
+            check_registered(&target(None, &["web"], None), &[])
+                .unwrap_err()
+                .contains("no worker is registered yet")
+        );
+    }
+
+    #[test]
+    fn the_tags_in_use_are_listed_up_to_twenty() {
+        let tags: Vec<String> = (0..25).map(|i| format!("t{i:02}")).collect();
+        let listed = in_use(tags.iter());
+        assert!(listed.starts_with("t00, t01"), "{listed}");
+        assert!(listed.ends_with("t19 and 5 more"), "{listed}");
+        assert_eq!(
+            named(&(0..7).map(|i| format!("w{i}")).collect::<Vec<_>>()),
+            "w0, w1, w2, w3, w4 and 2 more"
+        );
+    }
+}

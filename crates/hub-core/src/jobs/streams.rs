@@ -233,3 +233,25 @@ impl Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod replay_tests {
+    use super::replay_from;
+
+    #[test]
+    fn a_whole_kept_stream_replays_from_the_clients_offset() {
+        let kept = b"hello world";
+        let (from, bytes) = replay_from(kept, 11, 6);
+        assert_eq!((from, bytes.as_deref()), (6, Some(&b"world"[..])));
+        // Nothing missed: the live bytes follow from the end.
+        assert_eq!(replay_from(kept, 11, 11), (11, None));
+        // A client ahead of a restarted hub: it skips what comes again.
+        assert_eq!(replay_from(kept, 11, 20), (11, None));
+    }
+
+    #[test]
+    fn a_stream_cut_at_the_cap_does_not_replay_and_the_gap_shows() {
+        // 11 bytes kept of 50 received: what follows starts at 50, and a client at 3 learns of a gap.
+        assert_eq!(replay_from(b"hello world", 50, 3), (50, None));
+    }
+}
