@@ -62,7 +62,7 @@ impl Client {
             .arg("exec")
             .args(args)
             .stdout(std::fs::File::create(out).unwrap())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -196,13 +196,18 @@ fn queued_jobs_survive_a_hub_restart_and_run_once() {
     assert!(!gone.wait(20).success());
 
     // The grace outlasts the client's reconnect backoff (at most 5 s between tries) with room to spare.
-    let hub = Hub::start_with(dir.path(), &addr, &["--client-grace", "12"]);
+    let hub = Hub::start_with(dir.path(), &addr, &["--client-grace", "30"]);
     let _worker = run_worker(&setup, &[]);
     let v = job_json(&hub, &id, true);
     assert_eq!(v["state"], "succeeded", "{v}");
     assert_eq!(v["stdout"], "hi\n");
     assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n");
-    assert!(back.wait(30).success());
+    let status = back.wait(30);
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(back_out.with_extension("err")).unwrap_or_default()
+    );
     assert_eq!(std::fs::read_to_string(&back_out).unwrap(), "watched\n");
     let find = |cmd: &str| -> serde_json::Value {
         let jobs: serde_json::Value = serde_json::from_str(&hub.ok(&["jobs", "--json"])).unwrap();
@@ -213,7 +218,7 @@ fn queued_jobs_survive_a_hub_restart_and_run_once() {
             .unwrap()
             .clone()
     };
-    wait_until("the unwatched job cancelled", 40, || {
+    wait_until("the unwatched job cancelled", 60, || {
         find("nobody watches")["state"] == "cancelled"
     });
     let other = find("nobody watches");
@@ -221,7 +226,7 @@ fn queued_jobs_survive_a_hub_restart_and_run_once() {
         other["error"]
             .as_str()
             .unwrap()
-            .contains("did not come back within 12s"),
+            .contains("did not come back within 30s"),
         "{other}"
     );
     assert_eq!(find("echo watched")["state"], "succeeded");
